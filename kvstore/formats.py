@@ -1,0 +1,176 @@
+"""KV cache formats: how K and V are stored in the pool, and the quantize/dequantize pair that defines them.
+
+A format is chosen per pool, for K and V separately (`k=int8,v=bf16` is the asymmetric scheme: keys tolerate
+int8 well, values carry the output directly). Quantized formats store one float32 scale per token and head, so a
+token's block can be read back on its own: scales travel with the blocks and a handoff is block ids only.
+
+This module is the single definition of the quantization math; the store_kv kernels (torch reference and Triton)
+must produce exactly what `quantize` produces.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+# int8 is symmetric and uses [-127, 127]; -128 is left out so that the range is symmetric around 0.
+INT8_MAX = 127.0
+
+# A token-head whose values are all (near) zero would get scale 0 and divide by zero. Clamping amax keeps the scale a
+# normal float32 (no denormals, which GPUs may flush to zero); such a token-head then quantizes to zeros, exactly.
+AMAX_FLOOR = 1e-8
+
+
+def fp8_dtype() -> torch.dtype:
+    """The e4m3 flavour of this platform: e4m3fnuz on ROCm (MI300X's native fp8, max 240), e4m3fn elsewhere (max 448).
+
+    Every process of one deployment runs on the same platform, so the choice is the same in all that share a pool.
+    """
+    if torch.version.hip is not None:
+        return torch.float8_e4m3fnuz
+    return torch.float8_e4m3fn
+
+
+class KVFormat(str, enum.Enum):
+    """How one of K or V is stored. The value is the spelling used in `--kv-dtype`."""
+
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+    INT8 = "int8"
+    FP8 = "fp8"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The element dtype of the cache tensor for this format."""
+        if self is KVFormat.FP8:
+            return fp8_dtype()
+        return _STORAGE_DTYPES[self]
+
+    @property
+    def has_scale(self) -> bool:
+        """Whether the format stores a float32 scale per token and head next to the data."""
+        return self in (KVFormat.INT8, KVFormat.FP8)
+
+    @property
+    def qmax(self) -> float:
+        """Largest magnitude of the quantized grid (scale = amax / qmax). Only for scaled formats."""
+        if self is KVFormat.INT8:
+            return INT8_MAX
+        if self is KVFormat.FP8:
+            return float(torch.finfo(fp8_dtype()).max)
+        raise ValueError(f"KV format {self} is not quantized")
+
+    @classmethod
+    def from_torch_dtype(cls, dtype: torch.dtype) -> KVFormat:
+        """The unscaled format that stores `dtype` as is (what `auto` means for a model of that dtype)."""
+        for fmt, storage in _STORAGE_DTYPES.items():
+            if storage == dtype and not fmt.has_scale:
+                return fmt
+        raise ValueError(f"no KV format stores {dtype} as is; pick one of bf16, fp16, fp32 explicitly")
+
+
+_STORAGE_DTYPES: dict[KVFormat, torch.dtype] = {
+    KVFormat.BF16: torch.bfloat16,
+    KVFormat.FP16: torch.float16,
+    KVFormat.FP32: torch.float32,
+    KVFormat.INT8: torch.int8,
+}
+
+SCALE_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """The formats of a pool: K and V separately."""
+
+    k: KVFormat
+    v: KVFormat
+
+    def __str__(self) -> str:
+        # Round-trips through parse_kv_dtype.
+        if self.k is self.v:
+            return str(self.k)
+        return f"k={self.k},v={self.v}"
+
+
+def _parse_format(word: str, model_dtype: torch.dtype, text: str) -> KVFormat:
+    if word == "auto":
+        return KVFormat.from_torch_dtype(model_dtype)
+    try:
+        return KVFormat(word)
+    except ValueError:
+        choices = ", ".join(["auto", *(f.value for f in KVFormat)])
+        raise ValueError(f"bad kv dtype {text!r}: unknown format {word!r} (choose from {choices})") from None
+
+
+def parse_kv_dtype(text: str, model_dtype: torch.dtype) -> KVSpec:
+    """Parse `--kv-dtype`: one format for both ("auto", "int8", "fp8", "bf16", ...) or "k=int8,v=bf16".
+
+    "auto" means the model's dtype, unquantized. In the k=/v= form both keys must be given, once each.
+    """
+    cleaned = text.strip().lower()
+    if not cleaned:
+        raise ValueError("bad kv dtype '': empty")
+    if "=" not in cleaned:
+        fmt = _parse_format(cleaned, model_dtype, text)
+        return KVSpec(k=fmt, v=fmt)
+
+    parts: dict[str, KVFormat] = {}
+    for item in cleaned.split(","):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in ("k", "v") or not value:
+            raise ValueError(f"bad kv dtype {text!r}: expected 'k=FORMAT,v=FORMAT', got item {item.strip()!r}")
+        if key in parts:
+            raise ValueError(f"bad kv dtype {text!r}: {key!r} given twice")
+        parts[key] = _parse_format(value, model_dtype, text)
+    if set(parts) != {"k", "v"}:
+        raise ValueError(f"bad kv dtype {text!r}: both k= and v= are needed")
+    return KVSpec(k=parts["k"], v=parts["v"])
+
+
+def bytes_per_token(spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes one token occupies in the pool over all layers: K and V data plus their scales (if any)."""
+    total = 0
+    for fmt in (spec.k, spec.v):
+        per_head = head_dim * fmt.storage_dtype.itemsize
+        if fmt.has_scale:
+            per_head += SCALE_DTYPE.itemsize
+        total += per_head * num_kv_heads
+    return total * num_layers
+
+
+def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Convert `x` [..., head_dim] to `fmt`: (data [..., head_dim] in fmt.storage_dtype, scale [...] float32 or None).
+
+    Scaled formats are symmetric with one scale per row (per token and head): scale = max(amax, AMAX_FLOOR) / qmax,
+    data = x / scale rounded to the grid (int8: round half to even, clamp to [-127, 127]; fp8: the cast rounds to
+    nearest, after clamping to the finite range). Math in float32 whatever x's dtype.
+    """
+    if not fmt.has_scale:
+        return x.to(fmt.storage_dtype), None
+    x32 = x.float()
+    # [...]
+    amax = x32.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+    scale = amax / fmt.qmax
+    scaled = x32 / scale.unsqueeze(-1)
+    if fmt is KVFormat.INT8:
+        data = scaled.round().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        # |scaled| <= qmax up to rounding of the division; the clamp keeps the cast from overflowing to NaN.
+        data = scaled.clamp_(-fmt.qmax, fmt.qmax).to(fmt.storage_dtype)
+    return data, scale
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor | None, fmt: KVFormat, out_dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize`: data [..., head_dim], scale [...] (None for unscaled formats) -> [..., head_dim]."""
+    if not fmt.has_scale:
+        return data.to(out_dtype)
+    if scale is None:
+        raise ValueError(f"KV format {fmt} needs a scale to dequantize")
+    return (data.float() * scale.unsqueeze(-1)).to(out_dtype)

@@ -1,0 +1,196 @@
+"""The offline engine behind `kvrelay run`: batched prefill, then continuous decode steps, in one process.
+
+The services reuse its pieces (loader, pool, runner, sampler); this loop is also the reference the end-to-end tests
+compare the gateway -> prefill -> decode path against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvstore.allocator import BlockAllocator
+from kvstore.block_table import blocks_needed
+from kvstore.formats import KVSpec, parse_kv_dtype
+from kvstore.pool import KVPool, PoolGeometry
+from services.model.config import DTYPES, ModelConfig
+from services.model.loader import build_model, load_weights
+from services.model.runner import ModelRunner, SeqChunk
+from services.model.sampler import Sampler, make_generator
+from services.model.sampling_params import SamplingParams
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on the CPU (bf16 matmuls are slow there)
+    kv_dtype: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized for the requests given to generate()
+    max_batch_tokens: int = 2048  # prefill token budget per forward pass
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    device: str | None = None
+    block_shuffle_seed: int | None = None  # tests: hand out block ids in random order
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+
+
+def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return DTYPES.get(config.torch_dtype, torch.bfloat16) if device.type != "cpu" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model_config = ModelConfig.from_dir(cfg.model_dir)
+        self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
+        self.kv_spec: KVSpec = parse_kv_dtype(cfg.kv_dtype, self.dtype)
+        limit = self.model_config.max_position_embeddings
+        self.max_model_len = min(cfg.max_model_len or limit, limit, self.model_config.sliding_window or limit)
+        weights = load_weights(cfg.model_dir, self.model_config, self.dtype, self.device, progress)
+        self.model = build_model(self.model_config, weights, self.max_model_len)
+        self.sampler = Sampler()
+        self.pool: KVPool | None = None
+        self.allocator: BlockAllocator | None = None
+
+    def _ensure_pool(self, num_blocks: int) -> None:
+        if self.pool is not None and self.pool.geometry.num_blocks >= num_blocks:
+            return
+        c = self.model_config
+        geometry = PoolGeometry(c.num_layers, num_blocks, self.cfg.block_size, c.num_kv_heads, c.head_dim)
+        self.pool = KVPool.allocate(geometry, self.kv_spec, self.device)
+        self.allocator = BlockAllocator(num_blocks, shuffle_seed=self.cfg.block_shuffle_seed)
+        self.runner = ModelRunner(self.model, self.pool)
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise PromptTooLongError("empty prompt")
+        if len(prompt) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt)} tokens; the context is {self.max_model_len} (room for at least one more)"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary (0..{self.model_config.vocab_size - 1}): {bad[:5]}")
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], eos_token_ids=None
+    ) -> list[GenerationResult]:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        eos = tuple(self.model_config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        bs = self.cfg.block_size
+        budgets = [min(len(p) + sp.max_tokens, self.max_model_len) for p, sp in zip(prompts, params)]
+        self._ensure_pool(self.cfg.num_blocks or sum(blocks_needed(n, bs) for n in budgets))
+        results = [GenerationResult(list(p)) for p in prompts]
+        generators = [make_generator(sp.seed) for sp in params]
+        tables: list[list[int]] = [[] for _ in prompts]
+        try:
+            self._prefill(prompts, params, generators, tables, results, eos)
+            running = [i for i, r in enumerate(results) if r.finish_reason is None]
+            while running:
+                for i in running:  # room for the token this step writes
+                    need = blocks_needed(len(prompts[i]) + len(results[i].token_ids), bs) - len(tables[i])
+                    tables[i] += self.allocator.allocate(need) if need > 0 else []
+                chunks = [
+                    SeqChunk((results[i].token_ids[-1],), len(prompts[i]) + len(results[i].token_ids) - 1, tuple(tables[i]))
+                    for i in running
+                ]
+                logits = self.runner.forward(chunks)
+                self._sample(running, logits, prompts, params, generators, results, eos)
+                for i in running:
+                    if results[i].finish_reason is not None:
+                        self.allocator.free(tables[i])
+                        tables[i] = []
+                running = [i for i in running if results[i].finish_reason is None]
+        finally:
+            for table in tables:
+                if table:
+                    self.allocator.free(table)
+        return results
+
+    def _prefill(self, prompts, params, generators, tables, results, eos) -> None:
+        """Varlen batches up to the token budget; a prompt larger than the budget is split into chunks."""
+        budget = self.cfg.max_batch_tokens
+        progress = [0] * len(prompts)
+        pending = list(range(len(prompts)))
+        while pending:
+            batch, chunks, used = [], [], 0
+            for i in pending:
+                if used >= budget:
+                    break
+                take = min(len(prompts[i]) - progress[i], budget - used)
+                end = progress[i] + take
+                need = blocks_needed(end, self.cfg.block_size) - len(tables[i])
+                tables[i] += self.allocator.allocate(need) if need > 0 else []
+                chunks.append(SeqChunk(tuple(prompts[i][progress[i] : end]), progress[i], tuple(tables[i])))
+                batch.append(i)
+                progress[i] = end
+                used += take
+            logits = self.runner.forward(chunks)
+            done = [j for j, i in enumerate(batch) if progress[i] == len(prompts[i])]
+            self._sample([batch[j] for j in done], logits[done], prompts, params, generators, results, eos)
+            for i in batch:
+                if results[i].finish_reason is not None:
+                    self.allocator.free(tables[i])
+                    tables[i] = []
+            pending = [i for i in pending if progress[i] < len(prompts[i])]
+
+    def _sample(self, rows, logits, prompts, params, generators, results, eos) -> None:
+        if not rows:
+            return
+        history = [prompts[i] + results[i].token_ids for i in rows]
+        out = self.sampler(logits, [params[i] for i in rows], [generators[i] for i in rows], history)
+        for j, i in enumerate(rows):
+            r, sp = results[i], params[i]
+            token = out.token_ids[j]
+            r.token_ids.append(token)
+            r.logprobs.append(out.logprobs[j])
+            r.top_logprobs.append(out.top_logprobs[j])
+            if (token in eos and not sp.ignore_eos) or token in sp.stop_token_ids:
+                r.finish_reason = "stop"
+            elif len(r.token_ids) >= sp.max_tokens or len(prompts[i]) + len(r.token_ids) >= self.max_model_len:
+                r.finish_reason = "length"
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [num_tokens, vocab] of one sequence through the paged pool (quality benchmarks)."""
+        self.check_prompt(token_ids)
+        bs = self.cfg.block_size
+        self._ensure_pool(self.cfg.num_blocks or blocks_needed(len(token_ids), bs))
+        table = self.allocator.allocate(blocks_needed(len(token_ids), bs))
+        try:
+            out = []
+            for start in range(0, len(token_ids), self.cfg.max_batch_tokens):
+                piece = tuple(token_ids[start : start + self.cfg.max_batch_tokens])
+                out.append(self.runner.forward([SeqChunk(piece, start, tuple(table))], all_logits=True))
+            return torch.cat(out)
+        finally:
+            self.allocator.free(table)
+
+
+def kv_bytes_per_token(engine: Engine) -> int:
+    from kvstore.formats import bytes_per_token
+
+    c = engine.model_config
+    return bytes_per_token(engine.kv_spec, c.num_layers, c.num_kv_heads, c.head_dim)
+

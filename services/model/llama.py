@@ -1,0 +1,137 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2) over a paged KV pool.
+
+Parameter names match HF checkpoints, so a state dict loads without renaming. Modules are built on the meta device
+and their parameters assigned from the loaded (or shared) tensors: the model never owns a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kernels import ops
+from kvstore.pool import KVPool
+from services.model.attention_metadata import AttentionMetadata
+from services.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # separate gate/up projections keep HF's parameter names; the GPU path merges them for ops.silu_and_mul
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        positions: torch.Tensor,  # [num_tokens]
+        cos_sin_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        pool: KVPool,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = ops.rotary(positions, q, k, cos_sin_cache)
+        layer = pool.layer(self.layer_index)
+        # New K/V go into the pool first; attention then reads every key, cached or new, from the pool, so prefill
+        # and decode see exactly the same (possibly quantized) keys and values.
+        ops.store_kv(k, v, layer, meta.slot_mapping)
+        if meta.is_prefill:
+            out = ops.paged_prefill_attention(
+                q, layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale
+            )
+        else:
+            out = ops.paged_decode_attention(q, layer, meta.block_tables, meta.context_lens, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, make_mlp: Callable[[ModelConfig], nn.Module]) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_index)
+        self.mlp = make_mlp(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, residual, positions, cos_sin_cache, meta, pool):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin_cache, meta, pool)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, make_mlp: Callable[[ModelConfig], nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, make_mlp) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward() returns hidden states for every new token; compute_logits() only for the rows that need sampling."""
+
+    def __init__(self, config: ModelConfig, make_mlp: Callable[[ModelConfig], nn.Module] = LlamaMLP) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, make_mlp)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        meta: AttentionMetadata,
+        pool: KVPool,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin_cache, meta, pool)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # float32 logits: the sampler's softmax and the logprobs it reports need the range
+        return self.lm_head(hidden).float()

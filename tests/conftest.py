@@ -1,0 +1,67 @@
+"""Shared fixtures: the default model converted once per session, HF references, tiny random checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from services.model.default_model import resolve_model
+
+    return resolve_model(None, progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path() -> Path:
+    from services.model.default_model import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_reference_model(default_gguf_path, tmp_path_factory):
+    """transformers' own GGUF loader (its dequantization and Q/K un-permutation, not ours), float32."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf_gguf")
+    (folder / default_gguf_path.name).symlink_to(default_gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=default_gguf_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def english_text() -> str:
+    return (DATA / "english.txt").read_text()
+
+
+def save_tiny_checkpoint(hf_config, out: Path, seed: int = 0) -> Path:
+    """A random-weight HF checkpoint (safetensors) of a given transformers config, for variants we cannot download."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    # Random normal weights everywhere (norms too), so a wrong transpose or a missing bias cannot hide behind ones/zeros.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if p.dim() == 1 else 0.08)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
