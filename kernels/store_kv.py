@@ -27,9 +27,13 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_ma
     slot = block_id * block_size + offset; slot -1 marks a padding token (as in vLLM) and is skipped.
     """
     if key.shape != value.shape or key.dim() != 3:
-        raise ValueError(f"key and value must both be [num_tokens, num_kv_heads, head_dim], got {key.shape}, {value.shape}")
+        raise ValueError(
+            f"key and value must both be [num_tokens, num_kv_heads, head_dim], got {key.shape}, {value.shape}"
+        )
     if key.shape[1:] != layer.k_cache.shape[2:]:
-        raise ValueError(f"key heads/head_dim {tuple(key.shape[1:])} do not match the pool {tuple(layer.k_cache.shape[2:])}")
+        raise ValueError(
+            f"key heads/head_dim {tuple(key.shape[1:])} do not match the pool {tuple(layer.k_cache.shape[2:])}"
+        )
     if slot_mapping.shape != key.shape[:1]:
         raise ValueError(f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}")
     valid = slot_mapping >= 0

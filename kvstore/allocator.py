@@ -54,7 +54,9 @@ class BlockAllocator:
         seen: set[int] = set()
         for block_id in ids:
             if not 0 <= block_id < self.num_blocks:
-                raise ValueError(f"cannot free block {block_id}: not a block id of this pool (0..{self.num_blocks - 1})")
+                raise ValueError(
+                    f"cannot free block {block_id}: not a block id of this pool (0..{self.num_blocks - 1})"
+                )
             if block_id not in self._used or block_id in seen:
                 raise ValueError(f"cannot free block {block_id}: it is already free (double free)")
             seen.add(block_id)

@@ -27,7 +27,7 @@ def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) 
         raise ValueError(f"bad position range [{start}, {end})")
     if end > len(block_table) * block_size:
         raise ValueError(
-            f"positions up to {end} need {blocks_needed(end, block_size)} blocks, the block table has {len(block_table)}"
+            f"positions up to {end} need {blocks_needed(end, block_size)} blocks, block_table has {len(block_table)}"
         )
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 

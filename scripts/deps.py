@@ -6,8 +6,9 @@ pyproject.toml stays the one list of dependencies.
 
 import argparse
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 def main() -> None:

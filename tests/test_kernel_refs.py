@@ -189,7 +189,7 @@ def test_decode_attention_matches_dense(
         torch.testing.assert_close(out[b], expected, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize(("spec_text", "tol"), [("int8", 0.06), ("fp8", 0.3), ("k=int8,v=bf16", 0.06)])
+@pytest.mark.parametrize(("spec_text", "tol"), [("int8", 0.04), ("fp8", 0.15), ("k=int8,v=bf16", 0.04)])
 def test_quantized_decode_close_to_exact(spec_text: str, tol: float) -> None:
     """The quantized cache stays close to attention over the raw K/V (the dense test above shares `quantize`)."""
     spec = parse_kv_dtype(spec_text, torch.float32)
@@ -199,8 +199,9 @@ def test_quantized_decode_close_to_exact(spec_text: str, tol: float) -> None:
     out = paged_decode_attention_ref(query, batch.pool.layer(LAYER), batch.block_tables, batch.context_lens, 0.125)
     for b in range(2):
         exact = _dense_attention(query[b : b + 1], batch.keys[b], batch.values[b], 0.125, None)[0]
-        print(spec_text, (out[b] - exact).abs().max().item())
-        assert (out[b] - exact).abs().max() < tol
+        # relative error of the whole output: int8 ~2%, fp8 ~8% with these outlier-heavy keys
+        rel = ((out[b] - exact).norm() / exact.norm()).item()
+        assert rel < tol
 
 
 def test_decode_attention_bf16_query() -> None:
@@ -342,6 +343,7 @@ def _hf_config(head_dim: int, rope_theta: float, rope_scaling: dict | None) -> t
     [
         (10000.0, None),
         (100000, None),
+        (500000.0, None),
         (500000.0, LLAMA31),
         (500000, LLAMA32),
         (10000.0, {"rope_type": "linear", "factor": 4.0}),
@@ -375,12 +377,16 @@ def test_rotary_matches_hf(dtype: torch.dtype, head_dim: int, rope_scaling: dict
     positions = torch.cat([torch.arange(7), torch.randint(0, max_positions, (9,), generator=g)])
     query = torch.randn(len(positions), 6, head_dim, generator=g).to(dtype)
     key = torch.randn(len(positions), 2, head_dim, generator=g).to(dtype)
-    cache = make_cos_sin_cache(compute_inv_freq(head_dim, rope_theta, rope_scaling), max_positions, dtype)
+    rope = LlamaRotaryEmbedding(_hf_config(head_dim, rope_theta, rope_scaling))
+    inv_freq = compute_inv_freq(head_dim, rope_theta, rope_scaling)
+    # Equal as test_inv_freq_matches_hf checks; the cache is built from HF's own copy so that this test compares the
+    # cache and the rotation alone (at position 2e4 one ulp of inv_freq moves the angle by ~3e-4).
+    torch.testing.assert_close(inv_freq, rope.inv_freq, atol=0, rtol=1e-6)
+    cache = make_cos_sin_cache(rope.inv_freq, max_positions, dtype)
     assert cache.shape == (max_positions, head_dim) and cache.dtype == dtype
     q_out, k_out = rotary_ref(positions, query, key, cache)
     assert q_out.dtype == dtype and k_out.dtype == dtype
 
-    rope = LlamaRotaryEmbedding(_hf_config(head_dim, rope_theta, rope_scaling))
     # HF: [batch, seq, head_dim] cos/sin; q, k as [batch, seq, heads, head_dim] with unsqueeze_dim=2
     cos, sin = rope(query[None], positions[None])
     q_hf, k_hf = apply_rotary_pos_emb(query[None], key[None], cos, sin, unsqueeze_dim=2)

@@ -71,6 +71,11 @@ class Engine:
         self.pool: KVPool | None = None
         self.allocator: BlockAllocator | None = None
 
+    def set_kv_dtype(self, kv_dtype: str) -> None:
+        """Switch the KV format: the pool is rebuilt on next use, the weights stay (quality benchmarks)."""
+        self.kv_spec = parse_kv_dtype(kv_dtype, self.dtype)
+        self.pool = None
+
     def _ensure_pool(self, num_blocks: int) -> None:
         if self.pool is not None and self.pool.geometry.num_blocks >= num_blocks:
             return
@@ -112,7 +117,9 @@ class Engine:
                     need = blocks_needed(len(prompts[i]) + len(results[i].token_ids), bs) - len(tables[i])
                     tables[i] += self.allocator.allocate(need) if need > 0 else []
                 chunks = [
-                    SeqChunk((results[i].token_ids[-1],), len(prompts[i]) + len(results[i].token_ids) - 1, tuple(tables[i]))
+                    SeqChunk(
+                        (results[i].token_ids[-1],), len(prompts[i]) + len(results[i].token_ids) - 1, tuple(tables[i])
+                    )
                     for i in running
                 ]
                 logits = self.runner.forward(chunks)
@@ -186,11 +193,3 @@ class Engine:
             return torch.cat(out)
         finally:
             self.allocator.free(table)
-
-
-def kv_bytes_per_token(engine: Engine) -> int:
-    from kvstore.formats import bytes_per_token
-
-    c = engine.model_config
-    return bytes_per_token(engine.kv_spec, c.num_layers, c.num_kv_heads, c.head_dim)
-

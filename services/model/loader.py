@@ -12,7 +12,9 @@ from services.model.llama import LlamaForCausalLM
 from services.model.loader_hf import iter_safetensors
 
 
-def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, progress: bool = True) -> dict[str, torch.Tensor]:
+def load_weights(
+    model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors in HF names, cast to dtype on device; a tied lm_head shares the embedding."""
     weights = {}
     for name, tensor in iter_safetensors(model_dir, progress):
@@ -26,7 +28,9 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     return weights
 
 
-def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int | None = None) -> LlamaForCausalLM:
+def build_model(
+    config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int | None = None
+) -> LlamaForCausalLM:
     """Point a meta-device model at `weights` (loaded here, or views into a region shared by another process)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -44,6 +48,8 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], max_posit
     return model.eval().requires_grad_(False)
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", progress: bool = True) -> LlamaForCausalLM:
+def load_model(
+    model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", progress: bool = True
+) -> LlamaForCausalLM:
     config = ModelConfig.from_dir(model_dir)
     return build_model(config, load_weights(model_dir, config, dtype, device, progress))

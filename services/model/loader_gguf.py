@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from services.model.config import ModelConfigError
-# (tokenizer import deferred)
+from services.model.gguf_tokenizer import tokenizer_files_from_gguf
 
 # GGUF architecture -> HF architectures entry
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -32,7 +32,9 @@ def iter_safetensors(model_dir: str | Path, progress: bool = True) -> Iterator[t
     files = safetensors_files(model_dir)
     total = sum(f.stat().st_size for f in files)
     # A bar is noise for small checkpoints (the default model loads in about a second).
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress or total < 2**30) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress or total < 2**30
+    ) as bar:
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():

@@ -51,7 +51,9 @@ class ModelRunner:
             is_prefill=any(len(c.token_ids) != 1 for c in chunks),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_tables=make_block_table_tensor([list(c.block_table) for c in chunks], device),
-            context_lens=torch.tensor([c.num_cached + len(c.token_ids) for c in chunks], dtype=torch.int32, device=device),
+            context_lens=torch.tensor(
+                [c.num_cached + len(c.token_ids) for c in chunks], dtype=torch.int32, device=device
+            ),
             cu_seqlens_q=cu_seqlens,
         )
         hidden = self.model(

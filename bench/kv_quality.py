@@ -1,0 +1,63 @@
+"""KV format quality table: teacher-forced top-1 agreement with the unquantized run and perplexity, per format.
+
+    python bench/kv_quality.py [--model PATH] [--tokens 1024] [--dtype float32]
+
+Runs on the CPU in about a minute with the default model; writes bench/results/kv_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.tokenizer import Tokenizer  # noqa: E402
+from services.model.default_model import resolve_model  # noqa: E402
+from services.model.kv_quality import measure  # noqa: E402
+
+FORMATS = ["bf16", "fp8", "int8", "k=int8,v=bf16", "k=fp8,v=bf16"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--text", default=str(ROOT / "tests" / "data" / "english.txt"))
+    args = parser.parse_args()
+    model_dir = resolve_model(args.model)
+    ids = Tokenizer.from_dir(model_dir).encode(Path(args.text).read_text())[: args.tokens]
+    ref_ppl, rows = measure(model_dir, ids, FORMATS, dtype=args.dtype)
+    print(f"model {model_dir.name}, {len(ids)} tokens teacher-forced, weights {args.dtype}, reference KV {args.dtype}")
+    print(f"{'kv format':<16}{'bytes/token':>12}{'top-1 agree':>13}{'perplexity':>12}{'ppl vs bf16':>13}")
+    print(f"{'(reference)':<16}{'':>12}{'100.00%':>13}{ref_ppl:>12.3f}{'':>13}")
+    bf16_ppl = next(r.perplexity for r in rows if r.kv_dtype == "bf16")
+    for r in rows:
+        delta = (r.perplexity / bf16_ppl - 1) * 100
+        print(
+            f"{r.kv_dtype:<16}{r.bytes_per_token:>12}{r.top1_agreement * 100:>12.2f}%{r.perplexity:>12.3f}{delta:>+12.2f}%"
+        )
+    out = ROOT / "bench" / "results" / "kv_quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": model_dir.name,
+        "tokens": len(ids),
+        "dtype": args.dtype,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": date.today().isoformat(),
+        "reference_perplexity": ref_ppl,
+        "rows": [r.__dict__ for r in rows],
+    }
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

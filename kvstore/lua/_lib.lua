@@ -1,0 +1,98 @@
+-- Helpers shared by every script in this folder. Redis' Lua has no `require`, so sessions.py prepends this file to
+-- each script before registering it; the scripts below assume these names.
+--
+-- Every script gets the deployment's key prefix as ARGV[1] and builds key names from it: reclaim and eviction touch
+-- sessions they discover while running, which cannot be declared in KEYS up front. All keys of one prefix therefore
+-- live in one Redis instance (on Redis Cluster: a prefix with a hash tag, e.g. "{kvrelay}", puts them in one slot).
+--
+-- Redis runs a script atomically, but does not roll back: a script that returns an error after writing keeps its
+-- writes. So every script checks everything first and writes after.
+
+local PREFIX = ARGV[1]
+local POOL = PREFIX .. ':pool'
+local FREE = PREFIX .. ':free'
+local SESSIONS = PREFIX .. ':sessions'
+local LEASES = PREFIX .. ':leases'
+local IDLE = PREFIX .. ':idle'
+local WORKERS = PREFIX .. ':workers'
+
+-- unpack() is bounded by Lua's C stack (about 8000 values); large block lists are pushed in chunks.
+local CHUNK = 1000
+
+local function session_key(sid) return PREFIX .. ':session:' .. sid end
+local function blocks_key(sid) return PREFIX .. ':session:' .. sid .. ':blocks' end
+local function owned_key(owner) return PREFIX .. ':owned:' .. owner end
+local function worker_key(wid) return PREFIX .. ':worker:' .. wid end
+
+-- Redis' Lua turns numbers into strings with %.14g; millisecond timestamps fit, but format them explicitly anyway.
+local function int(x) return string.format('%d', x) end
+
+-- The Redis server's clock, not the caller's: every process compares leases against the same clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Milliseconds with microsecond fraction: orders idle sessions released within the same millisecond.
+local function now_ms_fine()
+  local t = redis.call('TIME')
+  return string.format('%.3f', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000)
+end
+
+local function fail(code, msg) return redis.error_reply('KVRELAY_' .. code .. ' ' .. msg) end
+
+local function push_all(key, values)
+  for i = 1, #values, CHUNK do
+    redis.call('RPUSH', key, unpack(values, i, math.min(i + CHUNK - 1, #values)))
+  end
+end
+
+local function set_owner(sid, old, new)
+  if old and old ~= '' then redis.call('SREM', owned_key(old), sid) end
+  if new ~= '' then redis.call('SADD', owned_key(new), sid) end
+  redis.call('HSET', session_key(sid), 'owner', new)
+end
+
+local function set_lease(sid, expires_ms)
+  redis.call('HSET', session_key(sid), 'lease_expires_ms', int(expires_ms))
+  redis.call('ZADD', LEASES, int(expires_ms), sid)
+end
+
+-- Returns the session's blocks to the back of the free-list (FIFO reuse: a block just freed, which a kernel in
+-- flight may still read, is the last to be handed out again) and deletes every trace of the session.
+local function drop_session(sid)
+  local skey, bkey = session_key(sid), blocks_key(sid)
+  local blocks = redis.call('LRANGE', bkey, 0, -1)
+  push_all(FREE, blocks)
+  local owner = redis.call('HGET', skey, 'owner')
+  if owner and owner ~= '' then redis.call('SREM', owned_key(owner), sid) end
+  redis.call('DEL', skey, bkey)
+  redis.call('SREM', SESSIONS, sid)
+  redis.call('ZREM', LEASES, sid)
+  redis.call('ZREM', IDLE, sid)
+  return #blocks
+end
+
+-- The idle sessions, least recently used first, whose blocks would bring the free-list to `needed`, and the number
+-- of blocks that would then be free. Reads only: callers evict only when the plan reaches `needed`.
+local function plan_eviction(needed, free)
+  local victims, available, start = {}, free, 0
+  while available < needed do
+    local page = redis.call('ZRANGE', IDLE, start, start + 99)
+    if #page == 0 then break end
+    for _, sid in ipairs(page) do
+      victims[#victims + 1] = sid
+      available = available + redis.call('LLEN', blocks_key(sid))
+      if available >= needed then break end
+    end
+    start = start + 100
+  end
+  return victims, available
+end
+
+local function owner_error(sid, current, caller)
+  if current == '' then
+    return fail('NOTOWNER', 'session ' .. sid .. ' has no owner (' .. caller .. ' must adopt it first)')
+  end
+  return fail('NOTOWNER', 'session ' .. sid .. ' is owned by ' .. current .. ', not ' .. caller)
+end
