@@ -42,7 +42,8 @@ def main() -> None:
     for r in rows:
         delta = (r.perplexity / bf16_ppl - 1) * 100
         print(
-            f"{r.kv_dtype:<16}{r.bytes_per_token:>12}{r.top1_agreement * 100:>12.2f}%{r.perplexity:>12.3f}{delta:>+12.2f}%"
+            f"{r.kv_dtype:<16}{r.bytes_per_token:>12}{r.top1_agreement * 100:>12.2f}%"
+            f"{r.perplexity:>12.3f}{delta:>+12.2f}%"
         )
     out = ROOT / "bench" / "results" / "kv_quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)

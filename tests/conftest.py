@@ -57,7 +57,7 @@ def save_tiny_checkpoint(hf_config, out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    # Random normal weights everywhere (norms too), so a wrong transpose or a missing bias cannot hide behind ones/zeros.
+    # Random weights everywhere (norms too), so a wrong transpose or a missing bias cannot hide behind ones/zeros.
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.2 if p.dim() == 1 else 0.08)

@@ -62,7 +62,7 @@ def test_greedy_32_tokens_match_hf_batched(engine, hf_reference_model):
     prompts.append(tok.encode("The quick brown fox"))  # raw text, different length: a ragged batch
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     results = engine.generate(prompts, params)
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=True):
         assert result.token_ids == hf_greedy(hf_reference_model, prompt, 32)
         assert result.finish_reason == "length"
 

@@ -104,7 +104,7 @@ class Engine:
             self.check_prompt(prompt)
         eos = tuple(self.model_config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         bs = self.cfg.block_size
-        budgets = [min(len(p) + sp.max_tokens, self.max_model_len) for p, sp in zip(prompts, params)]
+        budgets = [min(len(p) + sp.max_tokens, self.max_model_len) for p, sp in zip(prompts, params, strict=True)]
         self._ensure_pool(self.cfg.num_blocks or sum(blocks_needed(n, bs) for n in budgets))
         results = [GenerationResult(list(p)) for p in prompts]
         generators = [make_generator(sp.seed) for sp in params]

@@ -38,7 +38,8 @@ def build_model(
     missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
         raise ModelConfigError(
-            f"checkpoint does not match {config.architecture}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"checkpoint does not match {config.architecture}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.load_state_dict(weights, assign=True, strict=True)
     any_weight = weights["model.embed_tokens.weight"]

@@ -86,7 +86,10 @@ def config_from_gguf(reader: gguf.GGUFReader) -> dict:
 
 
 def _permute_back(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert-time Q/K row permutation: it stores rows as (head, half, pair), HF as (head, pair, half)."""
+    """Undo llama.cpp's convert-time Q/K row permutation.
+
+    llama.cpp stores each head's rows as (half, pair) interleaved; HF keeps the two rotary halves as (pair, half).
+    """
     rows = weight.shape[0]
     half = rows // num_heads // 2
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
