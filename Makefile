@@ -29,5 +29,8 @@ lint: install
 run serve: install
 	$(BIN)/kvrelay run --prompt "What is the capital of France? Answer in one sentence."
 
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

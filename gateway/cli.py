@@ -6,6 +6,7 @@ Bad arguments end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from services.model.config import DTYPES
@@ -40,6 +41,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--max-batch-tokens", type=int, default=2048, help="prefill token budget per forward pass")
     run.add_argument("--json", action="store_true", help="one JSON object per prompt")
+
+    up = sub.add_parser("up", help="start kvstore, prefill, decode and gateway processes; Ctrl-C stops them all")
+    add_model_args(up)
+    up.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: --kv-cache-mb)")
+    up.add_argument("--kv-cache-mb", type=int, default=1024, help="KV pool size when --num-blocks is not given")
+    up.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    up.add_argument("--max-batch-tokens", type=int, default=2048, help="prefill token budget per forward pass")
+    up.add_argument("--prefill-replicas", type=int, default=1)
+    up.add_argument("--decode-replicas", type=int, default=1)
+    up.add_argument("--host", default="127.0.0.1", help="gateway listen address")
+    up.add_argument("--port", type=int, default=50051, help="gateway port")
+    up.add_argument("--base-port", type=int, default=50070, help="kvstore port; workers take the ports after it")
+    up.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    up.add_argument("--name", default="kvrelay", help="deployment name: Redis key prefix and /dev/shm file names")
+    up.add_argument("--start-timeout", type=float, default=600, help="seconds each process may take to be healthy")
+
+    gen = sub.add_parser("generate", help="stream an answer from a running gateway")
+    gen.add_argument("prompt", help="user message (chat template applied unless --raw)")
+    gen.add_argument("--address", default=os.environ.get("KVRELAY_ADDRESS", "127.0.0.1:50051"))
+    gen.add_argument("--raw", action="store_true")
+    gen.add_argument("--system", default=None, help="system message")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--session-id", default="")
+    gen.add_argument("--timeout", type=float, default=300, help="deadline in seconds")
+    gen.add_argument("--json", action="store_true", help="one JSON object at the end instead of streamed text")
+
+    status = sub.add_parser("status", help="workers, sessions, blocks used and free")
+    status.add_argument("--address", default=os.environ.get("KVRELAY_ADDRESS", "127.0.0.1:50051"))
+    status.add_argument("--json", action="store_true")
     return parser
 
 
@@ -51,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             from gateway.offline import run_command
 
             return run_command(args)
+        if args.command == "up":
+            from gateway.launcher import up_command
+
+            return up_command(args)
+        if args.command in ("generate", "status"):
+            from gateway.client_cli import generate_command, status_command
+
+            return generate_command(args) if args.command == "generate" else status_command(args)
     except UsageError as exc:
         print(f"kvrelay {args.command}: {exc}", file=sys.stderr)
         return 2

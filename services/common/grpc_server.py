@@ -43,11 +43,14 @@ SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
 SERVER_MIN_PING_INTERVAL_MS = 10_000
 
 
-def server_options() -> list[tuple[str, int]]:
-    """Channel arguments of every kvrelay server (see the module docstring for the keepalive reasoning)."""
+def server_options(max_receive_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel arguments of every kvrelay server (see the module docstring for the keepalive reasoning).
+
+    max_receive_bytes: the public gateway takes a smaller limit; gRPC itself refuses larger requests.
+    """
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_receive_bytes),
         # The server's own pings: find clients that vanished without a FIN (their streams are then cancelled).
         ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
@@ -86,6 +89,7 @@ async def start_server(
     service_names: Sequence[str],
     port: int,
     host: str = "127.0.0.1",
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, HealthServicer]:
     """Create, bind and start a grpc.aio server with kvrelay's options.
 
@@ -99,7 +103,7 @@ async def start_server(
     """
     if port <= 0:
         raise ValueError(f"port must be a concrete port > 0, got {port}")
-    server = grpc.aio.server(options=server_options())
+    server = grpc.aio.server(options=server_options(max_receive_bytes))
     for add_servicer, servicer in servicers:
         add_servicer(servicer, server)
 

@@ -1,0 +1,62 @@
+"""Least-loaded routing over the workers registered in Redis, with one cached channel per worker address."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from kvstore.sessions import SessionStore, WorkerInfo
+from services.common.grpc_server import channel_options
+
+REFRESH_S = 0.5  # registry re-read interval: cheap, and a dead worker drops out within a heartbeat TTL anyway
+
+
+class NoWorkers(Exception):
+    pass
+
+
+class Router:
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self.workers: dict[str, list[WorkerInfo]] = {}
+        self.refreshed = 0.0
+        self.in_flight: dict[str, int] = {}  # worker id -> requests this gateway has open there
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    async def refresh(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.refreshed > REFRESH_S:
+            by_role: dict[str, list[WorkerInfo]] = {}
+            for w in await self.store.list_workers():
+                by_role.setdefault(w.role, []).append(w)
+            self.workers, self.refreshed = by_role, time.monotonic()
+
+    async def pick(self, role: str) -> WorkerInfo:
+        await self.refresh()
+        candidates = self.workers.get(role) or []
+        if not candidates:
+            await self.refresh(force=True)
+            candidates = self.workers.get(role) or []
+        if not candidates:
+            raise NoWorkers(f"no {role} worker is registered and alive")
+
+        # Reported load is up to a heartbeat old; this gateway's own open requests are exact. Use both.
+        def load(w: WorkerInfo) -> float:
+            return w.load.get("active", 0) + w.load.get("queued", 0) + self.in_flight.get(w.worker_id, 0)
+
+        return min(candidates, key=load)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self.channels:
+            self.channels[address] = grpc.aio.insecure_channel(address, options=channel_options())
+        return self.channels[address]
+
+    def acquire(self, worker: WorkerInfo) -> None:
+        self.in_flight[worker.worker_id] = self.in_flight.get(worker.worker_id, 0) + 1
+
+    def release(self, worker: WorkerInfo) -> None:
+        self.in_flight[worker.worker_id] -= 1
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()

@@ -1,0 +1,319 @@
+"""The public gRPC gateway: validation, tokenizing and chat templates, routing to the least-loaded prefill and decode
+workers, incremental detokenizing, stop strings, deadlines, and cancellation that reaches the worker holding a session.
+
+    python -m gateway.server --kvstore 127.0.0.1:50070 --port 50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+
+import grpc
+
+from gateway.detokenizer import IncrementalDetokenizer
+from gateway.router import NoWorkers, Router
+from gateway.stop_strings import StopMatcher
+from gateway.tokenizer import Tokenizer
+from gateway.validation import InvalidRequest, ValidRequest, validate
+from kvrelay.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+from kvstore.sessions import SessionState, SessionStore
+from services.common.attach import fetch_layout
+from services.common.convert import params_to_proto
+from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from services.common.health import wait_healthy
+from services.model.config import ModelConfig
+
+log = logging.getLogger("kvrelay.gateway")
+SERVICE = "kvrelay.v1.Gateway"
+MAX_REQUEST_BYTES = 4 * 2**20  # larger GenerateRequests are refused by gRPC itself (RESOURCE_EXHAUSTED)
+UNSET = common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """Registered with the server at once (so health and reflection answer); configure() makes it serve."""
+
+    ready = False
+
+    def configure(
+        self,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        model_name: str,
+        layout,
+        store: SessionStore,
+        max_model_len: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name
+        self.layout = layout
+        self.store = store
+        self.router = Router(store)
+        self.max_model_len = max_model_len
+        # End-of-generation ids the tokenizer knows beyond config.json's (e.g. <|endoftext|>), sent as stop ids so
+        # the workers stop where `kvrelay run` stops.
+        self.extra_eos = tuple(sorted(set(tokenizer.eos_token_ids) - set(config.eos_token_ids)))
+        self.ready = True
+
+    async def _check_ready(self, context) -> None:
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is starting: the model is not ready yet")
+
+    async def Generate(self, request, context):  # noqa: N802
+        async for message in self._generate(request, context):
+            yield message
+
+    async def Complete(self, request, context):  # noqa: N802
+        out = gateway_pb2.CompleteResponse()
+        async for message in self._generate(request, context):
+            out.token_ids.extend(message.token_ids)
+            out.text += message.text
+            out.logprobs.extend(message.logprobs)
+            if message.HasField("finish"):
+                out.finish.CopyFrom(message.finish)
+        return out
+
+    async def GetModelInfo(self, request, context):  # noqa: N802
+        await self._check_ready(context)
+        c = self.config
+        return gateway_pb2.ModelInfo(
+            name=self.model_name,
+            architecture=c.architecture,
+            dtype=self.layout.dtype,
+            kv_dtype=self.layout.kv_dtype,
+            block_size=self.layout.pool.block_size,
+            max_model_len=self.max_model_len,
+            vocab_size=c.vocab_size,
+            num_layers=c.num_layers,
+            eos_token_ids=list(self.tokenizer.eos_token_ids),
+        )
+
+    async def GetStatus(self, request, context):  # noqa: N802
+        await self._check_ready(context)
+        stats = await self.store.stats()
+        now_ms = time.time() * 1e3
+        workers = [
+            gateway_pb2.WorkerStatus(
+                worker_id=w.worker_id,
+                role=w.role,
+                address=w.address,
+                active_sessions=int(w.load.get("active", 0)),
+                queued=int(w.load.get("queued", 0)),
+                last_heartbeat_ms_ago=max(0.0, now_ms - w.heartbeat_ms),
+            )
+            for w in await self.store.list_workers()
+        ]
+        return gateway_pb2.StatusResponse(
+            workers=workers,
+            num_blocks=stats.num_blocks,
+            blocks_free=stats.free,
+            blocks_used=stats.used,
+            active_sessions=stats.active_sessions,
+        )
+
+    async def _generate(self, request, context):
+        start = time.perf_counter()
+        await self._check_ready(context)
+        try:
+            valid = validate(request, self.tokenizer, self.model_name, self.max_model_len, self.config.vocab_size)
+        except InvalidRequest as exc:
+            await context.abort(exc.code, exc.message)
+        params = valid.params
+        if not params.ignore_eos and self.extra_eos:
+            params = params.__class__(**{**params.__dict__, "stop_token_ids": params.stop_token_ids + self.extra_eos})
+        session_id = request.session_id or uuid.uuid4().hex
+        request_id = request.request_id or uuid.uuid4().hex
+        run = _Stream(self, valid, params, session_id, request_id, start)
+        try:
+            async for message in run.messages(context):
+                yield message
+        finally:
+            await run.cleanup()
+
+
+class _Stream:
+    """One request's trip through prefill and decode, and what must be undone if it ends early."""
+
+    def __init__(
+        self, gw: GatewayServicer, valid: ValidRequest, params, session_id: str, request_id: str, start: float
+    ) -> None:
+        self.gw, self.valid, self.params = gw, valid, params
+        self.session_id, self.request_id, self.start = session_id, request_id, start
+        self.detok = IncrementalDetokenizer(gw.tokenizer, valid.prompt_token_ids, skip_special_tokens=True)
+        self.stops = StopMatcher(valid.stop)
+        self.decode_call = None
+        self.finished = False
+        self.timings = common_pb2.Timings()
+
+    async def _prefill(self, context) -> prefill_pb2.PrefillResponse:
+        router = self.gw.router
+        try:
+            worker = await router.pick("prefill")
+        except NoWorkers as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        stub = prefill_pb2_grpc.PrefillStub(router.channel(worker.address))
+        req = prefill_pb2.PrefillRequest(
+            session_id=self.session_id,
+            request_id=self.request_id,
+            token_ids=self.valid.prompt_token_ids,
+            sampling=params_to_proto(self.params),
+        )
+        router.acquire(worker)
+        try:
+            return await stub.Prefill(req, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), f"prefill: {exc.details()}")
+        finally:
+            router.release(worker)
+
+    def _chunk(self, token_ids: list[int], logprobs) -> gateway_pb2.GenerateResponse:
+        text = self.stops.feed(self.detok.add(token_ids))
+        return gateway_pb2.GenerateResponse(token_ids=token_ids, text=text, logprobs=logprobs)
+
+    def _finish(self, message, reason: int, completion_tokens: int) -> gateway_pb2.GenerateResponse:
+        tail = self.stops.feed(self.detok.flush()) if self.stops.matched is None else ""
+        message.text += tail + self.stops.flush()
+        if self.stops.matched is not None:
+            reason = common_pb2.FINISH_REASON_STOP_STRING
+        self.timings.total_ms = (time.perf_counter() - self.start) * 1e3
+        message.finish.CopyFrom(
+            gateway_pb2.Finish(
+                reason=reason,
+                stop_string=self.stops.matched or "",
+                prompt_tokens=len(self.valid.prompt_token_ids),
+                completion_tokens=completion_tokens,
+                timings=self.timings,
+                request_id=self.request_id,
+                session_id=self.session_id,
+            )
+        )
+        self.finished = True
+        return message
+
+    async def messages(self, context):
+        reply = await self._prefill(context)
+        t_prefilled = time.perf_counter()
+        self.timings.queue_ms, self.timings.prefill_ms = reply.queue_ms, reply.prefill_ms
+        self.timings.ttft_ms = (t_prefilled - self.start) * 1e3
+        tokens = [reply.first_token_id]
+        first = self._chunk(tokens[:], [reply.logprob] if reply.HasField("logprob") else [])
+        if reply.finish != UNSET or self.stops.matched is not None:
+            yield self._finish(first, reply.finish, 1)
+            return
+        yield first
+        router = self.gw.router
+        try:
+            worker = await router.pick("decode")
+        except NoWorkers as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        stub = decode_pb2_grpc.DecodeStub(router.channel(worker.address))
+        self.decode_call = stub.Decode(
+            decode_pb2.DecodeRequest(
+                session_id=self.session_id,
+                request_id=self.request_id,
+                sampling=params_to_proto(self.params),
+                token_ids=self.valid.prompt_token_ids + tokens,
+                num_generated=1,
+            ),
+            timeout=context.time_remaining(),
+        )
+        router.acquire(worker)
+        t_decode = None
+        try:
+            async for d in self.decode_call:
+                if t_decode is None:
+                    t_decode = time.perf_counter()
+                    self.timings.handoff_ms = (t_decode - t_prefilled) * 1e3
+                tokens.extend(d.token_ids)
+                message = self._chunk(list(d.token_ids), list(d.logprobs))
+                if d.finish != UNSET or self.stops.matched is not None:
+                    self.timings.decode_ms = (time.perf_counter() - t_decode) * 1e3
+                    yield self._finish(message, d.finish, len(tokens))
+                    return
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                await context.abort(exc.code(), f"decode: {exc.details()}")
+            raise
+        finally:
+            router.release(worker)
+
+    async def cleanup(self) -> None:
+        """Whatever ended the request (done, stop string, client gone, deadline), its blocks must come back."""
+        if self.decode_call is not None and not self.decode_call.done():
+            self.decode_call.cancel()  # the decode worker frees the session when its stream is cancelled
+        elif self.decode_call is None:
+            # Never handed to decode: a PREFILLED session is ours to free (prefill frees the ones it still holds).
+            record = await self.gw.store.get(self.session_id)
+            if record is not None and record.state == SessionState.PREFILLED:
+                await self.gw.store.free(self.session_id)
+
+
+async def serve(args) -> None:
+    servicer = GatewayServicer()
+    server, health = await start_server(
+        [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)],
+        [SERVICE],
+        args.port,
+        args.host,
+        max_receive_bytes=MAX_REQUEST_BYTES,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    store = None
+    try:
+        await wait_healthy(args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
+        layout = await fetch_layout(args.kvstore)
+        config = ModelConfig.from_dir(layout.model_dir)
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, layout.model_dir)
+        store = await SessionStore.connect(args.redis_url, args.name)
+        limit = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        name = args.model_name or os.path.basename(layout.model_dir.rstrip("/"))
+        servicer.configure(tokenizer, config, name, layout, store, limit)
+        while not stop.is_set():  # serving means a request can complete: one prefill and one decode worker are up
+            roles = {w.role for w in await store.list_workers()}
+            if {"prefill", "decode"} <= roles:
+                break
+            await asyncio.sleep(0.2)
+        await set_serving(health, [SERVICE], True)
+        log.info("gateway serving %s on %s:%d", name, args.host, args.port)
+        await stop.wait()
+    finally:
+        await stop_server(server, health, grace_s=2.0)
+        if store is not None:
+            await store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="kvrelay gateway: the public gRPC API")
+    parser.add_argument("--kvstore", default="127.0.0.1:50070")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--name", default="kvrelay", help="deployment name: the Redis key prefix")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--model-name", default=None, help="name clients may send in GenerateRequest.model")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    install_uvloop()
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

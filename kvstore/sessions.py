@@ -1,0 +1,578 @@
+"""Redis-backed session store: block free-list, session records and block tables, leases, idle LRU, worker registry.
+
+Redis holds all of this (DESIGN.md: nothing in process memory is the source of truth), so every process of a
+deployment — gateway, prefill and decode workers, kvstore — sees one pool. Every state change is one Lua script
+(kvstore/lua/, one per operation): Redis runs a script atomically, so two workers can never take the same block and
+a failed allocation takes nothing. Times (leases, worker expiry, LRU) come from the Redis server's clock, so workers
+on hosts whose clocks disagree still agree on who has expired. docs/redis-schema.md describes every key.
+
+Ownership protocol (who may change a session):
+- `allocate` creates a session owned by the caller (PREFILLING) or appends blocks to one the caller owns.
+- `update` and `release` are for the owner only (`NotOwner` otherwise).
+- `adopt` transfers ownership: prefill -> decode hand-off (a PREFILLED session is offered to any adopter),
+  resume after a worker died (its lease expired), reuse of an IDLE session, or `force`.
+- `renew_leases` extends only sessions the owner is working on (PREFILLING, DECODING): a PREFILLED session's lease
+  is the hand-off deadline, so a cancel between prefill and decode leaks its blocks for at most one lease.
+- `reclaim_expired` frees sessions whose lease ran out; somebody (the kvstore service) calls it periodically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from functools import cache
+from importlib import resources
+from typing import Any, NoReturn
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from kvstore.allocator import OutOfBlocks
+
+__all__ = [
+    "AuditReport",
+    "NotOwner",
+    "OutOfBlocks",
+    "PoolGeometryMismatch",
+    "PoolNotInitialized",
+    "PoolStats",
+    "SessionError",
+    "SessionNotFound",
+    "SessionRecord",
+    "SessionState",
+    "SessionStore",
+    "WorkerInfo",
+    "WrongState",
+]
+
+
+class SessionState(str, Enum):
+    PREFILLING = "PREFILLING"  # a prefill worker is computing its K/V
+    PREFILLED = "PREFILLED"  # K/V written and the stream synchronized; offered to a decode worker
+    DECODING = "DECODING"  # a decode worker is generating
+    FINISHED = "FINISHED"  # generation ended; to be freed or released
+    IDLE = "IDLE"  # kept for the next turn; no owner, no lease; evictable LRU
+
+
+ACTIVE_STATES = frozenset({SessionState.PREFILLING, SessionState.PREFILLED, SessionState.DECODING})
+
+
+class SessionError(Exception):
+    """The store refused an operation; nothing was changed."""
+
+
+class NotOwner(SessionError):
+    """The caller does not own the session (it may have been adopted after the caller's lease expired)."""
+
+
+class SessionNotFound(SessionError, LookupError):
+    """No such session (never created, freed, reclaimed or evicted)."""
+
+
+class WrongState(SessionError):
+    """The session is not in the state the caller expected."""
+
+
+class PoolGeometryMismatch(SessionError, ValueError):
+    """init_pool found a pool of another geometry under the prefix."""
+
+
+class PoolNotInitialized(SessionError):
+    """No pool under the prefix: call init_pool first."""
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    state: SessionState
+    owner: str | None
+    num_tokens: int  # tokens whose K/V are in the pool
+    first_token: int | None
+    request_id: str | None
+    created_ms: int
+    updated_ms: int
+    lease_expires_ms: int | None
+    block_table: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    role: str
+    address: str
+    info: Mapping[str, Any]  # static, from register_worker (model, pool format, ...)
+    load: Mapping[str, Any]  # from the latest heartbeat, e.g. {"active": 3, "queued": 1}
+    registered_ms: int
+    heartbeat_ms: int
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    num_blocks: int
+    block_size: int
+    free: int
+    used: int
+    active_sessions: int  # every session that is not IDLE (its blocks are pinned until freed or reclaimed)
+    idle_sessions: int
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    ok: bool
+    message: str
+    problems: tuple[str, ...]
+
+
+# Fields of the session hash that update() may set, with their encoders ('' stores None).
+_UPDATABLE = {
+    "num_tokens": lambda v: str(int(v)),
+    "first_token": lambda v: "" if v is None else str(int(v)),
+    "request_id": lambda v: "" if v is None else str(v),
+}
+_SCRIPTS = (
+    "init_pool",
+    "allocate",
+    "update",
+    "adopt",
+    "free",
+    "renew_leases",
+    "reclaim_expired",
+    "release",
+    "evict_lru",
+    "register_worker",
+    "heartbeat",
+    "deregister_worker",
+    "list_workers",
+    "stats",
+    "audit",
+)
+
+
+@cache
+def _script_source(name: str) -> str:
+    lua = resources.files("kvstore") / "lua"
+    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+def _glob_escape(text: str) -> str:
+    """Escapes SCAN MATCH's glob characters, so a prefix like "kv[1]" matches itself only."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _check_id(kind: str, value: str) -> None:
+    # ':' separates key parts: a session id "a:blocks" would alias the block table of session "a".
+    if not value or ":" in value or value != value.strip():
+        raise ValueError(f"invalid {kind} {value!r}: must be non-empty, without ':' or surrounding whitespace")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _opt_int(text: str | None) -> int | None:
+    return int(text) if text else None
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _raise(err: ResponseError) -> NoReturn:
+    """Maps a script's KVRELAY_<CODE> error reply to the exception callers catch."""
+    code, _, detail = str(err).partition(" ")
+    if code == "KVRELAY_OOB":
+        needed, free = detail.split()
+        raise OutOfBlocks(needed=int(needed), free=int(free)) from None
+    if code == "KVRELAY_NOTOWNER":
+        raise NotOwner(detail) from None
+    if code == "KVRELAY_NOSESSION":
+        raise SessionNotFound(detail) from None
+    if code == "KVRELAY_STATE":
+        raise WrongState(detail) from None
+    if code == "KVRELAY_CAPACITY":
+        raise ValueError(detail) from None
+    if code == "KVRELAY_NOPOOL":
+        raise PoolNotInitialized(f"no KV block pool under prefix {detail!r}: call init_pool first") from None
+    if code == "KVRELAY_DIRTY":
+        raise SessionError(f"{detail}; wipe them with init_pool(..., reset=True)") from None
+    raise err
+
+
+def _record(session_id: str, fields: dict[str, str], blocks: list[str]) -> SessionRecord:
+    return SessionRecord(
+        session_id=session_id,
+        state=SessionState(fields["state"]),
+        owner=fields.get("owner") or None,
+        num_tokens=int(fields.get("num_tokens") or 0),
+        first_token=_opt_int(fields.get("first_token")),
+        request_id=fields.get("request_id") or None,
+        created_ms=int(fields.get("created_ms") or 0),
+        updated_ms=int(fields.get("updated_ms") or 0),
+        lease_expires_ms=_opt_int(fields.get("lease_expires_ms")),
+        block_table=tuple(int(b) for b in blocks),
+    )
+
+
+class SessionStore:
+    """One deployment's sessions and KV block pool in Redis; every key starts with f"{prefix}:"."""
+
+    def __init__(self, redis_url: str, prefix: str = "kvrelay") -> None:
+        if not prefix or prefix != prefix.strip():
+            raise ValueError(f"invalid key prefix {prefix!r}")
+        self.prefix = prefix
+        self._redis = aioredis.from_url(redis_url, decode_responses=True)
+        self._scripts = {name: self._redis.register_script(_script_source(name)) for name in _SCRIPTS}
+
+    @classmethod
+    async def connect(cls, redis_url: str, prefix: str = "kvrelay") -> SessionStore:
+        """A store whose Redis answered a PING (fails fast with the URL in the message otherwise)."""
+        store = cls(redis_url, prefix)
+        try:
+            await store._redis.ping()
+        except Exception as exc:
+            await store.close()
+            raise ConnectionError(f"cannot reach Redis at {redis_url}: {exc}") from exc
+        return store
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> SessionStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def key(self, *parts: str) -> str:
+        """The full name of a key of this prefix, e.g. key("session", sid, "blocks")."""
+        return ":".join((self.prefix, *parts))
+
+    async def _run(self, name: str, *args: object) -> Any:
+        try:
+            return await self._scripts[name](keys=[], args=[self.prefix, *args])
+        except ResponseError as err:
+            _raise(err)
+
+    # -- pool -----------------------------------------------------------------------------------------------------
+
+    async def init_pool(self, num_blocks: int, block_size: int, reset: bool = False) -> bool:
+        """Creates the free-list 0..num_blocks-1 once; returns True when it created it.
+
+        An existing pool of the same geometry is kept (a restarted gateway or worker must not hand out blocks that
+        live sessions hold); another geometry raises PoolGeometryMismatch. reset=True wipes every key of the prefix
+        first — what the kvstore service must do when it allocates fresh device memory, because the K/V that the
+        sessions in Redis point at did not survive.
+        """
+        _check_positive("num_blocks", num_blocks)
+        _check_positive("block_size", block_size)
+        if reset:
+            await self.wipe()
+        try:
+            return bool(await self._run("init_pool", num_blocks, block_size))
+        except ResponseError as err:
+            code, _, detail = str(err).partition(" ")
+            if code != "KVRELAY_GEOMETRY":
+                raise
+            have_blocks, have_size = detail.split()
+            raise PoolGeometryMismatch(
+                f"prefix {self.prefix!r} holds a pool of {have_blocks} blocks x {have_size} tokens, not "
+                f"{num_blocks} x {block_size}; pass reset=True to wipe it (and every session) or use another prefix"
+            ) from None
+
+    async def wipe(self) -> int:
+        """Deletes every key of the prefix (SCAN, not KEYS, so Redis keeps serving). Returns the number deleted."""
+        deleted = 0
+        batch: list[str] = []
+        async for key in self._redis.scan_iter(match=_glob_escape(self.prefix) + ":*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += await self._redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += await self._redis.unlink(*batch)
+        return deleted
+
+    # -- sessions -------------------------------------------------------------------------------------------------
+
+    async def allocate(
+        self, session_id: str, n: int, owner: str, lease_ms: int, evict: bool = True, *, create: bool = True
+    ) -> list[int]:
+        """Takes n free blocks and appends them to the session's block table; returns them in table order.
+
+        Creates the session (PREFILLING, owned by `owner`) if missing; an existing one must be owned by `owner`
+        (NotOwner). The lease restarts at lease_ms. With evict, idle sessions are evicted (LRU first) when the
+        free-list is short. All or nothing: OutOfBlocks(needed, free) takes and evicts nothing; its `free` counts
+        the blocks this call could have had (free-list plus, with evict, the idle sessions' blocks). Pass
+        create=False when growing a session you believe you own: SessionNotFound then tells a stalled worker that its
+        session was reclaimed instead of silently starting a new one.
+        """
+        _check_id("session id", session_id)
+        _check_id("owner", owner)
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
+        _check_positive("lease_ms", lease_ms)
+        blocks = await self._run("allocate", session_id, n, owner, lease_ms, int(evict), int(create))
+        return [int(b) for b in blocks]
+
+    async def update(
+        self,
+        session_id: str,
+        owner: str,
+        state: SessionState | str | None,
+        *,
+        lease_ms: int | None = None,
+        **fields: int | str | None,
+    ) -> None:
+        """The owner records progress: state (None keeps it) and num_tokens / first_token / request_id.
+
+        lease_ms restarts the lease, e.g. the prefill worker sets the hand-off deadline when it records PREFILLED.
+        num_tokens beyond the block table's capacity raises ValueError. IDLE is set by release(), not here.
+        """
+        unknown = set(fields) - set(_UPDATABLE)
+        if unknown:
+            raise TypeError(f"update() cannot set {sorted(unknown)}; settable fields: {sorted(_UPDATABLE)}")
+        if state is not None:
+            state = SessionState(state)
+            if state is SessionState.IDLE:
+                raise ValueError("use release() to make a session IDLE (it clears the owner and joins the LRU)")
+        if lease_ms is not None:
+            _check_positive("lease_ms", lease_ms)
+        if "num_tokens" in fields and int(fields["num_tokens"] or 0) < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {fields['num_tokens']}")
+        args: list[object] = [session_id, owner, state.value if state else "", "" if lease_ms is None else lease_ms]
+        for name, value in fields.items():
+            args += [name, _UPDATABLE[name](value)]
+        await self._run("update", *args)
+
+    async def adopt(
+        self,
+        session_id: str,
+        new_owner: str,
+        lease_ms: int,
+        expected_state: SessionState | str | None = None,
+        *,
+        expected_owner: str | None = None,
+        force: bool = False,
+        state: SessionState | str = SessionState.DECODING,
+    ) -> SessionRecord:
+        """Takes over a session and moves it to `state` (DECODING, or PREFILLING to extend an idle one).
+
+        Allowed when the session has no owner (IDLE), is already owned by new_owner (a retry), is owned by
+        expected_owner, is PREFILLED (the hand-off: its prefill worker is done with it), or its owner's lease has
+        expired (resume after a worker died); or with force. Otherwise NotOwner. expected_state guards the
+        current state (WrongState); a FINISHED session is not adopted without force. Returns the record with its
+        block table.
+        """
+        _check_id("owner", new_owner)
+        _check_positive("lease_ms", lease_ms)
+        target = SessionState(state)
+        if target not in (SessionState.PREFILLING, SessionState.DECODING):
+            raise ValueError(f"adopt() moves a session to PREFILLING or DECODING, not {target.value}")
+        expected = SessionState(expected_state).value if expected_state is not None else ""
+        args = (session_id, new_owner, lease_ms, target.value, expected, expected_owner or "", int(force))
+        fields, blocks = await self._run("adopt", *args)
+        return _record(session_id, _pairs(fields), blocks)
+
+    async def free(self, session_id: str, owner: str | None = None) -> int:
+        """Returns all the session's blocks to the free-list and deletes it; returns how many. Idempotent.
+
+        With owner, a session owned by someone else raises NotOwner: a worker that lost its session to an adopter
+        (its lease expired while it stalled) must not free blocks the adopter is using. Without, it frees whatever
+        the owner (the gateway cancelling a request, an operator).
+        """
+        return int(await self._run("free", session_id, owner or ""))
+
+    async def release(self, session_id: str, owner: str) -> None:
+        """The owner keeps the session for the next turn: IDLE, no owner, no lease, most recently used in the LRU."""
+        await self._run("release", session_id, owner)
+
+    async def renew_leases(self, owner: str, lease_ms: int) -> int:
+        """Heartbeat: extends every PREFILLING/DECODING session of owner by lease_ms; returns how many."""
+        _check_positive("lease_ms", lease_ms)
+        return int(await self._run("renew_leases", owner, lease_ms))
+
+    async def reclaim_expired(self, now_ms: int | None = None) -> list[str]:
+        """Frees every session whose lease expired (by the Redis clock, or now_ms); returns their ids."""
+        return list(await self._run("reclaim_expired", "" if now_ms is None else int(now_ms)))
+
+    async def evict_lru(self, blocks_needed: int) -> list[str]:
+        """Frees idle sessions, least recently used first, until blocks_needed blocks are free; returns their ids.
+
+        Evicts nothing when enough are already free, or when even every idle session would not be enough.
+        """
+        return list(await self._run("evict_lru", int(blocks_needed)))
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.key("session", session_id))
+            pipe.lrange(self.key("session", session_id, "blocks"), 0, -1)
+            fields, blocks = await pipe.execute()
+        return _record(session_id, fields, blocks) if fields else None
+
+    # -- workers --------------------------------------------------------------------------------------------------
+
+    async def register_worker(
+        self, worker_id: str, role: str, address: str, ttl_ms: int, info: Mapping[str, Any] | None = None
+    ) -> None:
+        """Announces a worker for ttl_ms (re-registering replaces the record); heartbeat() keeps it alive."""
+        _check_id("worker id", worker_id)
+        _check_positive("ttl_ms", ttl_ms)
+        await self._run("register_worker", worker_id, role, address, ttl_ms, json.dumps(dict(info or {})))
+
+    async def heartbeat(self, worker_id: str, ttl_ms: int, load: Mapping[str, Any] | None = None) -> bool:
+        """Extends the registration and records the load. False: the worker had expired and must register again."""
+        _check_positive("ttl_ms", ttl_ms)
+        return bool(await self._run("heartbeat", worker_id, ttl_ms, json.dumps(dict(load or {}))))
+
+    async def deregister_worker(self, worker_id: str) -> bool:
+        """Removes the worker from the registry; returns whether it was registered. Its sessions are untouched."""
+        return bool(await self._run("deregister_worker", worker_id))
+
+    async def list_workers(self, role: str | None = None) -> list[WorkerInfo]:
+        """The live (unexpired) workers, of one role or all, ordered by registration expiry (soonest first)."""
+        out = []
+        for flat in await self._run("list_workers", role or ""):
+            f = _pairs(flat)
+            out.append(
+                WorkerInfo(
+                    worker_id=f["worker_id"],
+                    role=f["role"],
+                    address=f["address"],
+                    info=json.loads(f.get("info") or "{}"),
+                    load=json.loads(f.get("load") or "{}"),
+                    registered_ms=int(f["registered_ms"]),
+                    heartbeat_ms=int(f["heartbeat_ms"]),
+                    expires_ms=int(f["expires_ms"]),
+                )
+            )
+        return out
+
+    # -- observability --------------------------------------------------------------------------------------------
+
+    async def stats(self) -> PoolStats:
+        num_blocks, block_size, free, sessions, idle = await self._run("stats")
+        if num_blocks == "":
+            raise PoolNotInitialized(f"no KV block pool under prefix {self.prefix!r}: call init_pool first")
+        return PoolStats(
+            num_blocks=int(num_blocks),
+            block_size=int(block_size),
+            free=int(free),
+            used=int(num_blocks) - int(free),
+            active_sessions=int(sessions) - int(idle),
+            idle_sessions=int(idle),
+        )
+
+    async def audit(self, allow_active: bool = False) -> AuditReport:
+        """Checks the pool's invariants on one atomic snapshot.
+
+        Every block id 0..n-1 appears exactly once across the free-list and all block tables; no session is left
+        PREFILLING/PREFILLED/DECODING (unless allow_active); no block table, lease, idle entry, index entry or owner
+        set without its session; leases and the idle LRU agree with the session records; num_tokens fits the blocks.
+        """
+        escaped = _glob_escape(self.prefix)
+        snapshot = await self._run("audit", f"{escaped}:session:*", f"{escaped}:owned:*")
+        return _check_snapshot(self.prefix, snapshot, allow_active)
+
+
+def _check_snapshot(prefix: str, snapshot: list[Any], allow_active: bool) -> AuditReport:
+    pool_flat, free, session_index, leases_flat, idle_flat, session_keys, owned_keys, _now = snapshot
+    pool = _pairs(pool_flat)
+    if not pool:
+        problems = (f"no pool under prefix {prefix!r}",)
+        return AuditReport(ok=False, message=f"pool audit: {problems[0]}", problems=problems)
+    num_blocks, block_size = int(pool["num_blocks"]), int(pool["block_size"])
+    problems: list[str] = []
+
+    session_prefix = f"{prefix}:session:"
+    hashes: dict[str, dict[str, str]] = {}
+    tables: dict[str, list[str]] = {}
+    for key, kind, contents in session_keys:
+        rest = key[len(session_prefix) :]
+        if kind == "list" and rest.endswith(":blocks"):
+            tables[rest[: -len(":blocks")]] = contents
+        elif kind == "hash" and ":" not in rest:
+            hashes[rest] = _pairs(contents)
+        else:
+            problems.append(f"unexpected key {key} ({kind})")
+
+    # Where each block id is: it must be in exactly one place.
+    places: dict[int, list[str]] = defaultdict(list)
+    for label, ids in [("the free-list", free)] + [(f"session {sid}", ids) for sid, ids in sorted(tables.items())]:
+        for raw in ids:
+            try:
+                block = int(raw)
+            except ValueError:
+                problems.append(f"{label} holds {raw!r}, not a block id")
+                continue
+            if not 0 <= block < num_blocks:
+                problems.append(f"{label} holds block {block}, outside 0..{num_blocks - 1}")
+            places[block].append(label)
+    leaked = [b for b in range(num_blocks) if b not in places]
+    if leaked:
+        problems.append(f"{len(leaked)} block(s) leaked (in no free-list and no session): {_ids(leaked)}")
+    for block, where in sorted(places.items()):
+        if len(where) > 1:
+            counts = Counter(where)
+            listed = ", ".join(f"{w} x{c}" if c > 1 else w for w, c in counts.items())
+            problems.append(f"block {block} is held {len(where)} times: {listed}")
+
+    leases = {sid: float(score) for sid, score in _pairs(leases_flat).items()}
+    idle = set(idle_flat[::2])
+    index = set(session_index)
+    owned = {key[len(f"{prefix}:owned:") :]: set(members) for key, _kind, members in owned_keys}
+    for sid, fields in sorted(hashes.items()):
+        state, owner = fields.get("state", ""), fields.get("owner", "")
+        lease = fields.get("lease_expires_ms", "")
+        if sid not in index:
+            problems.append(f"session {sid} is missing from the {prefix}:sessions index")
+        if state not in SessionState.__members__:
+            problems.append(f"session {sid} has unknown state {state!r}")
+        elif SessionState(state) in ACTIVE_STATES and not allow_active:
+            problems.append(
+                f"session {sid} is still {state} (owner {owner or 'none'}): not finished, freed or released"
+            )
+        if state == "IDLE":
+            if owner or lease or sid in leases:
+                problems.append(f"idle session {sid} has an owner or lease")
+            if sid not in idle:
+                problems.append(f"idle session {sid} is missing from the {prefix}:idle LRU")
+        else:
+            if sid in idle:
+                problems.append(f"session {sid} is {state} but in the idle LRU")
+            if not owner or not lease:
+                problems.append(f"session {sid} is {state} without an owner and a lease")
+            elif leases.get(sid) != float(lease):
+                problems.append(f"session {sid}'s lease ({lease}) disagrees with {prefix}:leases ({leases.get(sid)})")
+            if owner and sid not in owned.get(owner, set()):
+                problems.append(f"session {sid} is missing from {prefix}:owned:{owner}")
+        capacity = len(tables.get(sid, [])) * block_size
+        if int(fields.get("num_tokens") or 0) > capacity:
+            problems.append(f"session {sid} claims {fields['num_tokens']} tokens but its blocks hold {capacity}")
+    for sid in sorted(set(tables) - set(hashes)):
+        problems.append(f"dangling block table {prefix}:session:{sid}:blocks (no session record)")
+    for label, sids in (("sessions index", index), ("leases", set(leases)), ("idle LRU", idle)):
+        for sid in sorted(sids - set(hashes)):
+            problems.append(f"{prefix}:{label.split()[0]} entry {sid!r} has no session record")
+    for owner, sids in sorted(owned.items()):
+        for sid in sorted(sids):
+            if hashes.get(sid, {}).get("owner") != owner:
+                problems.append(f"{prefix}:owned:{owner} lists {sid!r}, which {owner} does not own")
+
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        return AuditReport(
+            ok=False, message=f"pool audit found {len(problems)} problem(s): {shown}", problems=tuple(problems)
+        )
+    used = num_blocks - len(free)
+    message = f"pool ok: {num_blocks} blocks, {len(free)} free, {used} in {len(hashes)} session(s)"
+    return AuditReport(ok=True, message=message, problems=())
+
+
+def _ids(ids: list[int], limit: int = 12) -> str:
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")

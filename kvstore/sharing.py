@@ -1,0 +1,102 @@
+"""Memory shared between processes: one region per purpose (weights, KV pool), exported once, mapped by every worker.
+
+A region is a flat uint8 tensor plus a `RegionHandle` that another process turns back into the same memory:
+- "shm": a file under /dev/shm (the CPU path), mapped MAP_SHARED by every process;
+- "cuda_ipc": a CUDA/HIP IPC handle of one whole allocation (the GPU path; see kernels and the GPU issue).
+Views (weights, pool layers) are carved out of a region at byte offsets, so sharing happens once per region, never per
+tensor (an IPC handle names a whole allocation: sub-allocated exports corrupt data in other projects).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SHM_DIR = Path(os.environ.get("KVRELAY_SHM_DIR", "/dev/shm"))
+ALIGN = 256  # bytes: every tensor view starts on a boundary any dtype (and a GPU vector load) accepts
+
+
+@dataclass(frozen=True)
+class RegionHandle:
+    kind: str  # "shm" | "cuda_ipc"
+    nbytes: int
+    path: str = ""  # shm: the file
+    ipc_handle: bytes = b""  # cuda_ipc: cudaIpcMemHandle_t / hipIpcMemHandle_t
+    device_uuid: str = ""  # cuda_ipc: which GPU (indices differ between containers)
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def shm_path(name: str) -> Path:
+    return SHM_DIR / name
+
+
+def create_shm_region(name: str, nbytes: int) -> tuple[torch.Tensor, RegionHandle]:
+    """A new zero-filled /dev/shm file of nbytes, mapped shared. The creator removes it (remove_region) on exit."""
+    path = shm_path(name)
+    if path.exists():
+        path.unlink()  # a stale file from a crashed run of the same deployment
+    with open(path, "wb") as f:
+        f.truncate(nbytes)
+    handle = RegionHandle("shm", nbytes, path=str(path))
+    return open_region(handle), handle
+
+
+def open_region(handle: RegionHandle) -> torch.Tensor:
+    """Map a region exported by another process: a flat uint8 tensor over the same memory."""
+    if handle.kind == "shm":
+        if not os.path.exists(handle.path):
+            raise FileNotFoundError(f"shared region {handle.path} is gone (is the kvstore process running?)")
+        return torch.from_file(handle.path, shared=True, size=handle.nbytes, dtype=torch.uint8)
+    raise NotImplementedError(f"region kind {handle.kind!r} is not available in this build")
+
+
+def remove_region(handle: RegionHandle) -> None:
+    if handle.kind == "shm":
+        Path(handle.path).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    name: str
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the region
+
+
+def pack_layout(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSlice], int]:
+    """Offsets for packing tensors into one region; tensors that share storage (tied embeddings) share a slice."""
+    slices, seen, offset = [], {}, 0
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            slices.append(TensorSlice(name, seen[key].dtype, seen[key].shape, seen[key].offset))
+            continue
+        s = TensorSlice(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset)
+        seen[key] = s
+        slices.append(s)
+        offset = align(offset + t.numel() * t.element_size())
+    return slices, max(offset, ALIGN)
+
+
+def write_tensors(region: torch.Tensor, tensors: dict[str, torch.Tensor], slices: list[TensorSlice]) -> None:
+    for s in slices:
+        view_tensor(region, s).copy_(tensors[s.name])
+
+
+def view_tensor(region: torch.Tensor, s: TensorSlice) -> torch.Tensor:
+    dtype = getattr(torch, s.dtype)
+    nbytes = dtype.itemsize
+    for d in s.shape:
+        nbytes *= d
+    return region[s.offset : s.offset + nbytes].view(dtype).view(s.shape)
+
+
+def view_tensors(region: torch.Tensor, slices: list[TensorSlice]) -> dict[str, torch.Tensor]:
+    """Weights as views into the region: building the model on them allocates no second copy."""
+    return {s.name: view_tensor(region, s) for s in slices}

@@ -1,0 +1,112 @@
+"""What prefill and decode workers share: arguments, attaching to the kvstore, registry heartbeats and lease upkeep."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+
+import torch
+
+from kvstore.sessions import SessionStore
+from services.common.attach import Attached, attach, fetch_layout
+from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from services.common.health import wait_healthy
+
+HEARTBEAT_S = 1.0
+WORKER_TTL_MS = 5_000  # a worker missing 5 heartbeats drops out of routing
+LEASE_MS = 10_000  # a session whose owner stops renewing for this long is reclaimed
+HANDOFF_LEASE_MS = 30_000  # a PREFILLED session nobody adopts within this is reclaimed (the gateway went away)
+
+log = logging.getLogger("kvrelay.worker")
+
+
+def worker_args(description: str, default_port: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--kvstore", default="127.0.0.1:50070", help="kvstore address")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--name", default="kvrelay", help="deployment name: the Redis key prefix")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one forward pass")
+    return parser
+
+
+def sync_device(device: torch.device) -> None:
+    """Writes into the pool are complete and visible to other processes before anyone is told about them."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class Worker:
+    """Attach to the kvstore, register in Redis, heartbeat, renew leases of owned sessions, reclaim dead ones."""
+
+    role = "worker"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.worker_id = args.worker_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.address = f"{args.host}:{args.port}"
+        self.store: SessionStore | None = None
+        self.attached: Attached | None = None
+        self.stopping = asyncio.Event()
+
+    def load(self) -> dict:
+        return {}
+
+    async def heartbeat_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                if not await self.store.heartbeat(self.worker_id, WORKER_TTL_MS, self.load()):
+                    # we missed our TTL (a long stall): announce ourselves again or routers never see us
+                    await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, {})
+                await self.store.renew_leases(self.worker_id, LEASE_MS)
+                reclaimed = await self.store.reclaim_expired()
+                if reclaimed:
+                    log.warning("reclaimed %d expired sessions: %s", len(reclaimed), reclaimed[:5])
+            except Exception:  # Redis hiccup: keep serving, try again next beat
+                log.exception("heartbeat failed")
+            try:
+                await asyncio.wait_for(self.stopping.wait(), HEARTBEAT_S)
+            except TimeoutError:
+                pass
+
+    async def run(self, servicers: list, service_names: list[str], start_loops: Callable[[], list]) -> None:
+        server, health = await start_server(servicers, service_names, self.args.port, self.args.host)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        tasks = []
+        try:
+            await wait_healthy(self.args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
+            layout = await fetch_layout(self.args.kvstore)
+            t0 = time.perf_counter()
+            self.attached = await asyncio.to_thread(attach, layout, self.args.max_model_len)
+            log.info("%s attached to %s in %.2fs", self.worker_id, layout.model_dir, time.perf_counter() - t0)
+            self.store = await SessionStore.connect(self.args.redis_url, self.args.name)
+            await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, {})
+            tasks = [asyncio.create_task(self.heartbeat_loop()), *start_loops()]
+            await set_serving(health, service_names, True)
+            await self.stopping.wait()
+        finally:
+            await stop_server(server, health, grace_s=2.0)
+            for task in tasks:
+                task.cancel()
+            if self.store is not None:
+                await self.store.deregister_worker(self.worker_id)
+                await self.store.close()
+
+
+def main_for(worker_cls, description: str, default_port: int) -> None:
+    args = worker_args(description, default_port).parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    install_uvloop()
+    worker_cls(args).main_sync()

@@ -1,0 +1,198 @@
+"""The decode service: adopts PREFILLED sessions and runs continuous batching over them (sequences join and leave at
+every step), streaming each new token to the gateway.
+
+    python -m services.decode.server --kvstore 127.0.0.1:50070 --port 50072
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from kvrelay.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from kvstore.allocator import OutOfBlocks
+from kvstore.block_table import blocks_needed
+from kvstore.sessions import SessionError
+from services.common.convert import FINISH, logprob_to_proto, params_from_proto
+from services.common.worker import LEASE_MS, Worker, main_for
+from services.model.runner import SeqChunk
+from services.model.sampler import Sampler, make_generator
+from services.model.sampling_params import SamplingParams
+
+log = logging.getLogger("kvrelay.decode")
+SERVICE = "kvrelay.v1.Decode"
+
+
+@dataclass(eq=False)
+class RunningSeq:
+    session_id: str
+    params: SamplingParams
+    history: list[int]  # prompt + generated; the last token is not in the pool yet
+    num_cached: int  # tokens whose K/V are in the pool
+    num_generated: int
+    block_table: list[int]
+    generator: torch.Generator | None
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    received: float = field(default_factory=time.perf_counter)
+    first_sent: bool = False
+    cancelled: bool = False
+    finished: bool = False
+
+
+class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
+    role = "decode"
+
+    def __init__(self, args) -> None:
+        super().__init__(args)
+        self.running: list[RunningSeq] = []
+        self.wakeup = asyncio.Event()
+        self.sampler = Sampler()
+
+    def load(self) -> dict:
+        return {"active": len(self.running), "queued": 0}
+
+    async def Decode(self, request, context):  # noqa: N802
+        if self.attached is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is still loading the model")
+        try:
+            params = params_from_proto(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            record = await self.store.adopt(request.session_id, self.worker_id, LEASE_MS)
+        except SessionError as exc:
+            code = grpc.StatusCode.NOT_FOUND if isinstance(exc, LookupError) else grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, f"cannot adopt session {request.session_id}: {exc}")
+        history = list(request.token_ids)
+        if len(history) != record.num_tokens + 1:
+            await self.store.free(request.session_id, owner=self.worker_id)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"token_ids has {len(history)} tokens; the pool holds {record.num_tokens} (+1 pending expected)",
+            )
+        generator = make_generator(params.seed, self.attached.runner.device)
+        seq = RunningSeq(
+            request.session_id,
+            params,
+            history,
+            record.num_tokens,
+            request.num_generated,
+            list(record.block_table),
+            generator,
+        )
+        self.running.append(seq)
+        self.wakeup.set()
+        try:
+            while True:
+                message = await seq.out.get()
+                if isinstance(message, grpc.StatusCode):
+                    await context.abort(message, "no KV blocks left to continue this sequence")
+                yield message
+                if message.finish != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    return
+        finally:
+            if not seq.finished:
+                seq.cancelled = True  # client gone or gateway cancelled: the step loop frees the blocks
+                self.wakeup.set()
+
+    async def Abort(self, request, context):  # noqa: N802
+        for seq in self.running:
+            if seq.session_id == request.session_id:
+                seq.cancelled = True
+                self.wakeup.set()
+                return common_pb2.AbortResponse(found=True, blocks_freed=len(seq.block_table))
+        return common_pb2.AbortResponse(found=False)
+
+    async def _retire(self, seq: RunningSeq) -> None:
+        self.running.remove(seq)
+        seq.finished = True
+        try:
+            await self.store.free(seq.session_id, owner=self.worker_id)
+        except SessionError:
+            log.warning("session %s was taken over before it could be freed", seq.session_id)
+
+    async def _grow(self, seq: RunningSeq) -> bool:
+        """Blocks for the token this step writes; False when the pool is exhausted."""
+        need = blocks_needed(seq.num_cached + 1, self.attached.pool.geometry.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        try:
+            seq.block_table += await self.store.allocate(seq.session_id, need, self.worker_id, LEASE_MS, create=False)
+            return True
+        except (OutOfBlocks, SessionError):
+            return False
+
+    async def step_loop(self) -> None:
+        while True:
+            if not self.running:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+            for seq in [s for s in self.running if s.cancelled]:
+                await self._retire(seq)
+            batch = []
+            for seq in list(self.running):
+                if await self._grow(seq):
+                    batch.append(seq)
+                else:
+                    seq.out.put_nowait(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    await self._retire(seq)
+            if not batch:
+                continue
+            try:
+                await self._step(batch)
+            except Exception:
+                log.exception("decode step failed")
+                for seq in batch:
+                    seq.out.put_nowait(decode_pb2.DecodeResponse(finish=common_pb2.FINISH_REASON_ERROR))
+                    await self._retire(seq)
+            await asyncio.sleep(0)  # let new streams join and cancellations land between steps
+
+    async def _step(self, batch: list[RunningSeq]) -> None:
+        runner = self.attached.runner
+        chunks = [SeqChunk((s.history[-1],), s.num_cached, tuple(s.block_table)) for s in batch]
+        logits = await asyncio.to_thread(runner.forward, chunks)
+        out = self.sampler(logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch])
+        eos = self.attached.config.eos_token_ids
+        limit = self.attached.max_model_len
+        for row, seq in enumerate(batch):
+            token = out.token_ids[row]
+            seq.num_cached += 1
+            seq.num_generated += 1
+            seq.history.append(token)
+            reason = None
+            if (token in eos and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
+                reason = "stop"
+            elif seq.num_generated >= seq.params.max_tokens or len(seq.history) >= limit:
+                reason = "length"
+            msg = decode_pb2.DecodeResponse(token_ids=[token], finish=FINISH[reason])
+            lp = logprob_to_proto(out, row)
+            if lp is not None:
+                msg.logprobs.append(lp)
+            if not seq.first_sent:
+                msg.first_step_ms = (time.perf_counter() - seq.received) * 1e3
+                seq.first_sent = True
+            seq.out.put_nowait(msg)
+            if reason is not None:
+                await self._retire(seq)
+
+    def main_sync(self) -> None:
+        asyncio.run(
+            self.run(
+                [(decode_pb2_grpc.add_DecodeServicer_to_server, self)],
+                [SERVICE],
+                lambda: [asyncio.create_task(self.step_loop())],
+            )
+        )
+
+
+def main() -> None:
+    main_for(DecodeWorker, "kvrelay decode worker", 50072)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The prefill service: batches concurrent prompts (varlen, chunked under a token budget), writes their K/V into the
+shared pool, samples each prompt's first token and hands the session over as PREFILLED.
+
+    python -m services.prefill.server --kvstore 127.0.0.1:50070 --port 50071
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvrelay.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from kvstore.allocator import OutOfBlocks
+from kvstore.block_table import blocks_needed
+from kvstore.sessions import SessionError, SessionState
+from services.common.convert import FINISH, logprob_to_proto, params_from_proto
+from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
+from services.model.runner import SeqChunk
+from services.model.sampler import Sampler, make_generator
+from services.model.sampling_params import SamplingParams
+
+log = logging.getLogger("kvrelay.prefill")
+SERVICE = "kvrelay.v1.Prefill"
+MAX_WAITING = 256  # prompts waiting for KV blocks; beyond this a request is refused at once (RESOURCE_EXHAUSTED)
+BLOCK_WAIT_S = 10.0  # how long a prompt waits for KV blocks before RESOURCE_EXHAUSTED
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    session_id: str
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+    block_table: list[int] = field(default_factory=list)
+    progress: int = 0  # prompt tokens already written to the pool
+    started: float | None = None
+    cancelled: bool = False
+
+
+class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
+    role = "prefill"
+
+    def __init__(self, args) -> None:
+        super().__init__(args)
+        self.waiting: list[PrefillJob] = []  # no blocks yet
+        self.ready: list[PrefillJob] = []  # blocks allocated, being computed (chunk by chunk)
+        self.wakeup = asyncio.Event()
+        self.sampler = Sampler()
+
+    def load(self) -> dict:
+        return {"active": len(self.ready), "queued": len(self.waiting)}
+
+    async def Prefill(self, request, context):  # noqa: N802
+        if self.attached is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is still loading the model")
+        try:
+            params = params_from_proto(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        ids = list(request.token_ids)
+        limit = self.attached.max_model_len
+        if not ids or len(ids) >= limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt of {len(ids)} tokens; context is {limit}")
+        if len(self.waiting) >= MAX_WAITING:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill queue is full; retry later")
+        job = PrefillJob(
+            request.session_id, request.request_id, ids, params, asyncio.get_running_loop().create_future()
+        )
+        self.waiting.append(job)
+        self.wakeup.set()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True  # the batch loop frees its blocks; a running forward pass cannot be interrupted
+            self.wakeup.set()
+            raise
+        except OutOfBlocks as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for this prompt: {exc}")
+        except SessionError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+    async def Abort(self, request, context):  # noqa: N802
+        for job in self.waiting + self.ready:
+            if job.session_id == request.session_id:
+                job.cancelled = True
+                self.wakeup.set()
+                return common_pb2.AbortResponse(found=True)
+        return common_pb2.AbortResponse(found=False)
+
+    async def _admit(self) -> None:
+        """Give waiting prompts their blocks, oldest first; one that cannot get them waits (bounded) or is refused."""
+        block_size = self.attached.pool.geometry.block_size
+        still = []
+        for job in self.waiting:
+            if job.cancelled or job.future.done():
+                continue
+            need = blocks_needed(len(job.token_ids), block_size)
+            try:
+                job.block_table = await self.store.allocate(job.session_id, need, self.worker_id, LEASE_MS)
+                self.ready.append(job)
+            except OutOfBlocks as exc:
+                if time.perf_counter() - job.arrived > BLOCK_WAIT_S:
+                    job.future.set_exception(exc)
+                else:
+                    still.append(job)
+            except SessionError as exc:
+                job.future.set_exception(exc)
+        self.waiting = still
+
+    async def _drop_cancelled(self) -> None:
+        for job in [j for j in self.ready if j.cancelled]:
+            self.ready.remove(job)
+            await self.store.free(job.session_id, owner=self.worker_id)
+
+    async def batch_loop(self) -> None:
+        budget = self.args.max_batch_tokens
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            try:
+                await self._step(budget)
+            except Exception as exc:  # a failing batch fails its requests, not the server
+                log.exception("prefill batch failed")
+                for job in self.ready:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                    await self.store.free(job.session_id)
+                self.ready = []
+            if self.ready or self.waiting:
+                self.wakeup.set()
+                await asyncio.sleep(0 if self.ready else 0.05)  # waiting only for blocks: poll gently
+
+    async def _step(self, budget: int) -> None:
+        await self._admit()
+        await self._drop_cancelled()
+        if not self.ready:
+            return
+        batch, chunks, used = [], [], 0
+        for job in self.ready:
+            if used >= budget:
+                break
+            take = min(len(job.token_ids) - job.progress, budget - used)
+            end = job.progress + take
+            chunks.append(SeqChunk(tuple(job.token_ids[job.progress : end]), job.progress, tuple(job.block_table)))
+            batch.append(job)
+            job.started = job.started or time.perf_counter()
+            job.progress = end
+            used += take
+        runner = self.attached.runner
+        logits = await asyncio.to_thread(runner.forward, chunks)
+        done = [i for i, job in enumerate(batch) if job.progress == len(job.token_ids)]
+        if not done:
+            return
+        jobs = [batch[i] for i in done]
+        out = self.sampler(
+            logits[done],
+            [j.params for j in jobs],
+            [make_generator(j.params.seed, logits.device) for j in jobs],
+            [j.token_ids for j in jobs],
+        )
+        sync_device(runner.device)  # K/V complete and visible before anyone hears of them
+        eos = self.attached.config.eos_token_ids
+        for row, job in enumerate(jobs):
+            self.ready.remove(job)
+            token = out.token_ids[row]
+            reason = None
+            if (token in eos and not job.params.ignore_eos) or token in job.params.stop_token_ids:
+                reason = "stop"
+            elif job.params.max_tokens <= 1 or len(job.token_ids) + 1 >= self.attached.max_model_len:
+                reason = "length"
+            if job.cancelled or reason is not None:
+                await self.store.free(job.session_id, owner=self.worker_id)
+            else:
+                # Hand-off: PREFILLED with a lease nobody renews, so a session no decode worker adopts comes back.
+                await self.store.update(
+                    job.session_id,
+                    self.worker_id,
+                    SessionState.PREFILLED,
+                    lease_ms=HANDOFF_LEASE_MS,
+                    num_tokens=len(job.token_ids),
+                    first_token=token,
+                )
+            if job.future.done():
+                continue
+            now = time.perf_counter()
+            response = prefill_pb2.PrefillResponse(
+                first_token_id=token,
+                num_tokens=len(job.token_ids),
+                finish=FINISH[reason],
+                queue_ms=(job.started - job.arrived) * 1e3,
+                prefill_ms=(now - job.started) * 1e3,
+            )
+            lp = logprob_to_proto(out, row)
+            if lp is not None:
+                response.logprob.CopyFrom(lp)
+            job.future.set_result(response)
+
+    def main_sync(self) -> None:
+        asyncio.run(
+            self.run(
+                [(prefill_pb2_grpc.add_PrefillServicer_to_server, self)],
+                [SERVICE],
+                lambda: [asyncio.create_task(self.batch_loop())],
+            )
+        )
+
+
+def main() -> None:
+    main_for(PrefillWorker, "kvrelay prefill worker", 50071)
+
+
+if __name__ == "__main__":
+    main()
