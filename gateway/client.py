@@ -1,9 +1,9 @@
 """Python clients of the kvrelay gateway: `AsyncClient` (asyncio) and `Client` (blocking), same methods.
 
-    from gateway.client import Client
-    with Client("127.0.0.1:50051") as c:
-        for chunk in c.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32):
-            print(chunk.text, end="", flush=True)
+from gateway.client import Client
+with Client("127.0.0.1:50051") as c:
+    for chunk in c.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32):
+        print(chunk.text, end="", flush=True)
 """
 
 from __future__ import annotations

@@ -22,15 +22,23 @@ def _rpc_error(exc: grpc.RpcError, address: str) -> UsageError:
 
 def generate_command(args: argparse.Namespace) -> int:
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
-    kwargs = {"prompt": args.prompt} if args.raw else {"messages": messages + [{"role": "user", "content": args.prompt}]}
+    user = [{"role": "user", "content": args.prompt}]
+    kwargs = {"prompt": args.prompt} if args.raw else {"messages": messages + user}
     finish = None
     tokens: list[int] = []
     text = []
     with Client(args.address) as client:
         try:
             for chunk in client.generate(
-                timeout=args.timeout, max_tokens=args.max_tokens, stop=args.stop, session_id=args.session_id,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, **kwargs,
+                timeout=args.timeout,
+                max_tokens=args.max_tokens,
+                stop=args.stop,
+                session_id=args.session_id,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                **kwargs,
             ):
                 tokens.extend(chunk.token_ids)
                 text.append(chunk.text)
@@ -65,9 +73,13 @@ def status_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(status, always_print_fields_with_no_presence=True)))
         return 0
-    print(f"blocks: {status.blocks_used} used, {status.blocks_free} free of {status.num_blocks}; "
-          f"active sessions: {status.active_sessions}")
+    print(
+        f"blocks: {status.blocks_used} used, {status.blocks_free} free of {status.num_blocks}; "
+        f"active sessions: {status.active_sessions}"
+    )
     for w in status.workers:
-        print(f"  {w.role:<8} {w.worker_id:<40} {w.address:<22} active {w.active_sessions:<4} queued {w.queued:<4} "
-              f"heartbeat {w.last_heartbeat_ms_ago:.0f} ms ago")
+        print(
+            f"  {w.role:<8} {w.worker_id:<40} {w.address:<22} active {w.active_sessions:<4} queued {w.queued:<4} "
+            f"heartbeat {w.last_heartbeat_ms_ago:.0f} ms ago"
+        )
     return 0

@@ -64,8 +64,24 @@ class Launcher:
         if not shutil.which("redis-server"):
             raise UsageError(REDIS_HINT.format(url=url))
         port = free_port()
-        self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--dir", self.tmp, "--logfile", os.path.join(self.tmp, "redis.log")])
+        self.spawn(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.tmp,
+                "--logfile",
+                os.path.join(self.tmp, "redis.log"),
+            ],
+        )
         url = f"redis://127.0.0.1:{port}/0"
         for _ in range(100):
             if redis_answers(url):
@@ -95,10 +111,25 @@ class Launcher:
         common = ["--redis-url", redis_url, "--name", a.name]
         model = [] if a.model is None else ["--model", a.model]
         kv_port = a.base_port
-        kvstore = self.spawn("kvstore", py + ["kvstore.service", *model, "--dtype", a.dtype, "--kv-dtype", a.kv_dtype,
-                                              "--block-size", str(a.block_size), "--port", str(kv_port), *common]
-                             + (["--num-blocks", str(a.num_blocks)] if a.num_blocks else [])
-                             + ["--kv-cache-mb", str(a.kv_cache_mb)])
+        kvstore = self.spawn(
+            "kvstore",
+            py
+            + [
+                "kvstore.service",
+                *model,
+                "--dtype",
+                a.dtype,
+                "--kv-dtype",
+                a.kv_dtype,
+                "--block-size",
+                str(a.block_size),
+                "--port",
+                str(kv_port),
+                *common,
+            ]
+            + (["--num-blocks", str(a.num_blocks)] if a.num_blocks else [])
+            + ["--kv-cache-mb", str(a.kv_cache_mb)],
+        )
         self.wait_healthy("kvstore", f"127.0.0.1:{kv_port}", "kvrelay.v1.KVStore", kvstore, a.start_timeout)
         worker = ["--kvstore", f"127.0.0.1:{kv_port}", *common, "--max-batch-tokens", str(a.max_batch_tokens)]
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
@@ -111,9 +142,12 @@ class Launcher:
                 waits.append((f"{role}-{i}", f"127.0.0.1:{port}", f"kvrelay.v1.{role.capitalize()}", proc))
         for name, address, service, proc in waits:
             self.wait_healthy(name, address, service, proc, a.start_timeout)
-        gateway = self.spawn("gateway", py + ["gateway.server", "--kvstore", f"127.0.0.1:{kv_port}", *common,
-                                              "--host", a.host, "--port", str(a.port)]
-                             + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else []))
+        gateway = self.spawn(
+            "gateway",
+            py
+            + ["gateway.server", "--kvstore", f"127.0.0.1:{kv_port}", *common, "--host", a.host, "--port", str(a.port)]
+            + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else []),
+        )
         address = f"{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.port}"
         self.wait_healthy("gateway", address, "kvrelay.v1.Gateway", gateway, a.start_timeout)
         return address
@@ -158,7 +192,7 @@ def up_command(args: argparse.Namespace) -> int:
         address = launcher.start()
         parsed = urlparse(args.redis_url)
         print(f"kvrelay is up: gateway at {address} (Redis {parsed.hostname}:{parsed.port}, deployment {args.name!r})")
-        print(f"  try: kvrelay generate --address {address} \"Tell me a joke about GPUs.\"")
+        print(f'  try: kvrelay generate --address {address} "Tell me a joke about GPUs."')
         print("  stop: Ctrl-C")
         sys.stdout.flush()
         while True:

@@ -105,8 +105,11 @@ class Worker:
                 await self.store.close()
 
 
-def main_for(worker_cls, description: str, default_port: int) -> None:
-    args = worker_args(description, default_port).parse_args()
+def main_for(worker_cls, description: str, default_port: int, extra_args=None) -> None:
+    parser = worker_args(description, default_port)
+    if extra_args is not None:
+        extra_args(parser)
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     install_uvloop()
     worker_cls(args).main_sync()

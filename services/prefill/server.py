@@ -26,7 +26,6 @@ from services.model.sampling_params import SamplingParams
 log = logging.getLogger("kvrelay.prefill")
 SERVICE = "kvrelay.v1.Prefill"
 MAX_WAITING = 256  # prompts waiting for KV blocks; beyond this a request is refused at once (RESOURCE_EXHAUSTED)
-BLOCK_WAIT_S = 10.0  # how long a prompt waits for KV blocks before RESOURCE_EXHAUSTED
 
 
 @dataclass(eq=False)
@@ -66,7 +65,9 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         ids = list(request.token_ids)
         limit = self.attached.max_model_len
         if not ids or len(ids) >= limit:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt of {len(ids)} tokens; context is {limit}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"prompt of {len(ids)} tokens; the context is {limit}"
+            )
         if len(self.waiting) >= MAX_WAITING:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill queue is full; retry later")
         job = PrefillJob(
@@ -101,11 +102,14 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             if job.cancelled or job.future.done():
                 continue
             need = blocks_needed(len(job.token_ids), block_size)
+            if need > self.attached.pool.geometry.num_blocks:  # would never fit: say so now, not after the wait
+                job.future.set_exception(OutOfBlocks(need, self.attached.pool.geometry.num_blocks))
+                continue
             try:
                 job.block_table = await self.store.allocate(job.session_id, need, self.worker_id, LEASE_MS)
                 self.ready.append(job)
             except OutOfBlocks as exc:
-                if time.perf_counter() - job.arrived > BLOCK_WAIT_S:
+                if time.perf_counter() - job.arrived > self.args.block_wait_s:
                     job.future.set_exception(exc)
                 else:
                     still.append(job)
@@ -212,7 +216,16 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
 
 
 def main() -> None:
-    main_for(PrefillWorker, "kvrelay prefill worker", 50071)
+    main_for(PrefillWorker, "kvrelay prefill worker", 50071, extra_args=add_prefill_args)
+
+
+def add_prefill_args(parser) -> None:
+    parser.add_argument(
+        "--block-wait-s",
+        type=float,
+        default=10.0,
+        help="how long a prompt waits for KV blocks before RESOURCE_EXHAUSTED",
+    )
 
 
 if __name__ == "__main__":
