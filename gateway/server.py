@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import time
 import uuid
 
@@ -35,6 +34,7 @@ from services.common.attach import fetch_layout
 from services.common.convert import params_to_proto
 from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
 from services.common.health import wait_healthy
+from services.common.lifecycle import stop_event_on_signals, unless_stopped
 from services.model.config import ModelConfig
 
 log = logging.getLogger("kvrelay.gateway")
@@ -272,31 +272,33 @@ async def serve(args) -> None:
         args.host,
         max_receive_bytes=MAX_REQUEST_BYTES,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    store = None
-    try:
+    stop = stop_event_on_signals()
+    stores: list[SessionStore] = []
+
+    async def startup() -> None:
         await wait_healthy(args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
         layout = await fetch_layout(args.kvstore)
         config = ModelConfig.from_dir(layout.model_dir)
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, layout.model_dir)
         store = await SessionStore.connect(args.redis_url, args.name)
+        stores.append(store)
         limit = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         name = args.model_name or os.path.basename(layout.model_dir.rstrip("/"))
         servicer.configure(tokenizer, config, name, layout, store, limit)
-        while not stop.is_set():  # serving means a request can complete: one prefill and one decode worker are up
+        while True:  # serving means a request can complete: one prefill and one decode worker are up
             roles = {w.role for w in await store.list_workers()}
             if {"prefill", "decode"} <= roles:
                 break
             await asyncio.sleep(0.2)
         await set_serving(health, [SERVICE], True)
         log.info("gateway serving %s on %s:%d", name, args.host, args.port)
-        await stop.wait()
+
+    try:
+        if await unless_stopped(startup(), stop):
+            await stop.wait()
     finally:
         await stop_server(server, health, grace_s=2.0)
-        if store is not None:
+        for store in stores:
             await store.close()
 
 

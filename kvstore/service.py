@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 
 import torch
 
@@ -22,6 +21,7 @@ from kvstore.pool import KVPool, PoolGeometry
 from kvstore.sessions import SessionStore
 from kvstore.sharing import create_shm_region, pack_layout, remove_region, write_tensors
 from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from services.common.lifecycle import stop_event_on_signals
 from services.model.config import ModelConfig
 from services.model.default_model import resolve_model
 from services.model.engine import resolve_dtype
@@ -89,10 +89,7 @@ async def serve(args) -> None:
         [(kvstore_pb2_grpc.add_KVStoreServicer_to_server, servicer)], [SERVICE], args.port, args.host
     )
     handles = []
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event_on_signals()
     try:
         servicer.layout, handles = await asyncio.to_thread(build_regions, args)
         # Fresh memory: any session a previous run left in Redis points at K/V that no longer exist.

@@ -16,8 +16,8 @@ from tests.deployment import Deployment
 
 # A small prefill budget so that long prompts are prefilled in several chunks; a small context for the limit checks.
 MAX_BATCH_TOKENS = 64
-MAX_MODEL_LEN = 1024
-NUM_BLOCKS = 48  # 768 tokens: enough for 16 concurrent streams here, too few for one prompt near the context limit
+MAX_MODEL_LEN = 2048
+NUM_BLOCKS = 96  # 1536 tokens: enough for 16 concurrent streams here, too few for one prompt near the context limit
 QUESTIONS = ["What is the capital of France?", "Give me two rhymes for 'cat'.", "What is 12 times 12?"]
 LONG_TEXT = "The history of the river begins in the mountains, where snow melts each spring. " * 12
 MAX_TOKENS = 20
@@ -165,9 +165,9 @@ def test_unknown_model_is_not_found(deployment):
 
 
 def test_no_blocks_for_a_prompt_is_resource_exhausted(deployment):
-    # 800 tokens need 50 blocks of 16; the pool has 48: refused with RESOURCE_EXHAUSTED, nothing leaked
+    # 1600 tokens need 100 blocks of 16; the pool has 96: refused with RESOURCE_EXHAUSTED, nothing leaked
     with Client(deployment.address) as client, pytest.raises(grpc.RpcError) as err:
-        client.complete(prompt_token_ids=[100] * 800, max_tokens=4)
+        client.complete(prompt_token_ids=[100] * 1600, max_tokens=4)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     report, stats = deployment.audit()
     assert report.ok and stats.used == 0, report.message

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
@@ -18,6 +17,7 @@ from kvstore.sessions import SessionStore
 from services.common.attach import Attached, attach, fetch_layout
 from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
 from services.common.health import wait_healthy
+from services.common.lifecycle import stop_event_on_signals, unless_stopped
 
 HEARTBEAT_S = 1.0
 WORKER_TTL_MS = 5_000  # a worker missing 5 heartbeats drops out of routing
@@ -81,11 +81,10 @@ class Worker:
 
     async def run(self, servicers: list, service_names: list[str], start_loops: Callable[[], list]) -> None:
         server, health = await start_server(servicers, service_names, self.args.port, self.args.host)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        self.stopping = stop_event_on_signals()
         tasks = []
-        try:
+
+        async def startup() -> None:
             await wait_healthy(self.args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
             layout = await fetch_layout(self.args.kvstore)
             t0 = time.perf_counter()
@@ -93,9 +92,12 @@ class Worker:
             log.info("%s attached to %s in %.2fs", self.worker_id, layout.model_dir, time.perf_counter() - t0)
             self.store = await SessionStore.connect(self.args.redis_url, self.args.name)
             await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, {})
-            tasks = [asyncio.create_task(self.heartbeat_loop()), *start_loops()]
+            tasks.extend([asyncio.create_task(self.heartbeat_loop()), *start_loops()])
             await set_serving(health, service_names, True)
-            await self.stopping.wait()
+
+        try:
+            if await unless_stopped(startup(), self.stopping):
+                await self.stopping.wait()
         finally:
             await stop_server(server, health, grace_s=2.0)
             for task in tasks:

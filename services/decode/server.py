@@ -134,13 +134,15 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
                 await self.wakeup.wait()
             for seq in [s for s in self.running if s.cancelled]:
                 await self._retire(seq)
-            batch = []
+            batch, paused = [], []
             for seq in list(self.running):
-                if await self._grow(seq):
-                    batch.append(seq)
-                else:
-                    seq.out.put_nowait(grpc.StatusCode.RESOURCE_EXHAUSTED)
-                    await self._retire(seq)
+                (batch if await self._grow(seq) else paused).append(seq)
+            if paused and not batch:
+                # Nobody can grow, so nobody will free blocks: give up the newest sequence (its blocks free others).
+                victim = max(paused, key=lambda s: s.received)
+                victim.out.put_nowait(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                await self._retire(victim)
+            # Other paused sequences wait for blocks that finishing sequences return.
             if not batch:
                 continue
             try:
