@@ -26,7 +26,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-run serve: install
+# The whole service set (kvstore, prefill, decode, gateway) with the default model; Ctrl-C stops it.
+serve: install
+	$(BIN)/kvrelay up
+
+# One process, no Redis: a sample chat prompt through the offline engine.
+run: install
 	$(BIN)/kvrelay run --prompt "What is the capital of France? Answer in one sentence."
 
 protos: install
