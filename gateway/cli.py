@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=300, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="one JSON object at the end instead of streamed text")
 
+    ckpt = sub.add_parser("make-checkpoint", help="write a random-weight HF checkpoint of a real model's shape")
+    ckpt.add_argument("--preset", required=True, help="llama3-8b, llama3.2-1b, qwen2.5-0.5b, mistral-7b, tiny-llama3")
+    ckpt.add_argument("--out", required=True)
+    ckpt.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ckpt.add_argument("--seed", type=int, default=0)
+    ckpt.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda is much faster)")
+
     status = sub.add_parser("status", help="workers, sessions, blocks used and free")
     status.add_argument("--address", default=os.environ.get("KVRELAY_ADDRESS", "127.0.0.1:50051"))
     status.add_argument("--json", action="store_true")
@@ -90,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             from gateway.launcher import up_command
 
             return up_command(args)
+        if args.command == "make-checkpoint":
+            from services.model.make_checkpoint import make_checkpoint
+
+            try:
+                print(make_checkpoint(args.preset, args.out, args.dtype, args.seed, args.device))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+            return 0
         if args.command in ("generate", "status"):
             from gateway.client_cli import generate_command, status_command
 

@@ -1,25 +1,79 @@
 """The one place the model calls kernels through.
 
-Today every op is its torch reference; the Triton kernels (GPU issue) replace entries here when the tensors live on a
-GPU, so the model code never changes and every kernel keeps its reference beside it for tests.
+Tensors on a GPU take the Triton kernels; tensors on the CPU take the torch references (Triton's CPU path is the
+interpreter, which the tests use, far too slow to serve). The model code never changes, and every kernel keeps its
+reference beside it for tests.
 """
 
 from __future__ import annotations
 
-from kernels.activation import silu_and_mul_ref as silu_and_mul
-from kernels.decode_attention import paged_decode_attention_ref as paged_decode_attention
-from kernels.norm import fused_add_rms_norm_ref as fused_add_rms_norm
-from kernels.norm import rms_norm_ref as rms_norm
-from kernels.prefill_attention import paged_prefill_attention_ref as paged_prefill_attention
-from kernels.rotary import rotary_ref as rotary
-from kernels.store_kv import store_kv_ref as store_kv
+import torch
 
-__all__ = [
-    "fused_add_rms_norm",
-    "paged_decode_attention",
-    "paged_prefill_attention",
-    "rms_norm",
-    "rotary",
-    "silu_and_mul",
-    "store_kv",
-]
+from kernels import activation, decode_attention, norm, prefill_attention, rotary as rotary_ref_mod, store_kv as sk
+
+try:  # triton is a GPU dependency; a CPU install may not have it
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+def _gpu(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and t.is_cuda
+
+
+def store_kv(key, value, layer, slot_mapping) -> None:
+    if _gpu(key):
+        from kernels.triton_store_kv import store_kv as kernel
+
+        return kernel(key, value, layer, slot_mapping)
+    return sk.store_kv_ref(key, value, layer, slot_mapping)
+
+
+def paged_decode_attention(query, layer, block_tables, context_lens, scale, max_context_len=None):
+    if _gpu(query):
+        from kernels.triton_decode_attention import paged_decode_attention as kernel
+
+        return kernel(query, layer, block_tables, context_lens, scale, max_context_len=max_context_len)
+    return decode_attention.paged_decode_attention_ref(query, layer, block_tables, context_lens, scale)
+
+
+def paged_prefill_attention(query, layer, block_tables, cu_seqlens_q, context_lens, scale, max_query_len=None):
+    if _gpu(query):
+        from kernels.triton_prefill_attention import paged_prefill_attention as kernel
+
+        return kernel(query, layer, block_tables, cu_seqlens_q, context_lens, scale, max_query_len=max_query_len)
+    return prefill_attention.paged_prefill_attention_ref(query, layer, block_tables, cu_seqlens_q, context_lens, scale)
+
+
+def rms_norm(x, weight, eps):
+    if _gpu(x):
+        from kernels.triton_norm import rms_norm as kernel
+
+        return kernel(x, weight, eps)
+    return norm.rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    if _gpu(x):
+        from kernels.triton_norm import fused_add_rms_norm as kernel
+
+        return kernel(x, residual, weight, eps)
+    return norm.fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def rotary(positions, query, key, cos_sin_cache):
+    if _gpu(query):
+        from kernels.triton_rotary import rotary as kernel
+
+        return kernel(positions, query, key, cos_sin_cache)
+    return rotary_ref_mod.rotary_ref(positions, query, key, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    if _gpu(x):
+        from kernels.triton_activation import silu_and_mul as kernel
+
+        return kernel(x)
+    return activation.silu_and_mul_ref(x)

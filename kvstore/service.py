@@ -19,7 +19,7 @@ from kvrelay.v1 import kvstore_pb2, kvstore_pb2_grpc
 from kvstore.formats import bytes_per_token, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 from kvstore.sessions import SessionStore
-from kvstore.sharing import create_shm_region, pack_layout, remove_region, write_tensors
+from kvstore.sharing import create_cuda_region, create_shm_region, pack_layout, remove_region, write_tensors
 from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
 from services.common.lifecycle import stop_event_on_signals
 from services.model.config import ModelConfig
@@ -38,6 +38,15 @@ def size_pool(config: ModelConfig, spec, block_size: int, num_blocks: int | None
     return max(1, kv_cache_mb * 2**20 // per_block)
 
 
+KEEP_ALIVE: list[torch.Tensor] = []
+
+
+def _region_proto(h) -> kvstore_pb2.SharedRegion:
+    return kvstore_pb2.SharedRegion(
+        kind=h.kind, path=h.path, nbytes=h.nbytes, ipc_handle=h.ipc_handle, device_uuid=h.device_uuid
+    )
+
+
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     def __init__(self, layout: kvstore_pb2.Layout) -> None:
         self.layout = layout
@@ -51,24 +60,27 @@ def build_regions(args) -> tuple[kvstore_pb2.Layout, list]:
     config = ModelConfig.from_dir(model_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, config, device)
-    if device.type != "cpu":
-        raise NotImplementedError("the GPU kvstore (CUDA/HIP IPC regions) arrives with the GPU issue")
     weights = load_weights(model_dir, config, dtype, "cpu")
     slices, nbytes = pack_layout(weights)
-    weights_region, weights_handle = create_shm_region(f"{args.name}-weights", nbytes)
-    write_tensors(weights_region, weights, slices)
-    del weights
     spec = parse_kv_dtype(args.kv_dtype, dtype)
     num_blocks = size_pool(config, spec, args.block_size, args.num_blocks, args.kv_cache_mb)
     geometry = PoolGeometry(config.num_layers, num_blocks, args.block_size, config.num_kv_heads, config.head_dim)
-    _, pool_handle = create_shm_region(f"{args.name}-pool", KVPool.nbytes(geometry, spec))
+    if device.type == "cpu":
+        weights_region, weights_handle = create_shm_region(f"{args.name}-weights", nbytes)
+        pool_region, pool_handle = create_shm_region(f"{args.name}-pool", KVPool.nbytes(geometry, spec))
+    else:
+        weights_region, weights_handle = create_cuda_region(nbytes, device)
+        pool_region, pool_handle = create_cuda_region(KVPool.nbytes(geometry, spec), device)
+    write_tensors(weights_region, weights, slices)
+    del weights
+    KEEP_ALIVE.extend([weights_region, pool_region])  # importers map this memory: it lives as long as we do
     layout = kvstore_pb2.Layout(
         model_dir=str(model_dir),
         dtype=str(dtype).removeprefix("torch."),
         kv_dtype=str(spec),
         pool=kvstore_pb2.PoolGeometry(**geometry.__dict__),
-        weights=kvstore_pb2.SharedRegion(kind="shm", path=weights_handle.path, nbytes=weights_handle.nbytes),
-        pool_region=kvstore_pb2.SharedRegion(kind="shm", path=pool_handle.path, nbytes=pool_handle.nbytes),
+        weights=_region_proto(weights_handle),
+        pool_region=_region_proto(pool_handle),
         tensors=[kvstore_pb2.TensorSlice(name=s.name, dtype=s.dtype, shape=s.shape, offset=s.offset) for s in slices],
     )
     log.info(

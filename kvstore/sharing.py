@@ -10,6 +10,7 @@ tensor (an IPC handle names a whole allocation: sub-allocated exports corrupt da
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +48,49 @@ def create_shm_region(name: str, nbytes: int) -> tuple[torch.Tensor, RegionHandl
     return open_region(handle), handle
 
 
+def device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def create_cuda_region(nbytes: int, device: torch.device) -> tuple[torch.Tensor, RegionHandle]:
+    """One device allocation exported as a CUDA (HIP on ROCm) IPC handle. The caller keeps the tensor alive.
+
+    torch's own tensor reduction carries the handle (it is what torch.multiprocessing sends): it records the
+    allocation's base and this tensor's offset in it, so a sub-allocated block still maps to the right bytes.
+    """
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").find("expandable_segments:True") >= 0:
+        raise RuntimeError("expandable segments break CUDA/HIP IPC: unset PYTORCH_CUDA_ALLOC_CONF for kvstore")
+    region = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    torch.cuda.synchronize(device)
+    _, args = reduce_tensor(region)
+    handle = RegionHandle(
+        "cuda_ipc", nbytes, ipc_handle=pickle.dumps(args), device_uuid=device_uuid(region.device.index)
+    )
+    return region, handle
+
+
+def _open_cuda(handle: RegionHandle) -> torch.Tensor:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = list(pickle.loads(handle.ipc_handle))
+    # The handle names the exporter's device index; containers may number GPUs differently, so match by UUID.
+    local = [i for i in range(torch.cuda.device_count()) if device_uuid(i) == handle.device_uuid]
+    if not local:
+        raise RuntimeError(f"no local GPU has UUID {handle.device_uuid} (the kvstore's GPU)")
+    args[6] = local[0]  # storage_device
+    return rebuild_cuda_tensor(*args)
+
+
 def open_region(handle: RegionHandle) -> torch.Tensor:
     """Map a region exported by another process: a flat uint8 tensor over the same memory."""
     if handle.kind == "shm":
         if not os.path.exists(handle.path):
             raise FileNotFoundError(f"shared region {handle.path} is gone (is the kvstore process running?)")
         return torch.from_file(handle.path, shared=True, size=handle.nbytes, dtype=torch.uint8)
+    if handle.kind == "cuda_ipc":
+        return _open_cuda(handle)
     raise NotImplementedError(f"region kind {handle.kind!r} is not available in this build")
 
 

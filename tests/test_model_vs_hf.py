@@ -130,3 +130,16 @@ def test_tiny_random_checkpoints_match_hf(variant, block_size, tmp_path):
     prompt = ids[:20]
     result = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
     assert result.token_ids == hf_greedy(hf_model, prompt, 12)
+
+
+def test_make_checkpoint_preset_loads_in_hf_and_kvrelay(tmp_path):
+    from gateway.cli import main
+
+    assert main(["make-checkpoint", "--preset", "tiny-llama3", "--out", str(tmp_path / "ckpt")]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    engine = Engine(EngineConfig(model_dir=tmp_path / "ckpt", dtype="float32"), progress=False)
+    ids = list(range(3, 200))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0]
+    assert rel_error(engine.score(ids), ref) < 1e-4
+    assert main(["make-checkpoint", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2

@@ -18,3 +18,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor
     # [num_seqs + 1] int32: prefix sums of the new tokens per sequence (prefill only; decode has one per sequence)
     cu_seqlens_q: torch.Tensor | None = None
+    # Host-side upper bounds the GPU kernels size their grids with (never read from device tensors, so a step can be
+    # captured in a CUDA graph): the longest new-token run, and the longest context.
+    max_query_len: int | None = None
+    max_context_len: int | None = None

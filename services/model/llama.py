@@ -74,10 +74,12 @@ class LlamaAttention(nn.Module):
         ops.store_kv(k, v, layer, meta.slot_mapping)
         if meta.is_prefill:
             out = ops.paged_prefill_attention(
-                q, layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale
+                q, layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale, meta.max_query_len
             )
         else:
-            out = ops.paged_decode_attention(q, layer, meta.block_tables, meta.context_lens, self.scale)
+            out = ops.paged_decode_attention(
+                q, layer, meta.block_tables, meta.context_lens, self.scale, meta.max_context_len
+            )
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 

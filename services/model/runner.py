@@ -32,6 +32,16 @@ class ModelRunner:
         self.pool = pool
         self.block_size = pool.geometry.block_size
         self.device = model.lm_head.weight.device
+        self.graphs = None
+
+    def enable_cuda_graphs(self, max_batch: int, max_context_len: int) -> None:
+        """Capture decode steps for batch-size buckets up to max_batch (GPU only; the CPU path stays eager)."""
+        from services.model.cuda_graphs import DecodeGraphs
+
+        if self.device.type != "cuda":
+            return
+        self.graphs = DecodeGraphs(self.model, self.pool, max_batch, max_context_len)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
@@ -46,15 +56,26 @@ class ModelRunner:
             slots.extend(slot_mapping(list(chunk.block_table), chunk.num_cached, end, self.block_size))
             lens.append(lens[-1] + len(chunk.token_ids))
         device = self.device
+        is_decode = all(len(c.token_ids) == 1 for c in chunks)
+        if self.graphs is not None and is_decode and not all_logits and self.graphs.bucket(len(chunks)):
+            return self.graphs.replay(
+                torch.tensor(input_ids, dtype=torch.int64, device=device),
+                torch.tensor(positions, dtype=torch.int64, device=device),
+                torch.tensor(slots, dtype=torch.int64, device=device),
+                make_block_table_tensor([list(c.block_table) for c in chunks], device),
+                torch.tensor([c.num_cached + 1 for c in chunks], dtype=torch.int32, device=device),
+            )
         cu_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
         meta = AttentionMetadata(
-            is_prefill=any(len(c.token_ids) != 1 for c in chunks),
+            is_prefill=not is_decode,
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_tables=make_block_table_tensor([list(c.block_table) for c in chunks], device),
             context_lens=torch.tensor(
                 [c.num_cached + len(c.token_ids) for c in chunks], dtype=torch.int32, device=device
             ),
             cu_seqlens_q=cu_seqlens,
+            max_query_len=max(len(c.token_ids) for c in chunks),
+            max_context_len=max(c.num_cached + len(c.token_ids) for c in chunks),
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=device),

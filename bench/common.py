@@ -1,0 +1,114 @@
+"""What every benchmark shares: the floors (measured copy bandwidth and bf16 matmul rate), device-event timing,
+and the results file bench/results/summary.json ({"records": [...]}, one record per name, newest wins)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+SUMMARY = RESULTS / "summary.json"
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def time_ms(fn, warmup: int = 5, iters: int = 30) -> float:
+    """Median milliseconds of fn() measured with device events (wall clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.cuda.is_available():
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        import time
+
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy (read + write counted) of a 2 GiB random buffer: the decode floor's rate."""
+    n = 2**31
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+    src = dst = None  # free 4 GiB before the model loads
+    torch.cuda.empty_cache()
+    return 2 * n / (ms / 1e3)
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a bf16 8192^3 matmul on random data: the prefill floor's rate."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = time_ms(lambda: a @ b, warmup=5, iters=20)
+    return 2 * 8192**3 / (ms / 1e3)
+
+
+def record(name: str, value: float, unit: str, floor: float, fraction: float, command: str, **extra) -> dict:
+    """Add or replace a record in summary.json and print it."""
+    rec = {
+        "name": name,
+        "gpu": gpu_name(),
+        "value": round(value, 4),
+        "unit": unit,
+        "floor": round(floor, 4),
+        "fraction": round(fraction, 4),
+        "command": command,
+        "date": date.today().isoformat(),
+        "commit": commit(),
+    } | extra
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {"records": []}
+    data["records"] = [r for r in data["records"] if r["name"] != name] + [rec]
+    SUMMARY.write_text(json.dumps(data, indent=2))
+    print(f"{name:<28} {value:>10.3f} {unit:<8} floor {floor:>10.3f}  fraction {fraction:6.3f}")
+    return rec
+
+
+def write_benchmarks_md() -> None:
+    data = json.loads(SUMMARY.read_text())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated from `bench/results/summary.json` by the benchmarks. `floor` is the physical limit in the same unit",
+        "(bytes over the measured copy bandwidth, or FLOPs over the measured bf16 matmul rate, both measured in the",
+        "same run); `fraction` is how close the measurement comes to it (1.0 = at the floor).",
+        "",
+        "| record | value | unit | floor | fraction | GPU | date | commit | command |",
+        "|---|---:|---|---:|---:|---|---|---|---|",
+    ]
+    for r in sorted(data["records"], key=lambda r: r["name"]):
+        lines.append(
+            f"| `{r['name']}` | {r['value']:.3f} | {r['unit']} | {r['floor']:.3f} | {r['fraction']:.3f} | {r['gpu']} "
+            f"| {r['date']} | {r['commit']} | `{r['command']}` |"
+        )
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,170 @@
+"""Decode and prefill of a whole model on one GPU, through the code the workers run (ModelRunner, decode graphs).
+
+    python bench/model_bench.py --model DIR [--kv-dtype int8] [--decode] [--prefill]
+
+Decode: one step for batch 1..128 at 1k and 8k contexts (random K/V in the pool, random block ids); floor = weight
+bytes + KV bytes read per step over the measured copy bandwidth. Prefill: one prompt of 512, 2k, 8k tokens; floor =
+FLOPs over the measured bf16 matmul rate (MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import copy_bandwidth, matmul_rate, record, time_ms, write_benchmarks_md
+from kvstore.formats import bytes_per_token, parse_kv_dtype
+from kvstore.pool import KVPool, PoolGeometry
+from services.model.config import ModelConfig
+from services.model.loader import load_model
+from services.model.runner import ModelRunner, SeqChunk
+
+COMMAND = "python bench/model_bench.py --model DIR"
+
+
+def fill_random(pool: KVPool) -> None:
+    """Random K/V and scales: zero pages would flatter nothing here, but random data is the honest default."""
+    for t in (pool.k_cache, pool.v_cache):
+        if t.dtype == torch.int8:
+            t.copy_(torch.randint(-127, 127, t.shape, dtype=torch.int8, device=t.device))
+        else:
+            t.copy_((torch.randn(t.shape, device=t.device) * 0.5).to(t.dtype))
+    for s in (pool.k_scale, pool.v_scale):
+        if s is not None:
+            s.uniform_(0.001, 0.02)
+
+
+def weight_bytes(model) -> int:
+    # the embedding table is gathered (bs rows), not streamed; a tied lm_head is counted once as lm_head
+    return sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if n != "model.embed_tokens.weight"
+    ) + (model.lm_head.weight.numel() * model.lm_head.weight.element_size() if model.config.tie_word_embeddings else 0)
+
+
+def decode_bench(model, config: ModelConfig, spec, bw: float, batches, contexts, block_size: int) -> None:
+    per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
+    free = torch.cuda.mem_get_info()[0]
+    wbytes = weight_bytes(model)
+    for ctx in contexts:
+        for bs in batches:
+            blocks_per_seq = -(-(ctx + 1) // block_size)
+            need = bs * blocks_per_seq
+            if need * block_size * per_token > 0.8 * free:
+                gib = need * block_size * per_token / 2**30
+                print(f"decode bs{bs} ctx{ctx}: {gib:.1f} GiB of KV does not fit, skipped")
+                continue
+            geometry = PoolGeometry(config.num_layers, need, block_size, config.num_kv_heads, config.head_dim)
+            pool = KVPool.allocate(geometry, spec, "cuda")
+            fill_random(pool)
+            runner = ModelRunner(model, pool)
+            runner.enable_cuda_graphs(bs, ctx + 1)
+            perm = torch.randperm(need).tolist()
+            chunks = [
+                SeqChunk((7,), ctx, tuple(perm[i * blocks_per_seq : (i + 1) * blocks_per_seq])) for i in range(bs)
+            ]
+            g = runner.graphs
+            slots = [c.block_table[ctx // block_size] * block_size + ctx % block_size for c in chunks]
+            args = [torch.full((bs,), 7), torch.full((bs,), ctx), torch.tensor(slots)]
+            args = [t.cuda() for t in args]
+            tables = torch.tensor([list(c.block_table) for c in chunks], dtype=torch.int32, device="cuda")
+            lens = torch.full((bs,), ctx + 1, dtype=torch.int32, device="cuda")
+            gpu_ms = time_ms(
+                lambda g=g, a=args, t=tables, n=lens: g.replay(a[0], a[1], a[2], t, n).argmax(-1), iters=50
+            )
+
+            def full_step(runner=runner, chunks=chunks):
+                return runner.forward(chunks).argmax(-1).tolist()  # host prep + replay + greedy + sync, as the worker
+
+            wall = []
+            for _ in range(30):
+                t = time.perf_counter()
+                full_step()
+                wall.append((time.perf_counter() - t) * 1e3)
+            wall_ms = sorted(wall)[len(wall) // 2]
+            floor_ms = (wbytes + bs * (ctx + 1) * per_token) / bw * 1e3
+            name = f"decode_bs{bs}_ctx{ctx // 1024}k"
+            record(
+                name,
+                bs / gpu_ms * 1e3,
+                "tok/s",
+                bs / floor_ms * 1e3,
+                floor_ms / gpu_ms,
+                COMMAND,
+                step_ms=round(gpu_ms, 4),
+                floor_ms=round(floor_ms, 4),
+                wall_step_ms=round(wall_ms, 4),
+            )
+            pool = runner = g = None  # free the pool before the next size
+            torch.cuda.empty_cache()
+
+
+def prefill_flops(config: ModelConfig, n: int, model) -> float:
+    linear = sum(
+        p.numel() for name, p in model.named_parameters() if name.endswith("proj.weight")
+    )  # q/k/v/o and the MLP: every token goes through them
+    attn = config.num_layers * 2 * n * n * config.num_heads * config.head_dim  # QK^T and PV, causal half each
+    return 2 * n * linear + attn + 2 * config.hidden_size * config.vocab_size  # + the last token's logits
+
+
+def prefill_bench(model, config: ModelConfig, spec, rate: float, lengths, block_size: int) -> None:
+    for n in lengths:
+        blocks = -(-n // block_size)
+        geometry = PoolGeometry(config.num_layers, blocks, block_size, config.num_kv_heads, config.head_dim)
+        pool = KVPool.allocate(geometry, spec, "cuda")
+        runner = ModelRunner(model, pool)
+        ids = torch.randint(0, config.vocab_size, (n,)).tolist()
+        chunk = [SeqChunk(tuple(ids), 0, tuple(torch.randperm(blocks).tolist()))]
+        ms = time_ms(lambda r=runner, c=chunk: r.forward(c), warmup=3, iters=10)
+        floor_ms = prefill_flops(config, n, model) / rate * 1e3
+        name = f"prefill_{n // 1024}k" if n >= 1024 else f"prefill_{n}"
+        record(
+            name,
+            ms,
+            "ms",
+            floor_ms,
+            floor_ms / ms,
+            COMMAND,
+            tflops=round(prefill_flops(config, n, model) / ms / 1e9, 1),
+        )
+        pool = runner = None
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kv-dtype", default="int8")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--decode", action="store_true")
+    parser.add_argument("--prefill", action="store_true")
+    parser.add_argument("--batches", default="1,8,32,64,128")
+    parser.add_argument("--contexts", default="1024,8192")
+    parser.add_argument("--lengths", default="512,2048,8192")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("model_bench needs a GPU")
+    bw, rate = copy_bandwidth(), matmul_rate()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    record("copy_bandwidth", bw / 1e9, "GB/s", bw / 1e9, 1.0, COMMAND)
+    record("matmul_rate_bf16", rate / 1e12, "TFLOP/s", rate / 1e12, 1.0, COMMAND)
+    model = load_model(args.model, torch.bfloat16, "cuda")
+    config = model.config
+    spec = parse_kv_dtype(args.kv_dtype, torch.bfloat16)
+    with torch.cuda.stream(torch.cuda.Stream()):
+        if args.decode:
+            batches = [int(b) for b in args.batches.split(",")]
+            contexts = [int(c) for c in args.contexts.split(",")]
+            decode_bench(model, config, spec, bw, batches, contexts, args.block_size)
+        if args.prefill:
+            prefill_bench(model, config, spec, rate, [int(n) for n in args.lengths.split(",")], args.block_size)
+    write_benchmarks_md()
+
+
+if __name__ == "__main__":
+    main()
