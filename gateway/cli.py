@@ -9,11 +9,8 @@ import argparse
 import os
 import sys
 
+from gateway.errors import UsageError
 from services.model.config import DTYPES
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

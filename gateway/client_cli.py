@@ -9,8 +9,8 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from gateway.cli import UsageError
 from gateway.client import Client
+from gateway.errors import UsageError
 from kvrelay.v1 import common_pb2
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from urllib.parse import urlparse
 
-from gateway.cli import UsageError
+from gateway.errors import UsageError
 from kvstore.sharing import shm_path
 
 REDIS_HINT = "no Redis answers at {url}: install it (apt-get install redis-server) or pass --redis-url/REDIS_URL"
@@ -207,5 +207,6 @@ def up_command(args: argparse.Namespace) -> int:
         print(f"kvrelay up: {exc}", file=sys.stderr)
         return 1
     finally:
-        print("kvrelay: stopping...", file=sys.stderr)
+        if launcher.children:
+            print("kvrelay: stopping...", file=sys.stderr)
         launcher.stop()

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gateway.cli import UsageError
+from gateway.errors import UsageError
 from gateway.tokenizer import Tokenizer
 from kvstore.allocator import OutOfBlocks
 from services.model.config import ModelConfigError

@@ -129,7 +129,8 @@ def test_blocks_come_back_after_completed_cancelled_and_rejected(deployment):
 
 def test_deadline_exceeded_frees_blocks(deployment):
     with Client(deployment.address) as client, pytest.raises(grpc.RpcError) as err:
-        client.complete(**chat("Write a long story about a lighthouse."), ignore_eos=True, timeout=1.5)
+        long = chat("Write a long story about a lighthouse.") | {"max_tokens": 1000}
+        client.complete(**long, ignore_eos=True, timeout=1.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     report, stats = deployment.audit()
     assert report.ok and stats.used == 0, report.message
@@ -203,3 +204,13 @@ def test_cli_generate_streams(deployment):
     ).stdout
     record = json.loads(out)
     assert "Paris" in record["text"]
+
+
+def test_logprobs_stream_with_tokens(deployment):
+    with Client(deployment.address) as client:
+        out = client.complete(**chat(QUESTIONS[0]), logprobs=2)
+    assert [lp.token_id for lp in out.logprobs] == list(out.token_ids)
+    for lp in out.logprobs:
+        assert lp.logprob <= 0 and len(lp.top) == 2
+        assert lp.top[0].logprob >= lp.top[1].logprob
+        assert lp.top[0].token_id == lp.token_id  # greedy: the chosen token is the most likely one

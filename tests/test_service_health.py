@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -83,6 +84,51 @@ def test_every_process_serves_and_lists_its_services():
             status, services = asyncio.run(probe(address, service))
             assert status == "SERVING", (address, service)
             assert service in services
+    finally:
+        assert d.stop() == 0
+    assert d.leftovers() == []
+
+
+def kvrelay_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith("KVRELAY_")}
+
+
+def test_up_without_redis_says_how_to_get_it(tmp_path):
+    # No Redis at the URL and no redis-server on PATH: one line that says what to do, exit code 2.
+    port = free_port_run(1)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "up", "--redis-url", f"redis://127.0.0.1:{port}/0", "--name", "kvnone"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(tmp_path), "HOME": os.environ.get("HOME", "/root"), **kvrelay_env()},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "redis-server" in lines[0] and "REDIS_URL" in lines[0]
+
+
+def test_private_redis_and_two_decode_replicas():
+    # Nothing answers at the URL, redis-server is on PATH: the launcher starts a private one. Two decode replicas
+    # share the streams.
+    dead = free_port_run(1)
+    d = Deployment("--num-blocks", "64", "--redis-url", f"redis://127.0.0.1:{dead}/0", decode_replicas=2)
+    try:
+        assert "started a private redis-server" in d.log.read_text()
+
+        async def run():
+            from gateway.client import AsyncClient
+
+            async with AsyncClient(d.address) as client:
+                outs = await asyncio.gather(
+                    *(client.complete(prompt=f"Number {i}:", max_tokens=6, temperature=0.0) for i in range(6))
+                )
+                return outs, await client.status()
+
+        outs, status = asyncio.run(run())
+        assert all(o.finish.completion_tokens == 6 for o in outs)
+        assert sorted(w.role for w in status.workers) == ["decode", "decode", "prefill"]
+        assert status.blocks_used == 0
     finally:
         assert d.stop() == 0
     assert d.leftovers() == []

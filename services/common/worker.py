@@ -46,6 +46,20 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+class OwnStream:
+    """Each worker does its GPU work on its own stream (so prefill and decode processes overlap under MPS / on AMD
+    hardware queues); a no-op on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(self, fn, *args):
+        if self.stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self.stream):
+            return fn(*args)
+
+
 class Worker:
     """Attach to the kvstore, register in Redis, heartbeat, renew leases of owned sessions, reclaim dead ones."""
 
@@ -61,6 +75,9 @@ class Worker:
 
     def load(self) -> dict:
         return {}
+
+    def prepare(self) -> None:
+        """Runs once on the worker's stream after attaching (decode captures its graphs here)."""
 
     async def heartbeat_loop(self) -> None:
         while not self.stopping.is_set():
@@ -89,6 +106,8 @@ class Worker:
             layout = await fetch_layout(self.args.kvstore)
             t0 = time.perf_counter()
             self.attached = await asyncio.to_thread(attach, layout, self.args.max_model_len)
+            self.gpu = OwnStream(self.attached.runner.device)
+            await asyncio.to_thread(self.gpu.run, self.prepare)
             log.info("%s attached to %s in %.2fs", self.worker_id, layout.model_dir, time.perf_counter() - t0)
             self.store = await SessionStore.connect(self.args.redis_url, self.args.name)
             await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, {})

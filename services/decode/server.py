@@ -154,11 +154,16 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
                     await self._retire(seq)
             await asyncio.sleep(0)  # let new streams join and cancellations land between steps
 
-    async def _step(self, batch: list[RunningSeq]) -> None:
-        runner = self.attached.runner
+    def prepare(self) -> None:
+        self.attached.runner.enable_cuda_graphs(self.args.max_decode_batch, self.attached.max_model_len)
+
+    def _compute(self, batch: list[RunningSeq]):
         chunks = [SeqChunk((s.history[-1],), s.num_cached, tuple(s.block_table)) for s in batch]
-        logits = await asyncio.to_thread(runner.forward, chunks)
-        out = self.sampler(logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch])
+        logits = self.attached.runner.forward(chunks)
+        return self.sampler(logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch])
+
+    async def _step(self, batch: list[RunningSeq]) -> None:
+        out = await asyncio.to_thread(self.gpu.run, self._compute, batch)
         eos = self.attached.config.eos_token_ids
         limit = self.attached.max_model_len
         for row, seq in enumerate(batch):
@@ -193,7 +198,11 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
 
 
 def main() -> None:
-    main_for(DecodeWorker, "kvrelay decode worker", 50072)
+    main_for(DecodeWorker, "kvrelay decode worker", 50072, extra_args=add_decode_args)
+
+
+def add_decode_args(parser) -> None:
+    parser.add_argument("--max-decode-batch", type=int, default=128, help="largest batch captured in a CUDA graph")
 
 
 if __name__ == "__main__":

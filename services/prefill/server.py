@@ -140,6 +140,21 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 self.wakeup.set()
                 await asyncio.sleep(0 if self.ready else 0.05)  # waiting only for blocks: poll gently
 
+    def _compute(self, chunks: list[SeqChunk], done: list[int], jobs: list[PrefillJob]):
+        """Forward pass, first tokens of the prompts that completed, and a stream sync (on the worker's stream)."""
+        runner = self.attached.runner
+        logits = runner.forward(chunks)
+        out = None
+        if done:
+            out = self.sampler(
+                logits[done],
+                [j.params for j in jobs],
+                [make_generator(j.params.seed, logits.device) for j in jobs],
+                [j.token_ids for j in jobs],
+            )
+        sync_device(runner.device)  # K/V complete and visible before anyone hears of them
+        return out
+
     async def _step(self, budget: int) -> None:
         await self._admit()
         await self._drop_cancelled()
@@ -156,19 +171,11 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             job.started = job.started or time.perf_counter()
             job.progress = end
             used += take
-        runner = self.attached.runner
-        logits = await asyncio.to_thread(runner.forward, chunks)
         done = [i for i, job in enumerate(batch) if job.progress == len(job.token_ids)]
+        jobs = [batch[i] for i in done]
+        out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, jobs)
         if not done:
             return
-        jobs = [batch[i] for i in done]
-        out = self.sampler(
-            logits[done],
-            [j.params for j in jobs],
-            [make_generator(j.params.seed, logits.device) for j in jobs],
-            [j.token_ids for j in jobs],
-        )
-        sync_device(runner.device)  # K/V complete and visible before anyone hears of them
         eos = self.attached.config.eos_token_ids
         for row, job in enumerate(jobs):
             self.ready.remove(job)

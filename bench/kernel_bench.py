@@ -1,0 +1,72 @@
+"""Kernel benchmarks (Llama-3-8B attention shape: 32 query heads, 8 KV heads, head_dim 128).
+
+    python bench/kernel_bench.py
+
+paged decode attention: bytes of K/V (+ scales) read over the measured copy bandwidth; store_kv: bytes written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import copy_bandwidth, record, time_ms, write_benchmarks_md  # noqa: E402
+from bench.model_bench import fill_random  # noqa: E402
+from kernels import ops  # noqa: E402
+from kvstore.formats import parse_kv_dtype  # noqa: E402
+from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
+
+COMMAND = "python bench/kernel_bench.py"
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+
+
+def decode_attention(bw: float, bs: int, ctx: int, kv: str) -> None:
+    spec = parse_kv_dtype(kv, torch.bfloat16)
+    blocks_per_seq = ctx // BLOCK
+    geometry = PoolGeometry(1, bs * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM)
+    pool = KVPool.allocate(geometry, spec, "cuda")
+    fill_random(pool)
+    layer = pool.layer(0)
+    tables = torch.randperm(bs * blocks_per_seq, device="cuda").view(bs, blocks_per_seq).int()
+    lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(bs, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    ms = time_ms(lambda: ops.paged_decode_attention(q, layer, tables, lens, HEAD_DIM**-0.5, ctx), iters=100)
+    per_token = 2 * KV_HEADS * (HEAD_DIM * layer.k_cache.element_size() + (4 if layer.k_scale is not None else 0))
+    nbytes = bs * ctx * per_token + 2 * q.numel() * q.element_size()
+    floor_ms = nbytes / bw * 1e3
+    name = f"attn_decode_bs{bs}_ctx{ctx // 1024}k" + ("" if kv == "int8" else f"_{kv}")
+    record(name, nbytes / ms / 1e6, "GB/s", bw / 1e9, floor_ms / ms, COMMAND, time_ms=round(ms, 4), kv_dtype=kv)
+
+
+def store_kv(bw: float, num_tokens: int, kv: str) -> None:
+    spec = parse_kv_dtype(kv, torch.bfloat16)
+    geometry = PoolGeometry(1, num_tokens // BLOCK, BLOCK, KV_HEADS, HEAD_DIM)
+    pool = KVPool.allocate(geometry, spec, "cuda")
+    layer = pool.layer(0)
+    k = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    slots = torch.randperm(num_tokens, device="cuda")
+    ms = time_ms(lambda: ops.store_kv(k, v, layer, slots), iters=50)
+    written = num_tokens * 2 * KV_HEADS * (HEAD_DIM * layer.k_cache.element_size() + 4)
+    nbytes = written + 2 * k.numel() * k.element_size()
+    record(f"store_kv_{num_tokens}_{kv}", nbytes / ms / 1e6, "GB/s", bw / 1e9, nbytes / bw * 1e3 / ms, COMMAND)
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("kernel_bench needs a GPU")
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    for bs, ctx in ((32, 4096), (1, 8192), (8, 8192), (64, 1024), (128, 1024)):
+        decode_attention(bw, bs, ctx, "int8")
+    decode_attention(bw, 32, 4096, "bf16")
+    store_kv(bw, 8192, "int8")
+    write_benchmarks_md()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Latency seen by a gRPC client of a real deployment (`kvrelay up`): inter-token latency, time to first token, and
+the hand-off's added latency (prefill reply -> decode's first token, minus one decode step).
+
+    python bench/serve_latency.py --model DIR [--kv-dtype int8] [--max-model-len 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import copy_bandwidth, record, write_benchmarks_md  # noqa: E402
+from bench.model_bench import weight_bytes  # noqa: E402
+from gateway.client import AsyncClient  # noqa: E402
+from kvstore.formats import bytes_per_token, parse_kv_dtype  # noqa: E402
+from services.model.config import ModelConfig  # noqa: E402
+from services.model.llama import LlamaForCausalLM  # noqa: E402
+from tests.deployment import Deployment  # noqa: E402
+
+COMMAND = "python bench/serve_latency.py --model DIR"
+
+
+async def stream(client: AsyncClient, ids: list[int], max_tokens: int):
+    arrivals, finish = [], None
+    start = time.perf_counter()
+    async for chunk in client.generate(prompt_token_ids=ids, max_tokens=max_tokens, ignore_eos=True, temperature=0.0):
+        arrivals.append(time.perf_counter())
+        if chunk.HasField("finish"):
+            finish = chunk.finish
+    return start, arrivals, finish
+
+
+def floor_ms(model_dir: str, kv: str, ctx: int, bw: float) -> float:
+    config = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    spec = parse_kv_dtype(kv, torch.bfloat16)
+    per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
+    return (weight_bytes(model) + ctx * per_token) / bw * 1e3
+
+
+async def measure(address: str, vocab: int, ctx: int, n_tokens: int, n_handoff: int):
+    gen = torch.Generator().manual_seed(0)
+    async with AsyncClient(address) as client:
+        prompt = torch.randint(0, vocab, (ctx,), generator=gen).tolist()
+        await stream(client, prompt, 8)  # warm-up
+        start, arrivals, finish = await stream(client, prompt, n_tokens)
+        gaps = [(b - a) * 1e3 for a, b in zip(arrivals[1:], arrivals[2:], strict=False)]
+        itl = statistics.median(gaps)
+        ttft = (arrivals[0] - start) * 1e3
+        handoffs = []
+        for i in range(n_handoff):
+            p = torch.randint(0, vocab, (ctx,), generator=gen).tolist()
+            _, _, f = await stream(client, p, 4)
+            handoffs.append(f.timings.handoff_ms)
+        return itl, ttft, statistics.median(handoffs), finish
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kv-dtype", default="int8")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--ctx", type=int, default=1024)
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    torch.cuda.empty_cache()
+    d = Deployment("--model", args.model, "--kv-dtype", args.kv_dtype, "--max-model-len", str(args.max_model_len),
+                   "--kv-cache-mb", "16384", "--max-batch-tokens", "8192")
+    try:
+        vocab = ModelConfig.from_dir(args.model).vocab_size
+        itl, ttft, handoff, finish = asyncio.run(measure(d.address, vocab, args.ctx, 128, 20))
+    finally:
+        d.stop()
+    floor = floor_ms(args.model, args.kv_dtype, args.ctx + 64, bw)
+    record("client_itl_bs1_ctx1k", itl, "ms", floor, floor / itl, COMMAND)
+    record("client_ttft_ctx1k", ttft, "ms", 0.0, 0.0, COMMAND, note="no floor: TTFT includes prefill and gRPC")
+    added = max(handoff - itl, 1e-3)  # the first decode message costs one decode step anyway
+    record("handoff_p50", added, "ms", 2.0, 2.0 / added, COMMAND, handoff_ms_raw=round(handoff, 3))
+    print(f"last request: {finish.completion_tokens} tokens, timings {finish.timings}")
+    write_benchmarks_md()
+
+
+if __name__ == "__main__":
+    main()
