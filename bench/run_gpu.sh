@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU benchmark and test suite in stages, for a machine with the devkit (Redis, gguf) set up:
+#   source .devkit/setup.sh && bash bench/run_gpu.sh ckpt tests kernels model serve
+# Results land in bench/results/ (and $OUT when set). The 8B-shape random checkpoint goes to $CKPT (.ckpt/llama3-8b).
+set -uo pipefail
+export CKPT=${CKPT:-$PWD/.ckpt/llama3-8b}
+export KVRELAY_8B_CHECKPOINT=$CKPT
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+log() { echo "=== $(date +%T) $*"; }
+for stage in "$@"; do
+  case $stage in
+    ckpt)
+      log "checkpoint"
+      [ -f "$CKPT/config.json" ] || python -m gateway.cli make-checkpoint --preset llama3-8b --out "$CKPT" --device cuda ;;
+    tests)
+      log "GPU tests"
+      python -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -40 ;;
+    kernels)
+      log "kernel benchmarks"
+      python bench/kernel_bench.py ;;
+    model)
+      log "model benchmarks"
+      python bench/model_bench.py --model "$CKPT" --kv-dtype int8 --decode --prefill ;;
+    serve)
+      log "client latency"
+      python bench/serve_latency.py --model "$CKPT" --kv-dtype int8 ;;
+  esac
+done
+if [ -n "${OUT:-}" ]; then cp bench/results/*.json BENCHMARKS.md "$OUT"/ 2>/dev/null; fi
+log "done"
