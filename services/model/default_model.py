@@ -23,6 +23,9 @@ def cache_dir() -> Path:
 
 
 def default_gguf_path() -> Path:
+    """KVRELAY_DEFAULT_GGUF overrides (machines without a package registry carry the file themselves)."""
+    if os.environ.get("KVRELAY_DEFAULT_GGUF"):
+        return Path(os.environ["KVRELAY_DEFAULT_GGUF"])
     try:
         files = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE).files or []
     except importlib.metadata.PackageNotFoundError as exc:
