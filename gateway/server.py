@@ -50,7 +50,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def configure(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         config: ModelConfig,
         model_name: str,
         layout,
@@ -66,7 +66,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.max_model_len = max_model_len
         # End-of-generation ids the tokenizer knows beyond config.json's (e.g. <|endoftext|>), sent as stop ids so
         # the workers stop where `kvrelay run` stops.
-        self.extra_eos = tuple(sorted(set(tokenizer.eos_token_ids) - set(config.eos_token_ids)))
+        known = tokenizer.eos_token_ids if tokenizer is not None else ()
+        self.extra_eos = tuple(sorted(set(known) - set(config.eos_token_ids)))
         self.ready = True
 
     async def _check_ready(self, context) -> None:
@@ -99,7 +100,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             max_model_len=self.max_model_len,
             vocab_size=c.vocab_size,
             num_layers=c.num_layers,
-            eos_token_ids=list(self.tokenizer.eos_token_ids),
+            eos_token_ids=list(self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids),
         )
 
     async def GetStatus(self, request, context):  # noqa: N802
@@ -153,7 +154,12 @@ class _Stream:
     ) -> None:
         self.gw, self.valid, self.params = gw, valid, params
         self.session_id, self.request_id, self.start = session_id, request_id, start
-        self.detok = IncrementalDetokenizer(gw.tokenizer, valid.prompt_token_ids, skip_special_tokens=True)
+        # A checkpoint without a tokenizer (random-weight benchmarks) streams token ids only.
+        self.detok = (
+            IncrementalDetokenizer(gw.tokenizer, valid.prompt_token_ids, skip_special_tokens=True)
+            if gw.tokenizer is not None
+            else None
+        )
         self.stops = StopMatcher(valid.stop)
         self.decode_call = None
         self.finished = False
@@ -181,11 +187,11 @@ class _Stream:
             router.release(worker)
 
     def _chunk(self, token_ids: list[int], logprobs) -> gateway_pb2.GenerateResponse:
-        text = self.stops.feed(self.detok.add(token_ids))
+        text = self.stops.feed(self.detok.add(token_ids)) if self.detok else ""
         return gateway_pb2.GenerateResponse(token_ids=token_ids, text=text, logprobs=logprobs)
 
     def _finish(self, message, reason: int, completion_tokens: int) -> gateway_pb2.GenerateResponse:
-        tail = self.stops.feed(self.detok.flush()) if self.stops.matched is None else ""
+        tail = self.stops.feed(self.detok.flush()) if self.detok and self.stops.matched is None else ""
         message.text += tail + self.stops.flush()
         if self.stops.matched is not None:
             reason = common_pb2.FINISH_REASON_STOP_STRING
@@ -279,7 +285,8 @@ async def serve(args) -> None:
         await wait_healthy(args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
         layout = await fetch_layout(args.kvstore)
         config = ModelConfig.from_dir(layout.model_dir)
-        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, layout.model_dir)
+        has_tokenizer = os.path.exists(os.path.join(layout.model_dir, "tokenizer.json"))
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, layout.model_dir) if has_tokenizer else None
         store = await SessionStore.connect(args.redis_url, args.name)
         stores.append(store)
         limit = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)

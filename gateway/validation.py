@@ -36,7 +36,7 @@ class ValidRequest:
 
 
 def validate(
-    req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer, model_name: str, max_model_len: int, vocab_size: int
+    req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer | None, model_name: str, max_model_len: int, vocab_size: int
 ) -> ValidRequest:
     if req.model and req.model != model_name:
         raise InvalidRequest(grpc.StatusCode.NOT_FOUND, f"unknown model {req.model!r}; this server runs {model_name!r}")
@@ -55,6 +55,8 @@ def validate(
         raise bad(f"set exactly one of prompt, messages or prompt_token_ids (got {', '.join(given)})")
     if len(req.request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise bad(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")
+    if tokenizer is None and not req.prompt_token_ids:
+        raise bad("this model has no tokenizer: send prompt_token_ids")
     if req.prompt:
         ids = tokenizer.encode(req.prompt)
     elif req.messages:
