@@ -54,6 +54,19 @@ def time_ms(fn, warmup: int = 5, iters: int = 30) -> float:
     return statistics.median(times)
 
 
+def graph_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median ms of fn() replayed from a CUDA graph of `iters` back-to-back calls, divided by iters: the kernels'
+    own time, without Python launch overhead (which a decode step pays once per graph, not per kernel)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return time_ms(graph.replay, warmup=2, iters=10) / iters
+
+
 def copy_bandwidth() -> float:
     """Bytes/s of a device-to-device copy (read + write counted) of a 2 GiB random buffer: the decode floor's rate."""
     n = 2**31

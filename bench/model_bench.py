@@ -49,12 +49,13 @@ def weight_bytes(model) -> int:
 
 def decode_bench(model, config: ModelConfig, spec, bw: float, batches, contexts, block_size: int) -> None:
     per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
-    free = torch.cuda.mem_get_info()[0]
     wbytes = weight_bytes(model)
     for ctx in contexts:
         for bs in batches:
             blocks_per_seq = -(-(ctx + 1) // block_size)
             need = bs * blocks_per_seq
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info()[0]
             if need * block_size * per_token > 0.8 * free:
                 gib = need * block_size * per_token / 2**30
                 print(f"decode bs{bs} ctx{ctx}: {gib:.1f} GiB of KV does not fit, skipped")
@@ -157,12 +158,12 @@ def main() -> None:
     config = model.config
     spec = parse_kv_dtype(args.kv_dtype, torch.bfloat16)
     with torch.cuda.stream(torch.cuda.Stream()):
+        if args.prefill:
+            prefill_bench(model, config, spec, rate, [int(n) for n in args.lengths.split(",")], args.block_size)
         if args.decode:
             batches = [int(b) for b in args.batches.split(",")]
             contexts = [int(c) for c in args.contexts.split(",")]
             decode_bench(model, config, spec, bw, batches, contexts, args.block_size)
-        if args.prefill:
-            prefill_bench(model, config, spec, rate, [int(n) for n in args.lengths.split(",")], args.block_size)
     write_benchmarks_md()
 
 

@@ -57,7 +57,7 @@ async def measure(address: str, vocab: int, ctx: int, n_tokens: int, n_handoff: 
         itl = statistics.median(gaps)
         ttft = (arrivals[0] - start) * 1e3
         handoffs = []
-        for i in range(n_handoff):
+        for _ in range(n_handoff):
             p = torch.randint(0, vocab, (ctx,), generator=gen).tolist()
             _, _, f = await stream(client, p, 4)
             handoffs.append(f.timings.handoff_ms)
@@ -73,8 +73,18 @@ def main() -> None:
     args = parser.parse_args()
     bw = copy_bandwidth()
     torch.cuda.empty_cache()
-    d = Deployment("--model", args.model, "--kv-dtype", args.kv_dtype, "--max-model-len", str(args.max_model_len),
-                   "--kv-cache-mb", "16384", "--max-batch-tokens", "8192")
+    d = Deployment(
+        "--model",
+        args.model,
+        "--kv-dtype",
+        args.kv_dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+        "--kv-cache-mb",
+        "16384",
+        "--max-batch-tokens",
+        "8192",
+    )
     try:
         vocab = ModelConfig.from_dir(args.model).vocab_size
         itl, ttft, handoff, finish = asyncio.run(measure(d.address, vocab, args.ctx, 128, 20))

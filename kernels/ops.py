@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels import activation, decode_attention, norm, prefill_attention, rotary as rotary_ref_mod, store_kv as sk
+from kernels import activation, decode_attention, norm, prefill_attention
+from kernels import rotary as rotary_ref_mod
+from kernels import store_kv as sk
 
 try:  # triton is a GPU dependency; a CPU install may not have it
     import triton  # noqa: F401

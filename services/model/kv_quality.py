@@ -25,7 +25,7 @@ class KVQuality:
 
 def perplexity(logits: torch.Tensor, token_ids: list[int]) -> float:
     # logits [n, vocab] predict token_ids[1:]
-    targets = torch.tensor(token_ids[1:])
+    targets = torch.tensor(token_ids[1:], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits[:-1].float(), targets, reduction="mean")
     return math.exp(nll.item())
 

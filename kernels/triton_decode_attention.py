@@ -1,0 +1,405 @@
+"""paged_decode_attention, Triton: split-K flash decoding over the paged, quantized KV pool, GQA heads packed.
+
+Same function as `paged_decode_attention_ref` (kernels/decode_attention.py). Two kernels:
+
+1. `_decode_split_kernel`, grid (num_seqs, num_kv_heads, num_splits). A program takes one sequence, one KV head and
+   one contiguous share of that sequence's context. It handles all the query heads that read this KV head at once
+   (GQA packing): a [GROUP_PAD, head_dim] tile of queries against [BLOCK_N, head_dim] tiles of K with `tl.dot`, so
+   the matrix units do the work and each K/V byte is read once per KV head, not once per query head. Online softmax in
+   float32; it writes its unnormalized partial output, running max and sum to a workspace.
+2. `_decode_reduce_kernel`, grid (num_seqs, num_heads), combines the splits. With one split the first kernel writes
+   the output directly and this one is not launched.
+
+Quantized K/V are dequantized exactly and cheaply: the int8/fp8 values convert exactly to the dot's 16-bit input type,
+and the per token-head scales are applied to the [GROUP_PAD, BLOCK_N] scores (K) and folded into the probabilities
+(V) instead of to the [BLOCK_N, head_dim] tiles: q . (k * s) = (q . k) * s, and sum_n p_n (v_n * s_n) =
+sum_n (p_n * s_n) v_n.
+
+CUDA graphs: the grid and the split count depend only on shapes and on the optional `max_context_len` hint, never on
+the values in context_lens; each program finds its share of its sequence on the device. Splits past the end of a
+sequence write an empty partial (max -inf, sum 0) that the reduce skips. No host synchronization anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kvstore.formats import KVFormat
+from kvstore.pool import LayerKV
+
+# Split heuristic (see `decode_num_splits`). Programs wanted per SM/CU: enough resident programs for the loads in
+# flight to saturate HBM; each split adds a [group, head_dim] float32 partial, negligible next to its K/V bytes.
+# On an H200 (Triton 3.6, 32/8 heads, head_dim 128, 4k context, bf16 and int8) the count this gives was within ~10% of
+# the best forced count from batch 1 to 128, and 1.3-1.8x faster than one split at batch 12.
+PROGRAMS_PER_SM = 4
+# A split reads at least this many tokens, so that its fixed cost (q load, partial write, reduce) stays small.
+MIN_TOKENS_PER_SPLIT = 256
+# Upper bound of the split count (the reduce kernel holds all splits of one head in one tile).
+MAX_SPLITS = 64
+# SM count assumed when not on a GPU (the interpreter): an H100's.
+DEFAULT_NUM_SMS = 132
+
+# Tokens per K/V tile: a multiple of the block size (a tile covers whole blocks), at least 16 for tl.dot. 128 against
+# 64 (4 warps, H200): int8/fp8 KV 23-29% faster at batch 256 x 4k, bf16 the same; 256 spills registers.
+TILE_TOKENS = 128
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _to_dot(x, DOT_DTYPE: tl.constexpr):
+    """A loaded K/V tile [BLOCK_N, HEAD_DIM_PAD] as the dot's input dtype; exact for int8 and e4m3.
+
+    int8 -> fp16 without an integer-to-float conversion: x + 128 in 0..255 placed in the mantissa of 1024.0 (bits
+    0x6400) is the fp16 1024 + x + 128 exactly; subtracting 1152 leaves x. (7% faster than the cast at batch 256, H200.)
+    """
+    if x.dtype == tl.int8 and DOT_DTYPE == tl.float16:
+        biased = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
+        return (biased | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return x.to(DOT_DTYPE)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [num_seqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    k_scale_ptr,  # [num_blocks, block_size, num_kv_heads] float32 (any tensor if K is unscaled)
+    v_scale_ptr,
+    block_tables_ptr,  # [num_seqs, max_blocks] int32
+    context_lens_ptr,  # [num_seqs] int32
+    out_ptr,  # [num_seqs, num_heads, head_dim]; written only when NUM_SPLITS_IS_ONE
+    ws_acc_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32: unnormalized partial outputs
+    ws_max_ptr,  # [num_seqs, num_heads, num_splits] float32: running max of the scores, log2 domain
+    ws_sum_ptr,  # [num_seqs, num_heads, num_splits] float32: sum of exp2(score - max)
+    qk_scale,  # softmax scale * log2(e)
+    num_heads,
+    num_splits,
+    stride_q_s,
+    stride_q_h,
+    stride_q_d,
+    stride_kc_b,
+    stride_kc_s,
+    stride_kc_h,
+    stride_kc_d,
+    stride_vc_b,
+    stride_vc_s,
+    stride_vc_h,
+    stride_vc_d,
+    stride_ks_b,
+    stride_ks_s,
+    stride_ks_h,
+    stride_vs_b,
+    stride_vs_s,
+    stride_vs_h,
+    stride_bt_s,
+    stride_o_s,
+    stride_o_h,
+    stride_o_d,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_SCALED: tl.constexpr,
+    V_SCALED: tl.constexpr,
+    K_DOT_DTYPE: tl.constexpr,
+    V_DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    NUM_SPLITS_IS_ONE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # This split's share [start, end) of the sequence: equal shares, each a whole number of tiles, so that tiles start
+    # on block boundaries. Computed here from the sequence's length, so the grid does not depend on it.
+    context_len = tl.load(context_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, context_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    # Query heads kv_head * GROUP .. + GROUP - 1 read this KV head (HF's repeat_kv order).
+    heads = kv_head * GROUP + offs_g
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+
+    # [GROUP_PAD, HEAD_DIM_PAD]; padded rows and columns are 0.
+    q = (
+        tl.load(
+            q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d,
+            mask=mask_gd,
+            other=0.0,
+        )
+        .to(tl.float32)
+        .to(K_DOT_DTYPE)
+    )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
+
+    # Loop-invariant parts of the addresses, hoisted. A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE
+    # whole blocks, so token n of a tile is at offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block.
+    block_of_token = offs_n // BLOCK_SIZE  # [BLOCK_N]
+    slot_in_block = offs_n % BLOCK_SIZE  # [BLOCK_N]
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
+    # [BLOCK_N, HEAD_DIM_PAD]
+    k_tile_ptrs = (
+        k_cache_ptr + kv_head * stride_kc_h + slot_in_block[:, None] * stride_kc_s + offs_d[None, :] * stride_kc_d
+    )
+    v_tile_ptrs = (
+        v_cache_ptr + kv_head * stride_vc_h + slot_in_block[:, None] * stride_vc_s + offs_d[None, :] * stride_vc_d
+    )
+    # [BLOCK_N]
+    k_scale_tile_ptrs = k_scale_ptr + kv_head * stride_ks_h + slot_in_block * stride_ks_s
+    v_scale_tile_ptrs = v_scale_ptr + kv_head * stride_vs_h + slot_in_block * stride_vs_s
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+
+    # Every tile holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
+    for tile_start in range(start, end, BLOCK_N):
+        mask_n = tile_start + offs_n < end
+        # [BLOCK_N] block id of each token (repeats within a block; the loads coalesce)
+        blocks = tl.load(table_ptr + tile_start // BLOCK_SIZE + block_of_token, mask=mask_n, other=0).to(tl.int64)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+
+        # [BLOCK_N, HEAD_DIM_PAD]
+        k = _to_dot(tl.load(k_tile_ptrs + blocks[:, None] * stride_kc_b, mask=mask_nd, other=0.0), K_DOT_DTYPE)
+        # [GROUP_PAD, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if K_SCALED:
+            k_scale = tl.load(k_scale_tile_ptrs + blocks * stride_ks_b, mask=mask_n, other=0.0)
+            scores = scores * k_scale[None, :]
+        scores = tl.where(mask_n[None, :], scores * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v = _to_dot(tl.load(v_tile_ptrs + blocks[:, None] * stride_vc_b, mask=mask_nd, other=0.0), V_DOT_DTYPE)
+        if V_SCALED:
+            v_scale = tl.load(v_scale_tile_ptrs + blocks * stride_vs_b, mask=mask_n, other=0.0)
+            p = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS_IS_ONE:
+        # An empty sequence (batch padding, context_len 0) has l_i = 0 and acc = 0: its output is 0, as the reference.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out_ptrs = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h + offs_d[None, :] * stride_o_d
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_gd)
+    else:
+        # An empty split stores acc 0, max -inf, sum 0 (the initial values): the reduce gives it weight 0.
+        row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
+        tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_gd)
+        tl.store(ws_max_ptr + row, m_i, mask=mask_g)
+        tl.store(ws_sum_ptr + row, l_i, mask=mask_g)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    ws_acc_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32
+    ws_max_ptr,  # [num_seqs, num_heads, num_splits] float32
+    ws_sum_ptr,  # [num_seqs, num_heads, num_splits] float32
+    num_heads,
+    num_splits,
+    stride_o_s,
+    stride_o_h,
+    stride_o_d,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    rows = (seq * num_heads + head) * num_splits + offs_s  # [SPLITS_PAD]
+
+    m = tl.load(ws_max_ptr + rows, mask=mask_s, other=float("-inf"))
+    l_split = tl.load(ws_sum_ptr + rows, mask=mask_s, other=0.0)
+    m_max = tl.max(m, axis=0)
+    # All splits empty (context_len 0): any finite reference point; every weight is then exp2(-inf) = 0.
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    weights = tl.exp2(m - m_ref)  # [SPLITS_PAD]; 0 for empty and padded splits
+    total = tl.sum(l_split * weights, axis=0)
+
+    # [SPLITS_PAD, HEAD_DIM_PAD]
+    acc = tl.load(ws_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
+                  other=0.0)  # fmt: skip
+    out = tl.sum(acc * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + offs_d * stride_o_d, out.to(out_ptr.dtype.element_ty),
+             mask=mask_d)  # fmt: skip
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        # SMs on NVIDIA, CUs on ROCm. Host-only query, cached: fine during graph capture.
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+    """How many splits of the context to use: from shapes and an upper bound of the context only (graph-safe).
+
+    Enough (sequence, kv head, split) programs to give every SM PROGRAMS_PER_SM of them, but no split shorter than
+    MIN_TOKENS_PER_SPLIT tokens of the longest possible context. Decreases smoothly with the batch (a large batch gets
+    1 split): no cliff where a long-context batch of a dozen sequences falls back to one program per (seq, kv head).
+    """
+    programs = max(num_seqs * num_kv_heads, 1)
+    by_occupancy = -(-PROGRAMS_PER_SM * num_sms // programs)
+    by_length = -(-max(max_context_len, 1) // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def _dot_dtypes(query: torch.dtype, layer: LayerKV) -> tuple[tl.dtype, tl.dtype, str | None]:
+    """The input dtypes of the two dots (q.K^T, p.V) and their input precision.
+
+    A float32 query or float32 KV (tests, the CPU): float32 with IEEE products, never tf32, to match the float32
+    reference. Otherwise an int8/fp8 side computes in fp16: int8 and e4m3 values are exact in fp16, int8 converts
+    with integer ops (`_to_dot`) and e4m3 with the hardware's conversion; q goes to fp16 too (exact unless
+    |q| > 65504) and the probabilities keep 3 more bits than in bf16. A 16-bit side computes in its storage dtype.
+    """
+    if query not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"query dtype {query} not supported (float32, float16, bfloat16)")
+    if query == torch.float32 or torch.float32 in (layer.k_cache.dtype, layer.v_cache.dtype):
+        return tl.float32, tl.float32, "ieee"
+
+    def side(fmt: KVFormat) -> tl.dtype:
+        if fmt.has_scale:
+            return tl.float16
+        return tl.bfloat16 if fmt is KVFormat.BF16 else tl.float16
+
+    return side(layer.k_format), side(layer.v_format), None
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    layer: LayerKV,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """Attention of each sequence's query over its first context_lens[b] cached tokens (which include the query's own
+    K/V, stored beforehand). Same contract as `paged_decode_attention_ref`.
+
+    query:           [num_seqs, num_heads, head_dim]; num_heads a multiple of num_kv_heads (query head h reads kv
+                     head h // (num_heads // num_kv_heads))
+    block_tables:    [num_seqs, max_blocks] int32
+    context_lens:    [num_seqs] int32, each <= max_blocks * block_size; 0 (batch padding) gives a zero output
+    num_splits:      force the split count (tests, tuning); default from `decode_num_splits`
+    max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
+                     count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
+    returns:         [num_seqs, num_heads, head_dim] in query's dtype
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = layer.num_kv_heads
+    block_size = layer.block_size
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim != layer.head_dim:
+        raise ValueError(f"query head_dim {head_dim} != pool head_dim {layer.head_dim}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"the Triton decode kernel needs a power-of-2 block_size, got {block_size}")
+    if block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)} / context_lens {tuple(context_lens.shape)} do not match "
+            f"num_seqs={num_seqs}"
+        )
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    if num_seqs == 0:
+        return out
+
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context_len, _num_sms(query.device))
+    num_splits = min(num_splits, MAX_SPLITS)
+
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    block_n = max(block_size, TILE_TOKENS if head_dim_pad <= 128 else TILE_TOKENS // 2)
+    k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
+
+    if num_splits == 1:
+        # Not read: the split kernel writes `out` directly.
+        ws_acc = ws_max = ws_sum = out
+    else:
+        ws_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        ws_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        ws_sum = torch.empty_like(ws_max)
+
+    k_scale = layer.k_scale if layer.k_scale is not None else layer.k_cache
+    v_scale = layer.v_scale if layer.v_scale is not None else layer.v_cache
+    k_scale_strides = layer.k_scale.stride() if layer.k_scale is not None else (0, 0, 0)
+    v_scale_strides = layer.v_scale.stride() if layer.v_scale is not None else (0, 0, 0)
+
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query,
+        layer.k_cache,
+        layer.v_cache,
+        k_scale,
+        v_scale,
+        block_tables,
+        context_lens,
+        out,
+        ws_acc,
+        ws_max,
+        ws_sum,
+        scale * _LOG2E,
+        num_heads,
+        num_splits,
+        *query.stride(),
+        *layer.k_cache.stride(),
+        *layer.v_cache.stride(),
+        *k_scale_strides,
+        *v_scale_strides,
+        block_tables.stride(0),
+        *out.stride(),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        K_SCALED=layer.k_format.has_scale,
+        V_SCALED=layer.v_format.has_scale,
+        K_DOT_DTYPE=k_dot_dtype,
+        V_DOT_DTYPE=v_dot_dtype,
+        INPUT_PRECISION=input_precision,
+        NUM_SPLITS_IS_ONE=num_splits == 1,
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out,
+            ws_acc,
+            ws_max,
+            ws_sum,
+            num_heads,
+            num_splits,
+            *out.stride(),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

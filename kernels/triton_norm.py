@@ -1,0 +1,116 @@
+"""RMSNorm and fused residual-add + RMSNorm, Triton. Same contract as kernels/norm.py's references.
+
+One program per row: the row is loaded once, reduced in float32, normalized, rounded to x's dtype, then multiplied by
+the weight and rounded again, in the reference's order. The one difference left is the order of the float32 sum of
+squares (a tree here), which can move a result by one ulp of x's dtype, rarely.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,  # [num_rows, hidden]
+    residual_ptr,  # [num_rows, hidden] (unused unless HAS_RESIDUAL)
+    weight_ptr,  # [hidden]
+    out_ptr,  # [num_rows, hidden] in x's dtype
+    new_residual_ptr,  # [num_rows, hidden] in x's dtype (unused unless HAS_RESIDUAL)
+    stride_x,
+    stride_residual,
+    stride_out,
+    stride_new_residual,
+    hidden,
+    eps,
+    BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0).to(tl.float32)
+        # Rounded to x's dtype before the norm reads it: the norm sees what the next layer adds to.
+        rounded = (x + residual).to(out_ptr.dtype.element_ty)
+        tl.store(new_residual_ptr + row * stride_new_residual + offs, rounded, mask=mask)
+        x = rounded.to(tl.float32)
+    # Correctly rounded mean, sqrt and reciprocal, as torch computes mean() and rsqrt() on the CPU.
+    mean_square = tl.math.div_rn(tl.sum(x * x, axis=0), hidden.to(tl.float32))
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean_square + eps))
+    normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # One float32 product of two values of at most 16-bit dtypes is exact, so rounding it once equals torch's
+    # multiply in the promoted dtype followed by .to(x.dtype).
+    tl.store(out_ptr + row * stride_out + offs, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_warps(block: int) -> int:
+    # Enough threads that each holds <= ~16 float32 of the row (no spills at hidden 16k).
+    return max(1, min(16, block // 512))
+
+
+def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """[..., hidden] -> [num_rows, hidden] with unit stride along hidden (a view when possible)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, hidden)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be [hidden={hidden}], got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+    x_rows = _as_rows(x, hidden)
+    num_rows = x_rows.shape[0]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out_rows = out.view(-1, hidden)
+    if residual is not None:
+        residual_rows = _as_rows(residual, hidden)
+        new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        new_residual_rows = new_residual.view(-1, hidden)
+    else:
+        # Stand-ins, never read or written.
+        residual_rows, new_residual, new_residual_rows = x_rows, None, out_rows
+    if num_rows > 0 and hidden > 0:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(num_rows,)](
+            x_rows,
+            residual_rows,
+            weight.contiguous(),
+            out_rows,
+            new_residual_rows,
+            x_rows.stride(0),
+            residual_rows.stride(0),
+            out_rows.stride(0),
+            new_residual_rows.stride(0),
+            hidden,
+            eps,
+            BLOCK=block,
+            HAS_RESIDUAL=residual is not None,
+            num_warps=_num_warps(block),
+        )
+    return out, new_residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., hidden], weight [hidden] -> [..., hidden] in x's dtype."""
+    out, _ = _launch(x, None, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = x + residual (added in float32, rounded to x's dtype); normed = rms_norm(new_residual).
+
+    x, residual: [..., hidden]; returns (normed, new_residual), both new tensors [..., hidden] in x's dtype.
+    """
+    out, new_residual = _launch(x, residual, weight, eps)
+    assert new_residual is not None
+    return out, new_residual
