@@ -47,62 +47,54 @@ def weight_bytes(model) -> int:
     ) + (model.lm_head.weight.numel() * model.lm_head.weight.element_size() if model.config.tie_word_embeddings else 0)
 
 
-def decode_bench(model, config: ModelConfig, spec, bw: float, batches, contexts, block_size: int) -> None:
+def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, block_size: int) -> None:
+    """One (batch, context) point; a function so that its pool is freed when it returns."""
     per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
-    wbytes = weight_bytes(model)
+    blocks_per_seq = -(-(ctx + 1) // block_size)
+    need = bs * blocks_per_seq
+    torch.cuda.empty_cache()
+    if need * block_size * per_token > 0.9 * torch.cuda.mem_get_info()[0]:
+        gib = need * block_size * per_token / 2**30
+        print(f"decode bs{bs} ctx{ctx}: {gib:.1f} GiB of KV does not fit next to the weights, skipped")
+        return
+    geometry = PoolGeometry(config.num_layers, need, block_size, config.num_kv_heads, config.head_dim)
+    pool = KVPool.allocate(geometry, spec, "cuda")
+    fill_random(pool)
+    runner = ModelRunner(model, pool)
+    runner.enable_cuda_graphs(bs, ctx + 1)
+    perm = torch.randperm(need).tolist()
+    chunks = [SeqChunk((7,), ctx, tuple(perm[i * blocks_per_seq : (i + 1) * blocks_per_seq])) for i in range(bs)]
+    slots = [c.block_table[ctx // block_size] * block_size + ctx % block_size for c in chunks]
+    ids, positions, slots = (t.cuda() for t in (torch.full((bs,), 7), torch.full((bs,), ctx), torch.tensor(slots)))
+    tables = torch.tensor([list(c.block_table) for c in chunks], dtype=torch.int32, device="cuda")
+    lens = torch.full((bs,), ctx + 1, dtype=torch.int32, device="cuda")
+    g = runner.graphs
+    gpu_ms = time_ms(lambda: g.replay(ids, positions, slots, tables, lens).argmax(-1), iters=50)
+    wall = []
+    for _ in range(30):  # host prep + replay + greedy + sync, as the decode worker's step does it
+        t = time.perf_counter()
+        runner.forward(chunks).argmax(-1).tolist()
+        wall.append((time.perf_counter() - t) * 1e3)
+    wall_ms = sorted(wall)[len(wall) // 2]
+    floor_ms = (weight_bytes(model) + bs * (ctx + 1) * per_token) / bw * 1e3
+    name = f"decode_bs{bs}_ctx{ctx // 1024}k"
+    record(
+        name,
+        bs / gpu_ms * 1e3,
+        "tok/s",
+        bs / floor_ms * 1e3,
+        floor_ms / gpu_ms,
+        COMMAND,
+        step_ms=round(gpu_ms, 4),
+        floor_ms=round(floor_ms, 4),
+        wall_step_ms=round(wall_ms, 4),
+    )
+
+
+def decode_bench(model, config: ModelConfig, spec, bw: float, batches, contexts, block_size: int) -> None:
     for ctx in contexts:
         for bs in batches:
-            blocks_per_seq = -(-(ctx + 1) // block_size)
-            need = bs * blocks_per_seq
-            torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info()[0]
-            if need * block_size * per_token > 0.8 * free:
-                gib = need * block_size * per_token / 2**30
-                print(f"decode bs{bs} ctx{ctx}: {gib:.1f} GiB of KV does not fit, skipped")
-                continue
-            geometry = PoolGeometry(config.num_layers, need, block_size, config.num_kv_heads, config.head_dim)
-            pool = KVPool.allocate(geometry, spec, "cuda")
-            fill_random(pool)
-            runner = ModelRunner(model, pool)
-            runner.enable_cuda_graphs(bs, ctx + 1)
-            perm = torch.randperm(need).tolist()
-            chunks = [
-                SeqChunk((7,), ctx, tuple(perm[i * blocks_per_seq : (i + 1) * blocks_per_seq])) for i in range(bs)
-            ]
-            g = runner.graphs
-            slots = [c.block_table[ctx // block_size] * block_size + ctx % block_size for c in chunks]
-            args = [torch.full((bs,), 7), torch.full((bs,), ctx), torch.tensor(slots)]
-            args = [t.cuda() for t in args]
-            tables = torch.tensor([list(c.block_table) for c in chunks], dtype=torch.int32, device="cuda")
-            lens = torch.full((bs,), ctx + 1, dtype=torch.int32, device="cuda")
-            gpu_ms = time_ms(
-                lambda g=g, a=args, t=tables, n=lens: g.replay(a[0], a[1], a[2], t, n).argmax(-1), iters=50
-            )
-
-            def full_step(runner=runner, chunks=chunks):
-                return runner.forward(chunks).argmax(-1).tolist()  # host prep + replay + greedy + sync, as the worker
-
-            wall = []
-            for _ in range(30):
-                t = time.perf_counter()
-                full_step()
-                wall.append((time.perf_counter() - t) * 1e3)
-            wall_ms = sorted(wall)[len(wall) // 2]
-            floor_ms = (wbytes + bs * (ctx + 1) * per_token) / bw * 1e3
-            name = f"decode_bs{bs}_ctx{ctx // 1024}k"
-            record(
-                name,
-                bs / gpu_ms * 1e3,
-                "tok/s",
-                bs / floor_ms * 1e3,
-                floor_ms / gpu_ms,
-                COMMAND,
-                step_ms=round(gpu_ms, 4),
-                floor_ms=round(floor_ms, 4),
-                wall_step_ms=round(wall_ms, 4),
-            )
-            pool = runner = g = None  # free the pool before the next size
-            torch.cuda.empty_cache()
+            decode_one(model, config, spec, bw, bs, ctx, block_size)
 
 
 def prefill_flops(config: ModelConfig, n: int, model) -> float:

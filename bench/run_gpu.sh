@@ -6,6 +6,10 @@ set -uo pipefail
 export CKPT=${CKPT:-$PWD/.ckpt/llama3-8b}
 export KVRELAY_8B_CHECKPOINT=$CKPT
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The GPU image lacks grpcio-health-checking and grpcio-reflection: carry their wheels in .gpukit (pip download).
+if [ -d .gpukit ] && ! python -c "import grpc_health" 2>/dev/null; then
+  python -m pip install -q --no-index --no-deps --target /tmp/gpukit-site .gpukit/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/gpukit-site
+fi
 log() { echo "=== $(date +%T) $*"; }
 for stage in "$@"; do
   case $stage in
@@ -14,7 +18,7 @@ for stage in "$@"; do
       [ -f "$CKPT/config.json" ] || python -m gateway.cli make-checkpoint --preset llama3-8b --out "$CKPT" --device cuda ;;
     tests)
       log "GPU tests"
-      python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py 2>&1 | tail -40 ;;
+      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py 2>&1 | tail -40 ;;
     kernels)
       log "kernel benchmarks"
       python bench/kernel_bench.py ;;
