@@ -4,6 +4,7 @@ and the results file bench/results/summary.json ({"records": [...]}, one record 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,9 @@ def gpu_name() -> str:
 
 
 def commit() -> str:
+    """The checkout's commit; KVRELAY_COMMIT where the tree travels without .git (the GPU machine)."""
+    if os.environ.get("KVRELAY_COMMIT"):
+        return os.environ["KVRELAY_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT

@@ -6,6 +6,7 @@ set -uo pipefail
 export CKPT=${CKPT:-$PWD/.ckpt/llama3-8b}
 export KVRELAY_8B_CHECKPOINT=$CKPT
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The tree travels without .git: pass the commit in (KVRELAY_COMMIT=$(git rev-parse --short HEAD) on the way out).
 # The GPU image lacks grpcio-health-checking and grpcio-reflection: carry their wheels in .gpukit (pip download).
 if [ -d .gpukit ] && ! python -c "import grpc_health" 2>/dev/null; then
   python -m pip install -q --no-index --no-deps --target /tmp/gpukit-site .gpukit/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/gpukit-site
