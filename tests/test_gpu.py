@@ -20,33 +20,52 @@ pytestmark = pytest.mark.gpu
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 
 
-def test_8b_shape_logits_match_hf_bf16():
-    ckpt = os.environ.get("KVRELAY_8B_CHECKPOINT")
-    if not ckpt:
-        pytest.skip("set KVRELAY_8B_CHECKPOINT to a `make-checkpoint --preset llama3-8b` directory")
+def _8b_refs(ckpt: str, ids: list[int]) -> dict:
     transformers = pytest.importorskip("transformers")
-    ids = torch.randint(0, 128256, (512,), generator=torch.Generator().manual_seed(0)).tolist()
-    engine = Engine(EngineConfig(model_dir=ckpt, dtype="bfloat16", kv_dtype="auto"), progress=False)
-    ours = engine.score(ids).float().cpu()
-    del engine
-    torch.cuda.empty_cache()
     refs = {}
-    for dtype in (torch.bfloat16, torch.float32):  # fp32 tells how much of the gap is bf16 rounding itself
+    for dtype in (torch.bfloat16, torch.float32):
         hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).cuda().eval()
         with torch.no_grad():
             refs[dtype] = hf(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
         del hf
         torch.cuda.empty_cache()
+    return refs
 
-    def rel(a, b):
-        return ((a - b).norm() / b.norm()).item()
 
+def _ours(ckpt: str, ids: list[int], dtype: str) -> torch.Tensor:
+    engine = Engine(EngineConfig(model_dir=ckpt, dtype=dtype, kv_dtype="auto"), progress=False)
+    out = engine.score(ids).float().cpu()
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_8b_shape_logits_match_hf():
+    """Random Llama-3-8B-shape weights, 512 random tokens, the Triton/GPU engine against HF transformers.
+
+    fp32: our kernels compute what HF computes (2e-4 allows for TF32-free fp32 GEMMs summing in another order).
+    bf16: on random weights, bf16 rounding alone moves HF's logits by ~7% from its own fp32 result (measured on an
+    H200: HF-bf16 vs HF-fp32 0.071), so the 2e-2 bound against HF-bf16 that a trained model would meet cannot hold
+    for any bf16 engine here. What must hold: ours in bf16 is no further from the fp32 truth than HF in bf16 is.
+    """
+    ckpt = os.environ.get("KVRELAY_8B_CHECKPOINT")
+    if not ckpt:
+        pytest.skip("set KVRELAY_8B_CHECKPOINT to a `make-checkpoint --preset llama3-8b` directory")
+    ids = torch.randint(0, 128256, (512,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours16, ours32 = _ours(ckpt, ids, "bfloat16"), _ours(ckpt, ids, "float32")
+    refs = _8b_refs(ckpt, ids)
+    hf16, hf32 = refs[torch.bfloat16], refs[torch.float32]
     report = (
-        f"ours-bf16 vs HF-bf16 {rel(ours, refs[torch.bfloat16]):.4f}, ours-bf16 vs HF-fp32 "
-        f"{rel(ours, refs[torch.float32]):.4f}, HF-bf16 vs HF-fp32 {rel(refs[torch.bfloat16], refs[torch.float32]):.4f}"
+        f"ours-fp32 vs HF-fp32 {_rel(ours32, hf32):.2e}; ours-bf16 vs HF-bf16 {_rel(ours16, hf16):.4f}, "
+        f"ours-bf16 vs HF-fp32 {_rel(ours16, hf32):.4f}, HF-bf16 vs HF-fp32 {_rel(hf16, hf32):.4f}"
     )
     print(report)
-    assert rel(ours, refs[torch.bfloat16]) < 2e-2, report
+    assert _rel(ours32, hf32) < 2e-4, report
+    assert _rel(ours16, hf32) <= 1.1 * _rel(hf16, hf32), report
 
 
 def test_greedy_gpu_equals_cpu_on_default_model(default_model_dir):
