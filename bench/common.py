@@ -112,14 +112,9 @@ def record(name: str, value: float, unit: str, floor: float, fraction: float, co
 
 
 def write_benchmarks_md() -> None:
+    """Regenerate the table between the markers of BENCHMARKS.md; the prose around it is written by hand."""
     data = json.loads(SUMMARY.read_text())
     lines = [
-        "# Benchmarks",
-        "",
-        "Generated from `bench/results/summary.json` by the benchmarks. `floor` is the physical limit in the same unit",
-        "(bytes over the measured copy bandwidth, or FLOPs over the measured bf16 matmul rate, both measured in the",
-        "same run); `fraction` is how close the measurement comes to it (1.0 = at the floor).",
-        "",
         "| record | value | unit | floor | fraction | GPU | date | commit | command |",
         "|---|---:|---|---:|---:|---|---|---|---|",
     ]
@@ -128,4 +123,8 @@ def write_benchmarks_md() -> None:
             f"| `{r['name']}` | {r['value']:.3f} | {r['unit']} | {r['floor']:.3f} | {r['fraction']:.3f} | {r['gpu']} "
             f"| {r['date']} | {r['commit']} | `{r['command']}` |"
         )
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n<!-- table -->\n<!-- /table -->\n"
+    head, _, rest = text.partition("<!-- table -->")
+    _, _, tail = rest.partition("<!-- /table -->")
+    path.write_text(head + "<!-- table -->\n" + "\n".join(lines) + "\n<!-- /table -->" + tail)
