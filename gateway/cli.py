@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--seed", type=int, default=0)
     ckpt.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda is much faster)")
 
+    from gateway.loadgen import add_bench_serve_args
+
+    bench = sub.add_parser("bench", help="benchmarks against a running gateway")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    add_bench_serve_args(bench_sub.add_parser("serve", help="load generator: TTFT, ITL, throughput, goodput"))
+
     status = sub.add_parser("status", help="workers, sessions, blocks used and free")
     status.add_argument("--address", default=os.environ.get("KVRELAY_ADDRESS", "127.0.0.1:50051"))
     status.add_argument("--json", action="store_true")
@@ -102,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 raise UsageError(str(exc)) from exc
             return 0
+        if args.command == "bench" and args.bench_command == "serve":
+            from gateway.loadgen import bench_serve_command
+
+            return bench_serve_command(args)
         if args.command in ("generate", "status"):
             from gateway.client_cli import generate_command, status_command
 

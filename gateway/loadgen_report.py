@@ -22,7 +22,6 @@ gateway/loadgen.py produces the load and the records; this file only reads them.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -62,7 +61,7 @@ class RequestRecord:
     start_s: float  # when it was sent; start_s - scheduled_s is the generator's own lag
     prompt_len: int | None  # known for token-id prompts; otherwise Finish.prompt_tokens; None if neither
     output_len: int  # max_tokens asked (with ignore_eos, the length an OK request returns)
-    status: str  # "OK", a grpc.StatusCode name, or "DRAIN_TIMEOUT" (still running when the generator stopped)
+    status: str  # "OK", a grpc.StatusCode name, or "DRAIN_TIMEOUT" (cut off locally), "CLIENT_ERROR"
     error: str  # the status details; empty when OK
     ttft_ms: float | None  # None when no message arrived
     e2e_ms: float
@@ -84,7 +83,7 @@ class RequestRecord:
     @property
     def itls_ms(self) -> list[float]:
         t = self.token_times_ms
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
 
     @property
     def mean_itl_ms(self) -> float | None:
@@ -227,9 +226,7 @@ def format_table(summary: Summary, title: str, slo: Slo) -> str:
     rows = [("TTFT", s.ttft_ms), ("ITL", s.itl_ms), ("E2E", s.e2e_ms)]
     rows += [(f"server {name.removesuffix('_ms')}", stats) for name, stats in s.server_ms.items()]
     for name, st in rows:
-        lines.append(
-            f"{name:<22}{_ms(st.mean):>10}{_ms(st.p50):>10}{_ms(st.p90):>10}{_ms(st.p99):>10}{st.count:>9}"
-        )
+        lines.append(f"{name:<22}{_ms(st.mean):>10}{_ms(st.p50):>10}{_ms(st.p90):>10}{_ms(st.p99):>10}{st.count:>9}")
     return "\n".join(lines)
 
 
@@ -257,6 +254,16 @@ def merge_spans(spans: Sequence[tuple[float, float]]) -> list[tuple[float, float
     return merged
 
 
+def _log_axis(axis, set_scale) -> None:
+    """Log scale labelled 1, 2, 5, 10, 20, ... ms (matplotlib's default labels short ranges as 3x10^0, 4x10^0...)."""
+    from matplotlib import ticker
+
+    set_scale("log")
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def write_plots(out_dir: Path, label: str, records: Sequence[RequestRecord], warmup_s: float, slo: Slo) -> list[Path]:
     """Latency CDFs (TTFT, ITL) and ITL over time with the prefill bursts marked; returns the PNG paths."""
     import matplotlib
@@ -272,12 +279,12 @@ def write_plots(out_dir: Path, label: str, records: Sequence[RequestRecord], war
         ("TTFT", [r.ttft_ms for r in ok if r.ttft_ms is not None], slo.ttft_ms),
         ("ITL", [gap for r in ok for gap in r.itls_ms], slo.itl_ms),
     ]
-    for ax, (name, values, limit) in zip(axes, panels):
+    for ax, (name, values, limit) in zip(axes, panels, strict=True):
         if values:
             x = np.sort(np.asarray(values))
             ax.plot(x, np.arange(1, len(x) + 1) / len(x), drawstyle="steps-post")
             if x[0] > 0:
-                ax.set_xscale("log")  # a stall is 10-100x the typical gap; a linear axis would hide the body
+                _log_axis(ax.xaxis, ax.set_xscale)  # a stall is 10-100x the typical gap; linear would hide the body
         if limit is not None:
             ax.axvline(limit, color="tab:red", linestyle="--", label=f"SLO {limit:g} ms")
             ax.legend(loc="lower right")
@@ -295,7 +302,7 @@ def write_plots(out_dir: Path, label: str, records: Sequence[RequestRecord], war
     ys: list[float] = []
     for r in records:
         times = r.token_times_ms
-        for a, b in zip(times, times[1:]):
+        for a, b in zip(times, times[1:], strict=False):
             xs.append(r.start_s + b / 1e3)
             ys.append(b - a)
     prefills = merge_spans([(r.start_s, r.start_s + r.ttft_ms / 1e3) for r in records if r.ttft_ms is not None])
@@ -310,7 +317,7 @@ def write_plots(out_dir: Path, label: str, records: Sequence[RequestRecord], war
         )
     ax.scatter(xs, ys, s=2, color="tab:blue", label="token gap", rasterized=True)
     if ys and min(ys) > 0:
-        ax.set_yscale("log")
+        _log_axis(ax.yaxis, ax.set_yscale)
     if warmup_s > 0:
         ax.axvline(warmup_s, color="black", linestyle=":", label="end of warm-up")
     if slo.itl_ms is not None:
@@ -324,7 +331,3 @@ def write_plots(out_dir: Path, label: str, records: Sequence[RequestRecord], war
     fig.savefig(time_path, dpi=120)
     plt.close(fig)
     return [cdf_path, time_path]
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value

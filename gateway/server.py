@@ -138,7 +138,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             params = params.__class__(**{**params.__dict__, "stop_token_ids": params.stop_token_ids + self.extra_eos})
         session_id = request.session_id or uuid.uuid4().hex
         request_id = request.request_id or uuid.uuid4().hex
-        run = _Stream(self, valid, params, session_id, request_id, start)
+        run = _Stream(self, valid, params, session_id, request_id, start, keep_session=bool(request.session_id))
         try:
             async for message in run.messages(context):
                 yield message
@@ -150,7 +150,14 @@ class _Stream:
     """One request's trip through prefill and decode, and what must be undone if it ends early."""
 
     def __init__(
-        self, gw: GatewayServicer, valid: ValidRequest, params, session_id: str, request_id: str, start: float
+        self,
+        gw: GatewayServicer,
+        valid: ValidRequest,
+        params,
+        session_id: str,
+        request_id: str,
+        start: float,
+        keep_session: bool,
     ) -> None:
         self.gw, self.valid, self.params = gw, valid, params
         self.session_id, self.request_id, self.start = session_id, request_id, start
@@ -163,6 +170,9 @@ class _Stream:
         self.stops = StopMatcher(valid.stop)
         self.decode_call = None
         self.finished = False
+        self.cached_tokens = 0
+        # A client that names its session continues a conversation: its KV stays in the pool between turns.
+        self.keep_session = keep_session
         self.timings = common_pb2.Timings()
 
     async def _prefill(self, context) -> prefill_pb2.PrefillResponse:
@@ -177,6 +187,7 @@ class _Stream:
             request_id=self.request_id,
             token_ids=self.valid.prompt_token_ids,
             sampling=params_to_proto(self.params),
+            keep_session=self.keep_session,
         )
         router.acquire(worker)
         try:
@@ -202,6 +213,7 @@ class _Stream:
                 stop_string=self.stops.matched or "",
                 prompt_tokens=len(self.valid.prompt_token_ids),
                 completion_tokens=completion_tokens,
+                cached_prompt_tokens=self.cached_tokens,
                 timings=self.timings,
                 request_id=self.request_id,
                 session_id=self.session_id,
@@ -214,6 +226,7 @@ class _Stream:
         reply = await self._prefill(context)
         t_prefilled = time.perf_counter()
         self.timings.queue_ms, self.timings.prefill_ms = reply.queue_ms, reply.prefill_ms
+        self.cached_tokens = reply.cached_tokens
         self.timings.ttft_ms = (t_prefilled - self.start) * 1e3
         tokens = [reply.first_token_id]
         first = self._chunk(tokens[:], [reply.logprob] if reply.HasField("logprob") else [])
@@ -234,6 +247,7 @@ class _Stream:
                 sampling=params_to_proto(self.params),
                 token_ids=self.valid.prompt_token_ids + tokens,
                 num_generated=1,
+                keep_session=self.keep_session,
             ),
             timeout=context.time_remaining(),
         )

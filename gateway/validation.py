@@ -55,6 +55,8 @@ def validate(
         raise bad(f"set exactly one of prompt, messages or prompt_token_ids (got {', '.join(given)})")
     if len(req.request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise bad(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")
+    if len(req.session_id.encode()) > MAX_REQUEST_ID_BYTES or ":" in req.session_id:
+        raise bad(f"session_id must be at most {MAX_REQUEST_ID_BYTES} bytes without ':', got {req.session_id!r:.40}")
     if tokenizer is None and not req.prompt_token_ids:
         raise bad("this model has no tokenizer: send prompt_token_ids")
     if req.prompt:

@@ -132,6 +132,8 @@ _UPDATABLE = {
     "num_tokens": lambda v: str(int(v)),
     "first_token": lambda v: "" if v is None else str(int(v)),
     "request_id": lambda v: "" if v is None else str(v),
+    # the token ids whose K/V the blocks hold, kept with an IDLE session so the next turn can find the shared prefix
+    "tokens": lambda v: ",".join(str(int(t)) for t in v),
 }
 _SCRIPTS = (
     "init_pool",
@@ -406,6 +408,11 @@ class SessionStore:
         Evicts nothing when enough are already free, or when even every idle session would not be enough.
         """
         return list(await self._run("evict_lru", int(blocks_needed)))
+
+    async def get_tokens(self, session_id: str) -> list[int]:
+        """The token ids recorded with update(tokens=...); [] when none were."""
+        raw = await self._redis.hget(self.key("session", session_id), "tokens")
+        return [int(t) for t in raw.split(",")] if raw else []
 
     async def get(self, session_id: str) -> SessionRecord | None:
         async with self._redis.pipeline(transaction=True) as pipe:

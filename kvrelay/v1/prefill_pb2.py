@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvrelay.v1 import common_pb2 as kvrelay_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrelay/v1/prefill.proto\x12\nkvrelay.v1\x1a\x17kvrelay/v1/common.proto\"\x80\x01\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.kvrelay.v1.WorkerRequestSampling\"\xb8\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12)\n\x07logprob\x18\x02 \x01(\x0b\x32\x18.kvrelay.v1.TokenLogprob\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12(\n\x06\x66inish\x18\x04 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x32\x8b\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponse\x12<\n\x05\x41\x62ort\x12\x18.kvrelay.v1.AbortRequest\x1a\x19.kvrelay.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrelay/v1/prefill.proto\x12\nkvrelay.v1\x1a\x17kvrelay/v1/common.proto\"\x96\x01\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.kvrelay.v1.WorkerRequestSampling\x12\x14\n\x0ckeep_session\x18\x05 \x01(\x08\"\xcf\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12)\n\x07logprob\x18\x02 \x01(\x0b\x32\x18.kvrelay.v1.TokenLogprob\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12(\n\x06\x66inish\x18\x04 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x15\n\rcached_tokens\x18\x07 \x01(\x05\x32\x8b\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponse\x12<\n\x05\x41\x62ort\x12\x18.kvrelay.v1.AbortRequest\x1a\x19.kvrelay.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrelay.v1.prefill_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=66
-  _globals['_PREFILLREQUEST']._serialized_end=194
-  _globals['_PREFILLRESPONSE']._serialized_start=197
-  _globals['_PREFILLRESPONSE']._serialized_end=381
-  _globals['_PREFILL']._serialized_start=384
-  _globals['_PREFILL']._serialized_end=523
+  _globals['_PREFILLREQUEST']._serialized_end=216
+  _globals['_PREFILLRESPONSE']._serialized_start=219
+  _globals['_PREFILLRESPONSE']._serialized_end=426
+  _globals['_PREFILL']._serialized_start=429
+  _globals['_PREFILL']._serialized_end=568
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,8 @@ class RunningSeq:
     first_sent: bool = False
     cancelled: bool = False
     finished: bool = False
+    keep_session: bool = False  # multi-turn: release the KV as IDLE at the end instead of freeing it
+    aborted: bool = False  # Abort always frees
 
 
 class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
@@ -84,6 +86,7 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
             request.num_generated,
             list(record.block_table),
             generator,
+            keep_session=request.keep_session,
         )
         self.running.append(seq)
         self.wakeup.set()
@@ -103,7 +106,7 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
     async def Abort(self, request, context):  # noqa: N802
         for seq in self.running:
             if seq.session_id == request.session_id:
-                seq.cancelled = True
+                seq.cancelled = seq.aborted = True
                 self.wakeup.set()
                 return common_pb2.AbortResponse(found=True, blocks_freed=len(seq.block_table))
         return common_pb2.AbortResponse(found=False)
@@ -112,7 +115,13 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
         self.running.remove(seq)
         seq.finished = True
         try:
-            await self.store.free(seq.session_id, owner=self.worker_id)
+            if seq.keep_session and not seq.aborted:
+                # the blocks hold K/V for history[:num_cached]: the next turn reuses that prefix
+                tokens = seq.history[: seq.num_cached]
+                await self.store.update(seq.session_id, self.worker_id, None, num_tokens=seq.num_cached, tokens=tokens)
+                await self.store.release(seq.session_id, self.worker_id)
+            else:
+                await self.store.free(seq.session_id, owner=self.worker_id)
         except SessionError:
             log.warning("session %s was taken over before it could be freed", seq.session_id)
 
@@ -183,9 +192,11 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
             if not seq.first_sent:
                 msg.first_step_ms = (time.perf_counter() - seq.received) * 1e3
                 seq.first_sent = True
-            seq.out.put_nowait(msg)
             if reason is not None:
+                # blocks freed (or the session released for its next turn) before the client hears it finished,
+                # so a next turn that follows at once finds the session IDLE
                 await self._retire(seq)
+            seq.out.put_nowait(msg)
 
     def main_sync(self) -> None:
         asyncio.run(

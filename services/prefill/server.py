@@ -40,6 +40,8 @@ class PrefillJob:
     progress: int = 0  # prompt tokens already written to the pool
     started: float | None = None
     cancelled: bool = False
+    keep_session: bool = False  # multi-turn: leave the KV in the pool (IDLE) when the request ends here
+    cached: int = 0  # prompt tokens reused from the session's earlier turns
 
 
 class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
@@ -73,6 +75,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         job = PrefillJob(
             request.session_id, request.request_id, ids, params, asyncio.get_running_loop().create_future()
         )
+        job.keep_session = request.keep_session
         self.waiting.append(job)
         self.wakeup.set()
         try:
@@ -106,7 +109,11 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 job.future.set_exception(OutOfBlocks(need, self.attached.pool.geometry.num_blocks))
                 continue
             try:
-                job.block_table = await self.store.allocate(job.session_id, need, self.worker_id, LEASE_MS)
+                record = await self.store.get(job.session_id)
+                if record is None:
+                    job.block_table = await self.store.allocate(job.session_id, need, self.worker_id, LEASE_MS)
+                else:
+                    await self._resume(job, record, need)
                 self.ready.append(job)
             except OutOfBlocks as exc:
                 if time.perf_counter() - job.arrived > self.args.block_wait_s:
@@ -116,6 +123,39 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             except SessionError as exc:
                 job.future.set_exception(exc)
         self.waiting = still
+
+    async def _resume(self, job: PrefillJob, record, need: int) -> None:
+        """A session kept IDLE from an earlier turn: take it, reuse the longest prefix its blocks hold, grow it."""
+        if record.state != SessionState.IDLE:
+            raise SessionError(f"session {job.session_id} has a request in flight ({record.state.value})")
+        record = await self.store.adopt(
+            job.session_id, self.worker_id, LEASE_MS, expected_state=SessionState.IDLE, state=SessionState.PREFILLING
+        )
+        cached = (await self.store.get_tokens(job.session_id))[: record.num_tokens]
+        reuse = 0
+        limit = min(len(cached), len(job.token_ids) - 1)  # at least the last prompt token is computed (its logits)
+        while reuse < limit and cached[reuse] == job.token_ids[reuse]:
+            reuse += 1
+        job.block_table = list(record.block_table)
+        missing = need - len(job.block_table)
+        if missing > 0:
+            try:
+                job.block_table += await self.store.allocate(
+                    job.session_id, missing, self.worker_id, LEASE_MS, create=False
+                )
+            except OutOfBlocks:
+                await self.store.release(job.session_id, self.worker_id)  # back to IDLE; retried next round
+                raise
+        job.progress = job.cached = reuse
+
+    async def _finish_here(self, job: PrefillJob) -> None:
+        """The request ended at prefill (or was cancelled): keep the session for the next turn, or free it."""
+        if job.keep_session and not job.cancelled:
+            n = len(job.token_ids)
+            await self.store.update(job.session_id, self.worker_id, None, num_tokens=n, tokens=job.token_ids)
+            await self.store.release(job.session_id, self.worker_id)
+        else:
+            await self.store.free(job.session_id, owner=self.worker_id)
 
     async def _drop_cancelled(self) -> None:
         for job in [j for j in self.ready if j.cancelled]:
@@ -186,7 +226,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             elif job.params.max_tokens <= 1 or len(job.token_ids) + 1 >= self.attached.max_model_len:
                 reason = "length"
             if job.cancelled or reason is not None:
-                await self.store.free(job.session_id, owner=self.worker_id)
+                await self._finish_here(job)
             else:
                 # Hand-off: PREFILLED with a lease nobody renews, so a session no decode worker adopts comes back.
                 await self.store.update(
@@ -206,6 +246,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 finish=FINISH[reason],
                 queue_ms=(job.started - job.arrived) * 1e3,
                 prefill_ms=(now - job.started) * 1e3,
+                cached_tokens=job.cached,
             )
             lp = logprob_to_proto(out, row)
             if lp is not None:
