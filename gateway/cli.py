@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-batch-tokens", type=int, default=2048, help="prefill token budget per forward pass")
     up.add_argument("--prefill-replicas", type=int, default=1)
     up.add_argument("--decode-replicas", type=int, default=1)
+    up.add_argument(
+        "--mode",
+        choices=["disaggregated", "colocated"],
+        default="disaggregated",
+        help="colocated: one process per replica prefills and decodes (the baseline)",
+    )
+    up.add_argument("--mps", action="store_true", help="NVIDIA: start the MPS daemon so services run concurrently")
+    up.add_argument("--prefill-sm-pct", type=int, default=80, help="with --mps: prefill's SM share (percent)")
+    up.add_argument("--decode-sm-pct", type=int, default=100, help="with --mps: decode's SM share (percent)")
+    up.add_argument("--prefill-cu-mask", default="", help="AMD: HSA_CU_MASK for prefill (e.g. 0:0-151)")
+    up.add_argument("--decode-cu-mask", default="", help="AMD: HSA_CU_MASK for decode (e.g. 0:152-303)")
     up.add_argument("--host", default="127.0.0.1", help="gateway listen address")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
     up.add_argument("--base-port", type=int, default=50070, help="kvstore port; workers take the ports after it")

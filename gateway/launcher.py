@@ -51,11 +51,40 @@ class Launcher:
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.stopping = False
         self.tmp = tempfile.mkdtemp(prefix="kvrelay-")
+        self.gpu_env: dict = {}
+        self.mps: str | None = None
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, start_new_session=True)
+    def spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        full_env = os.environ | self.gpu_env | (env or {})
+        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, start_new_session=True, env=full_env)
         self.children.append((name, proc))
         return proc
+
+    def start_mps(self) -> None:
+        """NVIDIA: processes on one GPU only run concurrently as clients of the MPS daemon; each service then gets
+        its share of the SMs from CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, fixed when the process starts (as in Semi-PD)."""
+        exe = shutil.which("nvidia-cuda-mps-control")
+        if exe is None:
+            raise UsageError("--mps needs the NVIDIA MPS daemon (nvidia-cuda-mps-control), which is not on PATH")
+        pipe, logs = os.path.join(self.tmp, "mps-pipe"), os.path.join(self.tmp, "mps-log")
+        os.makedirs(pipe), os.makedirs(logs)
+        self.gpu_env = {"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": logs}
+        subprocess.run([exe, "-d"], env=os.environ | self.gpu_env, check=True)
+        self.mps = exe
+        print(
+            f"kvrelay: started the MPS daemon (pipe {pipe}); SM shares: prefill {self.args.prefill_sm_pct}%, "
+            f"decode {self.args.decode_sm_pct}%"
+        )
+
+    def service_env(self, role: str) -> dict:
+        """The compute split of one service: MPS thread percentage on NVIDIA, HSA_CU_MASK on AMD."""
+        a, env = self.args, {}
+        if self.mps:
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(a.prefill_sm_pct if role == "prefill" else a.decode_sm_pct)
+        mask = a.prefill_cu_mask if role == "prefill" else a.decode_cu_mask
+        if mask:
+            env["HSA_CU_MASK"] = mask
+        return env
 
     def ensure_redis(self) -> str:
         url = self.args.redis_url
@@ -107,6 +136,8 @@ class Launcher:
     def start(self) -> str:
         a = self.args
         redis_url = self.ensure_redis()
+        if a.mps:
+            self.start_mps()
         py = [sys.executable, "-m"]
         common = ["--redis-url", redis_url, "--name", a.name]
         model = [] if a.model is None else ["--model", a.model]
@@ -135,10 +166,16 @@ class Launcher:
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
         waits = []
         port = kv_port
-        for role, count in (("prefill", a.prefill_replicas), ("decode", a.decode_replicas)):
-            for i in range(count):
+        if a.mode == "colocated":  # the baseline: each replica is one process that prefills and decodes
+            for i in range(a.decode_replicas):
                 port += 1
-                proc = self.spawn(f"{role}-{i}", py + [f"services.{role}.server", "--port", str(port), *worker])
+                proc = self.spawn(f"decode-{i}", py + ["services.colocated.server", "--port", str(port), *worker])
+                waits.append((f"colocated-{i}", f"127.0.0.1:{port}", "kvrelay.v1.Decode", proc))
+        for role, count in (("prefill", a.prefill_replicas), ("decode", a.decode_replicas)):
+            for i in range(count if a.mode == "disaggregated" else 0):
+                port += 1
+                argv = py + [f"services.{role}.server", "--port", str(port), *worker]
+                proc = self.spawn(f"{role}-{i}", argv, self.service_env(role))
                 waits.append((f"{role}-{i}", f"127.0.0.1:{port}", f"kvrelay.v1.{role.capitalize()}", proc))
         for name, address, service, proc in waits:
             self.wait_healthy(name, address, service, proc, a.start_timeout)
@@ -166,6 +203,8 @@ class Launcher:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+        if self.mps:
+            subprocess.run([self.mps], input="quit\n", text=True, env=os.environ | self.gpu_env, check=False)
         for suffix in ("weights", "pool"):  # kvstore removes them itself; a killed one leaves them behind
             shm_path(f"{self.args.name}-{suffix}").unlink(missing_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)

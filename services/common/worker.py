@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -52,12 +53,16 @@ class OwnStream:
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # One forward pass at a time per process: in a colocated worker, prefill and decode loops share this object,
+        # so a prefill chunk and a decode step alternate instead of racing on the same stream.
+        self.lock = threading.Lock()
 
     def run(self, fn, *args):
-        if self.stream is None:
-            return fn(*args)
-        with torch.cuda.stream(self.stream):
-            return fn(*args)
+        with self.lock:
+            if self.stream is None:
+                return fn(*args)
+            with torch.cuda.stream(self.stream):
+                return fn(*args)
 
 
 class Worker:
