@@ -29,7 +29,10 @@ for stage in "$@"; do
     serve)
       log "client latency"
       python bench/serve_latency.py --model "$CKPT" --kv-dtype int8 ;;
+    modes)
+      log "colocated vs disaggregated, multi-turn"
+      python bench/serve_modes.py --model "$CKPT" --modes "${MODES:-colocated,disaggregated,mps}" --multiturn ;;
   esac
 done
-if [ -n "${OUT:-}" ]; then cp bench/results/*.json BENCHMARKS.md "$OUT"/ 2>/dev/null; fi
+if [ -n "${OUT:-}" ]; then cp bench/results/*.json bench/results/*.png BENCHMARKS.md "$OUT"/ 2>/dev/null; fi
 log "done"

@@ -1,0 +1,201 @@
+"""Disaggregation on one GPU against the colocated baseline, and multi-turn KV reuse, through `kvrelay up`.
+
+    python bench/serve_modes.py --model DIR --modes colocated,disaggregated,mps [--multiturn]
+
+For each mode: decode ITL p99 with no prefill traffic (short prompts, closed loop), then the same under Poisson
+arrivals of 2k-8k-token prompts with 256-token outputs (`kvrelay bench serve`), goodput at the given SLOs. Records
+`interference_itl_p99_ratio` (best disaggregated mode), `..._colocated`, `goodput_ratio_vs_colocated`, and with
+--multiturn `multiturn_ttft_ratio` (TTFT of turn 10 over a 4k-token history: recompute / reuse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, record, write_benchmarks_md  # noqa: E402
+from gateway.client import Client  # noqa: E402
+from tests.deployment import Deployment  # noqa: E402
+
+COMMAND = "python bench/serve_modes.py --model DIR"
+MODES = {
+    "colocated": ["--mode", "colocated"],
+    "disaggregated": ["--mode", "disaggregated"],
+    "mps": ["--mode", "disaggregated", "--mps", "--prefill-sm-pct", "60", "--decode-sm-pct", "100"],
+}
+
+
+def loadgen(address: str, label: str, *flags: str) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "bench",
+        "serve",
+        "--address",
+        address,
+        "--label",
+        label,
+        "--out",
+        str(RESULTS),
+        "--no-progress",
+        *flags,
+    ]
+    subprocess.run(cmd, check=True)
+    return json.loads((RESULTS / f"serve_{label}.json").read_text())["summary"]
+
+
+def run_mode(model: str, mode: str, args) -> dict:
+    d = Deployment(
+        "--model",
+        model,
+        "--kv-dtype",
+        "int8",
+        "--max-model-len",
+        "10240",
+        "--kv-cache-mb",
+        "40000",
+        "--max-batch-tokens",
+        str(args.chunk),
+        *MODES[mode],
+    )
+    try:
+        quiet = loadgen(
+            d.address,
+            f"{mode}_quiet",
+            "--concurrency",
+            "8",
+            "--prompt-len",
+            "64",
+            "--output-len",
+            "256",
+            "--warmup",
+            "5",
+            "--duration",
+            "15",
+        )
+        loaded = loadgen(
+            d.address,
+            f"{mode}_load",
+            "--rate",
+            str(args.rate),
+            "--prompt-len",
+            "2048:8192",
+            "--output-len",
+            "256",
+            "--warmup",
+            "5",
+            "--duration",
+            str(args.duration),
+            "--slo-ttft-ms",
+            str(args.slo_ttft_ms),
+            "--slo-itl-ms",
+            str(args.slo_itl_ms),
+            "--seed",
+            "1",
+        )
+        multiturn = measure_multiturn(d.address) if args.multiturn and mode != "colocated" else None
+    finally:
+        d.stop()
+    out = {
+        "quiet_itl_p99": quiet["itl_ms"]["p99"],
+        "load_itl_p99": loaded["itl_ms"]["p99"],
+        "ratio": loaded["itl_ms"]["p99"] / quiet["itl_ms"]["p99"],
+        "goodput": loaded["goodput"]["requests_per_s"],
+        "load": loaded,
+        "multiturn": multiturn,
+    }
+    print(
+        f"{mode}: ITL p99 quiet {out['quiet_itl_p99']:.1f} ms, loaded {out['load_itl_p99']:.1f} ms "
+        f"(ratio {out['ratio']:.2f}); goodput {out['goodput']:.2f} req/s; server prefill p50 "
+        f"{loaded['server_ms']['prefill_ms']['p50']:.0f} ms"
+    )
+    return out
+
+
+def measure_multiturn(address: str, history: int = 4096, turn_tokens: int = 64, turns: int = 10) -> dict:
+    """Turn 10 of a chat whose history is 4k tokens plus 64 per turn: TTFT with the session's KV vs recomputed."""
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(100, 120000, (history,), generator=gen).tolist()
+    session = f"mt{int(time.time())}"
+    reuse, recompute = [], []
+    with Client(address) as client:
+        for turn in range(turns):
+            tokens += torch.randint(100, 120000, (turn_tokens,), generator=gen).tolist()
+            reply = client.complete(prompt_token_ids=tokens, max_tokens=16, ignore_eos=True, session_id=session)
+            tokens += list(reply.token_ids)
+        for _ in range(3):  # turn 10 again, three times each way
+            tokens += torch.randint(100, 120000, (turn_tokens,), generator=gen).tolist()
+            r = client.complete(prompt_token_ids=tokens, max_tokens=2, ignore_eos=True, session_id=session)
+            reuse.append(r.finish.timings.ttft_ms)
+            tokens += list(r.token_ids)
+            full = client.complete(prompt_token_ids=tokens, max_tokens=2, ignore_eos=True)
+            recompute.append(full.finish.timings.ttft_ms)
+    out = {
+        "reuse_ttft_ms": statistics.median(reuse),
+        "recompute_ttft_ms": statistics.median(recompute),
+        "cached_prompt_tokens": r.finish.cached_prompt_tokens,
+        "prompt_tokens": r.finish.prompt_tokens,
+    }
+    print(f"multi-turn: turn TTFT reuse {out['reuse_ttft_ms']:.1f} ms, recompute {out['recompute_ttft_ms']:.1f} ms")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--modes", default="colocated,disaggregated,mps")
+    parser.add_argument("--rate", type=float, default=3.0, help="req/s: keeps prefill about half busy on an H200")
+    parser.add_argument("--duration", type=float, default=40)
+    parser.add_argument("--chunk", type=int, default=2048, help="prefill token budget per forward pass")
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000)
+    parser.add_argument("--slo-itl-ms", type=float, default=40)
+    parser.add_argument("--multiturn", action="store_true")
+    args = parser.parse_args()
+    results = {mode: run_mode(args.model, mode, args) for mode in args.modes.split(",")}
+    (RESULTS / "serve_modes.json").write_text(
+        json.dumps({m: {k: v for k, v in r.items() if k != "load"} for m, r in results.items()}, indent=2)
+    )
+    disagg = [m for m in results if m != "colocated"]
+    if "colocated" in results:
+        record(
+            "interference_itl_p99_ratio_colocated",
+            results["colocated"]["ratio"],
+            "x",
+            1.25,
+            1.25 / results["colocated"]["ratio"],
+            COMMAND,
+        )
+    if disagg:
+        best = min(disagg, key=lambda m: results[m]["ratio"])
+        record(
+            "interference_itl_p99_ratio",
+            results[best]["ratio"],
+            "x",
+            1.25,
+            1.25 / results[best]["ratio"],
+            COMMAND,
+            mode=best,
+        )
+        if "colocated" in results and results["colocated"]["goodput"] > 0:
+            g = max(results[m]["goodput"] for m in disagg) / results["colocated"]["goodput"]
+            record("goodput_ratio_vs_colocated", g, "x", 1.5, g / 1.5, COMMAND)
+        mt = next((results[m]["multiturn"] for m in disagg if results[m]["multiturn"]), None)
+        if mt:
+            ratio = mt["recompute_ttft_ms"] / mt["reuse_ttft_ms"]
+            record("multiturn_ttft_ratio", ratio, "x", 5.0, ratio / 5.0, COMMAND, **mt)
+    write_benchmarks_md()
+
+
+if __name__ == "__main__":
+    main()
