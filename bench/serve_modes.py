@@ -130,7 +130,7 @@ def measure_multiturn(address: str, history: int = 4096, turn_tokens: int = 64, 
     session = f"mt{int(time.time())}"
     reuse, recompute = [], []
     with Client(address) as client:
-        for turn in range(turns):
+        for _ in range(turns):
             tokens += torch.randint(100, 120000, (turn_tokens,), generator=gen).tolist()
             reply = client.complete(prompt_token_ids=tokens, max_tokens=16, ignore_eos=True, session_id=session)
             tokens += list(reply.token_ids)
