@@ -34,5 +34,9 @@ for stage in "$@"; do
       python bench/serve_modes.py --model "$CKPT" --modes "${MODES:-colocated,disaggregated,mps}" --multiturn ;;
   esac
 done
-if [ -n "${OUT:-}" ]; then cp bench/results/*.json bench/results/*.png BENCHMARKS.md "$OUT"/ 2>/dev/null; fi
+# At most 8 files come back from the GPU machine: the summary, the tables, and whatever RETURN names.
+if [ -n "${OUT:-}" ]; then
+  cp bench/results/summary.json BENCHMARKS.md "$OUT"/ 2>/dev/null
+  for f in ${RETURN:-}; do cp "bench/results/$f" "$OUT"/ 2>/dev/null; done
+fi
 log "done"
