@@ -31,7 +31,7 @@ COMMAND = "python bench/serve_modes.py --model DIR"
 MODES = {
     "colocated": ["--mode", "colocated"],
     "disaggregated": ["--mode", "disaggregated"],
-    "mps": ["--mode", "disaggregated", "--mps", "--prefill-sm-pct", "60", "--decode-sm-pct", "100"],
+    "mps": ["--mode", "disaggregated", "--mps", "--decode-sm-pct", "100"],
 }
 
 
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=2000)
     parser.add_argument("--slo-itl-ms", type=float, default=40)
     parser.add_argument("--multiturn", action="store_true")
+    parser.add_argument("--prefill-sm-pct", type=int, default=60, help="mps mode: prefill's share of the SMs")
     args = parser.parse_args()
     results = {mode: run_mode(args.model, mode, args) for mode in args.modes.split(",")}
     (RESULTS / "serve_modes.json").write_text(
