@@ -179,6 +179,7 @@ def main() -> None:
         )
     if disagg:
         best = min(disagg, key=lambda m: results[m]["ratio"])
+        setting = f"{best}, chunk {args.chunk}" + (f", prefill {args.prefill_sm_pct}% of SMs" if best == "mps" else "")
         record(
             "interference_itl_p99_ratio",
             results[best]["ratio"],
@@ -186,7 +187,9 @@ def main() -> None:
             1.25,
             1.25 / results[best]["ratio"],
             COMMAND,
-            mode=best,
+            mode=setting,
+            quiet_itl_p99_ms=results[best]["quiet_itl_p99"],
+            load_itl_p99_ms=results[best]["load_itl_p99"],
         )
         if "colocated" in results and results["colocated"]["goodput"] > 0:
             g = max(results[m]["goodput"] for m in disagg) / results["colocated"]["goodput"]
