@@ -13,6 +13,30 @@ if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on the CPU; it must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _fix_triton_interpreter() -> None:
+    """Triton 3.6's interpreter holds scalars as 1-element arrays and turns them into Python ints with int(array),
+    which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream): any `range(runtime_scalar)` loop fails.
+    Index the element instead. Interpreter only; compiled kernels are untouched."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "kvrelay_fixed", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.kvrelay_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_triton_interpreter()
+
 DATA = Path(__file__).parent / "data"
 
 

@@ -31,28 +31,6 @@ NUM_LAYERS = 2
 LAYER = 1  # write and read the second layer, so a layer-offset bug shows
 
 
-def _fix_interpreter_loop_bounds() -> None:
-    """Triton 3.6's interpreter turns a tensor loop bound into a Python int with int() of a 1-element array, which
-    numpy >= 2.4 refuses ('only 0-dimensional arrays can be converted'; triton-lang/triton#9171, fixed upstream by
-    squeezing first). Do the same here. Interpreter only; compiled kernels are untouched."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "kvrelay_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patched.kvrelay_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRETED:
-    _fix_interpreter_loop_bounds()
-
-
 def _pool(spec: KVSpec, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, seed: int) -> KVPool:
     """A pool whose bytes are random (identical for the same seed), so that a kernel writing where the reference
     does not, or writing zeros, shows up."""

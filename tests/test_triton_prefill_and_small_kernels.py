@@ -24,26 +24,6 @@ if not HAS_GPU and not INTERPRET:
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run here", allow_module_level=True)
 
 
-def _fix_interpreter_scalar_index() -> None:
-    """Triton 3.6's interpreter holds scalars as 1-element arrays and turns them into Python ints with int(array),
-    which numpy >= 2.4 refuses (triton-lang/triton#9171): any `range(runtime_scalar)` loop fails. Index the element."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_scalar_index_fixed", False):
-        return
-
-    def patched(tensor, scope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_index_fixed = True  # type: ignore[attr-defined]
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _fix_interpreter_scalar_index()
-
 from kernels import triton_prefill_attention  # noqa: E402
 from kernels.activation import silu_and_mul_ref  # noqa: E402
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref  # noqa: E402
