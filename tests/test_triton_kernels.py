@@ -9,8 +9,6 @@ paged_decode_attention_ref to float32 rounding with float32 queries, and to bf16
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -26,7 +24,6 @@ from kvstore.formats import KVFormat, KVSpec, parse_kv_dtype  # noqa: E402
 from kvstore.pool import KVPool, LayerKV, PoolGeometry  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NUM_LAYERS = 2
 LAYER = 1  # write and read the second layer, so a layer-offset bug shows
 
