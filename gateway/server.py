@@ -233,7 +233,6 @@ class _Stream:
         if reply.finish != UNSET or self.stops.matched is not None:
             yield self._finish(first, reply.finish, 1)
             return
-        yield first
         router = self.gw.router
         try:
             worker = await router.pick("decode")
@@ -254,6 +253,9 @@ class _Stream:
         router.acquire(worker)
         t_decode = None
         try:
+            # The decode call is on its way before the first token is written to the client: the hand-off overlaps
+            # the client write instead of waiting for it.
+            yield first
             async for d in self.decode_call:
                 if t_decode is None:
                     t_decode = time.perf_counter()
