@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--seed", type=int, default=0)
     ckpt.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda is much faster)")
 
-    from gateway.loadgen import add_bench_serve_args
+    from gateway.loadgen_args import add_bench_serve_args
 
     bench = sub.add_parser("bench", help="benchmarks against a running gateway")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
