@@ -147,7 +147,7 @@ def test_open_loop_poisson_numbers_match_known_delays(fake_gateway, tmp_path):
     args = parse(
         "--address", address, "--rate", str(rate), "--prompt-len", "8:15", "--output-len", "8",
         "--warmup", str(warmup), "--duration", str(duration), "--drain-timeout", "3", "--seed", str(seed),
-        "--slo-ttft-ms", "500", "--slo-itl-ms", "50", "--label", "colocated", "--out", str(tmp_path),
+        "--slo-ttft-ms", "5000", "--slo-itl-ms", "500", "--label", "colocated", "--out", str(tmp_path),
     )  # fmt: skip
     assert bench_serve_command(args) == 0
 
@@ -166,12 +166,15 @@ def test_open_loop_poisson_numbers_match_known_delays(fake_gateway, tmp_path):
     assert summary["num_warmup"] == sum(at < warmup for at in arrivals)
     assert abs(summary["num_requests"] - rate * duration) < 3 * (rate * duration) ** 0.5
     # Requests leave on schedule (the generator is not the bottleneck at this rate; a loaded CPU adds spikes).
-    assert statistics.median(r["start_s"] - r["scheduled_s"] for r in requests) < 0.02
+    assert statistics.median(r["start_s"] - r["scheduled_s"] for r in requests) < 0.25
 
-    # Latencies: 50 ms to the first token, 10 ms between tokens, 8 tokens.
-    assert 45 <= summary["ttft_ms"]["p50"] <= 80, summary["ttft_ms"]
-    assert 8 <= summary["itl_ms"]["p50"] <= 16, summary["itl_ms"]
-    assert 115 <= summary["e2e_ms"]["p50"] <= 180, summary["e2e_ms"]
+    # Latencies: 50 ms to the first token, 10 ms between tokens, 8 tokens. The fake's sleeps are lower bounds; the
+    # upper bounds are wide because this machine's CPU can be starved by its host (steal time), but still far from
+    # what a mix-up would give (an ITL that counted the first token's 50 ms, an E2E without the token gaps).
+    ttft, itl, e2e = (summary[k]["p50"] for k in ("ttft_ms", "itl_ms", "e2e_ms"))
+    assert 45 <= ttft <= 400, summary["ttft_ms"]
+    assert 8 <= itl <= 40, summary["itl_ms"]
+    assert ttft + 7 * 8 <= e2e <= ttft + 7 * 40 + 200, summary["e2e_ms"]
     assert summary["server_ms"]["handoff_ms"]["p50"] == 1.5
 
     # Errors by code, exactly as the fake decided them; partial streams keep the tokens they received.
@@ -231,12 +234,12 @@ def test_closed_loop_concurrency_and_goodput_slos(fake_gateway):
     # Goodput against SLOs above and below the known delays (50 ms first token, 10 ms gaps). The delays are lower
     # bounds (the fake sleeps at least that long); the margins above them absorb a busy CPU shared with other tests.
     ok = summary.num_ok
-    assert summarize(records, config.warmup_s, Slo(ttft_ms=500, itl_ms=50), 3).goodput.num_good == ok
+    assert summarize(records, config.warmup_s, Slo(ttft_ms=5000, itl_ms=500), 3).goodput.num_good == ok
     assert summarize(records, config.warmup_s, Slo(ttft_ms=45), 3).goodput.num_good == 0
     assert summarize(records, config.warmup_s, Slo(itl_ms=5), 3).goodput.num_good == 0
-    assert summarize(records, config.warmup_s, Slo(itl_ms=50), 3).goodput.num_good == ok
+    assert summarize(records, config.warmup_s, Slo(itl_ms=500), 3).goodput.num_good == ok
     assert summarize(records, config.warmup_s, Slo(), 3).goodput.num_good == ok
-    assert 9 <= statistics.median(r.mean_itl_ms for r in records if r.ok) <= 16
+    assert 9 <= statistics.median(r.mean_itl_ms for r in records if r.ok) <= 40
 
 
 def test_dataset_prompts_and_output_lengths(fake_gateway, tmp_path):
@@ -281,7 +284,7 @@ def test_dataset_prompts_and_output_lengths(fake_gateway, tmp_path):
     text = [r for r in result.records if r.prompt_len in (MESSAGES_TOKENS, PROMPT_TOKENS)]
     for r in text:
         assert r.itls_ms[0::2] == pytest.approx(r.itls_ms[1::2])
-    assert 8 <= statistics.median(gap for r in text for gap in r.itls_ms) <= 16
+    assert 8 <= statistics.median(gap for r in text for gap in r.itls_ms) <= 40
 
 
 def test_drain_deadline_bounds_the_run(fake_gateway):
@@ -309,7 +312,7 @@ def test_drain_deadline_bounds_the_run(fake_gateway):
     )
     started = time.perf_counter()
     result = asyncio.run(run_serve(config))
-    assert time.perf_counter() - started < 0.3 + 0.5 + 1.0
+    assert time.perf_counter() - started < 0.3 + 0.5 + 5.0  # bounded: duration + drain + slack for a slow CPU
     assert result.summary.errors == {"DEADLINE_EXCEEDED": 2}
     assert all(0 < r.output_tokens < 300 for r in result.records)
     deadline = time.monotonic() + 2
