@@ -273,13 +273,14 @@ def test_reclaim_expired_returns_the_blocks_of_a_vanished_owner():
 
 def test_renew_leases_keeps_working_sessions_but_not_handoffs():
     async def body(store: SessionStore) -> None:
-        await store.allocate("working", 2, "w", 80)
-        await store.allocate("handoff", 2, "w", 80)
+        # Leases generous enough that a CPU starved by its host for a moment does not expire them between beats.
+        await store.allocate("working", 2, "w", 400)
+        await store.allocate("handoff", 2, "w", 400)
         await store.update("handoff", "w", "PREFILLED", lease_ms=SHORT)  # nobody adopts it: a cancelled request
         await store.allocate("other", 2, "x", LEASE)
-        for _ in range(5):  # 5 x 30 ms > the 80 ms lease: only the heartbeats keep "working" alive
-            await asyncio.sleep(0.03)
-            assert await store.renew_leases("w", 80) == 1
+        for _ in range(6):  # 6 x 100 ms > the 400 ms lease: only the heartbeats keep "working" alive
+            await asyncio.sleep(0.1)
+            assert await store.renew_leases("w", 400) == 1
         assert await store.reclaim_expired() == ["handoff"]
         assert await store.get("working") is not None
         assert (await store.stats()).free == 12
