@@ -21,7 +21,7 @@ from kvstore.sessions import SessionError
 from services.common.convert import FINISH, logprob_to_proto, params_from_proto
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.model.runner import SeqChunk
-from services.model.sampler import Sampler, make_generator
+from services.model.sampler import Sampler, finish_reason, make_generator
 from services.model.sampling_params import SamplingParams
 
 log = logging.getLogger("kvrelay.decode")
@@ -180,11 +180,7 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
             seq.num_cached += 1
             seq.num_generated += 1
             seq.history.append(token)
-            reason = None
-            if (token in eos and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
-                reason = "stop"
-            elif seq.num_generated >= seq.params.max_tokens or len(seq.history) >= limit:
-                reason = "length"
+            reason = finish_reason(token, seq.num_generated, seq.params, eos, len(seq.history) >= limit)
             msg = decode_pb2.DecodeResponse(token_ids=[token], finish=FINISH[reason])
             lp = logprob_to_proto(out, row)
             if lp is not None:

@@ -18,7 +18,7 @@ from kvstore.pool import KVPool, PoolGeometry
 from services.model.config import DTYPES, ModelConfig
 from services.model.loader import build_model, load_weights
 from services.model.runner import ModelRunner, SeqChunk
-from services.model.sampler import Sampler, make_generator
+from services.model.sampler import Sampler, finish_reason, make_generator
 from services.model.sampling_params import SamplingParams
 
 
@@ -173,10 +173,8 @@ class Engine:
             r.token_ids.append(token)
             r.logprobs.append(out.logprobs[j])
             r.top_logprobs.append(out.top_logprobs[j])
-            if (token in eos and not sp.ignore_eos) or token in sp.stop_token_ids:
-                r.finish_reason = "stop"
-            elif len(r.token_ids) >= sp.max_tokens or len(prompts[i]) + len(r.token_ids) >= self.max_model_len:
-                r.finish_reason = "length"
+            full = len(prompts[i]) + len(r.token_ids) >= self.max_model_len
+            r.finish_reason = finish_reason(token, len(r.token_ids), sp, eos, full)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:

@@ -55,15 +55,20 @@ def is_stop(token_id: int, params: SamplingParams, eos_token_ids: Collection[int
 
 
 def finish_reason(
-    token_id: int, num_output_tokens: int, params: SamplingParams, eos_token_ids: Collection[int]
+    token_id: int,
+    num_output_tokens: int,
+    params: SamplingParams,
+    eos_token_ids: Collection[int],
+    context_full: bool = False,
 ) -> str | None:
-    """OpenAI's finish_reason after appending `token_id` as output token number `num_output_tokens` (1-based).
+    """OpenAI's finish_reason after appending `token_id` as output token number `num_output_tokens` (1-based);
+    context_full: the sequence reached the model's context, which ends it like max_tokens does.
 
     A stop token wins over the length limit when both happen on the same token: the client asked to stop there anyway.
     """
     if is_stop(token_id, params, eos_token_ids):
         return "stop"
-    if num_output_tokens >= params.max_tokens:
+    if num_output_tokens >= params.max_tokens or context_full:
         return "length"
     return None
 

@@ -20,7 +20,7 @@ from kvstore.sessions import SessionError, SessionState
 from services.common.convert import FINISH, logprob_to_proto, params_from_proto
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
 from services.model.runner import SeqChunk
-from services.model.sampler import Sampler, make_generator
+from services.model.sampler import Sampler, finish_reason, make_generator
 from services.model.sampling_params import SamplingParams
 
 log = logging.getLogger("kvrelay.prefill")
@@ -220,11 +220,8 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         for row, job in enumerate(jobs):
             self.ready.remove(job)
             token = out.token_ids[row]
-            reason = None
-            if (token in eos and not job.params.ignore_eos) or token in job.params.stop_token_ids:
-                reason = "stop"
-            elif job.params.max_tokens <= 1 or len(job.token_ids) + 1 >= self.attached.max_model_len:
-                reason = "length"
+            full = len(job.token_ids) + 1 >= self.attached.max_model_len
+            reason = finish_reason(token, 1, job.params, eos, full)
             if job.cancelled or reason is not None:
                 await self._finish_here(job)
             else:
