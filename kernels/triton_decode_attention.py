@@ -47,17 +47,47 @@ DEFAULT_NUM_SMS = 132
 # 64 (4 warps, H200): int8/fp8 KV 23-29% faster at batch 256 x 4k, bf16 the same; 256 spills registers.
 TILE_TOKENS = 128
 
+# Launch choices for int8/fp8 KV on NVIDIA GPUs (bench/tune_decode_attention.py, H200, batch 32 x 4k and 64 x 1k).
+# Left alone, ptxas gives the kernel 186-255 registers: 2 programs an SM, too few K/V bytes in flight (0.56 / 0.50 of
+# copy bandwidth). Capped at 128 registers it does not spill (ptxas -v) and 4 programs fit; 2 programs an SM worth of
+# splits and 2 stages was then best (0.70 / 0.68). bf16 KV reads twice the bytes per tile and keeps the defaults.
+QUANTIZED_NVIDIA_TUNING = {"num_stages": 2, "maxnreg": 128, "programs_per_sm": 2}
+
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _to_dot(x, DOT_DTYPE: tl.constexpr):
+def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr):
     """A loaded K/V tile [BLOCK_N, HEAD_DIM_PAD] as the dot's input dtype; exact for int8 and e4m3.
 
     int8 -> fp16 without an integer-to-float conversion: x + 128 in 0..255 placed in the mantissa of 1024.0 (bits
-    0x6400) is the fp16 1024 + x + 128 exactly; subtracting 1152 leaves x. (7% faster than the cast at batch 256, H200.)
+    0x6400) is the fp16 1024 + x + 128 exactly; subtracting 1152 leaves x. CONVERT picks how:
+    0: the plain cast (one I2F per element, a slow instruction); 1: the trick in Triton integer ops (portable: ROCm,
+    the interpreter); 2: the trick in PTX on four packed bytes at once (CUDA only): one xor, two byte permutes and
+    two packed half subtractions per four values.
     """
-    if x.dtype == tl.int8 and DOT_DTYPE == tl.float16:
+    if x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 2:
+        # (H200, batch 32 x 4k: 0.63 of copy bandwidth against 0.52 with 1 and 0.49 with 0)
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 t, m, e;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 e, 0x64646464;
+            mov.b32 m, 0x64806480;
+            prmt.b32 $0, t, e, 0x5150;
+            prmt.b32 $1, t, e, 0x5352;
+            sub.f16x2 $0, $0, m;
+            sub.f16x2 $1, $1, m;
+            }
+            """,
+            constraints="=r,=r,r",
+            args=[x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
+    elif x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 1:
         biased = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
         return (biased | 0x6400).to(tl.float16, bitcast=True) - 1152.0
     else:
@@ -113,6 +143,7 @@ def _decode_split_kernel(
     V_DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     NUM_SPLITS_IS_ONE: tl.constexpr,
+    CONVERT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -145,21 +176,19 @@ def _decode_split_kernel(
         .to(K_DOT_DTYPE)
     )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
 
-    # Loop-invariant parts of the addresses, hoisted. A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE
-    # whole blocks, so token n of a tile is at offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block.
+    # A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE whole blocks, so token n of a tile is at
+    # offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block. Addresses are built in the loop from [BLOCK_N]
+    # row offsets plus one [HEAD_DIM_PAD] column offset: a hoisted [BLOCK_N, HEAD_DIM_PAD] tensor of 64-bit pointers
+    # costs 256 registers a thread at 128 x 128 and spilled ~2 KB a thread (ptxas -v, sm_90).
     block_of_token = offs_n // BLOCK_SIZE  # [BLOCK_N]
     slot_in_block = offs_n % BLOCK_SIZE  # [BLOCK_N]
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
-    # [BLOCK_N, HEAD_DIM_PAD]
-    k_tile_ptrs = (
-        k_cache_ptr + kv_head * stride_kc_h + slot_in_block[:, None] * stride_kc_s + offs_d[None, :] * stride_kc_d
-    )
-    v_tile_ptrs = (
-        v_cache_ptr + kv_head * stride_vc_h + slot_in_block[:, None] * stride_vc_s + offs_d[None, :] * stride_vc_d
-    )
-    # [BLOCK_N]
-    k_scale_tile_ptrs = k_scale_ptr + kv_head * stride_ks_h + slot_in_block * stride_ks_s
-    v_scale_tile_ptrs = v_scale_ptr + kv_head * stride_vs_h + slot_in_block * stride_vs_s
+    k_row_in_block = kv_head * stride_kc_h + slot_in_block * stride_kc_s  # [BLOCK_N]
+    v_row_in_block = kv_head * stride_vc_h + slot_in_block * stride_vc_s
+    k_col = offs_d * stride_kc_d  # [HEAD_DIM_PAD]
+    v_col = offs_d * stride_vc_d
+    k_scale_in_block = kv_head * stride_ks_h + slot_in_block * stride_ks_s  # [BLOCK_N]
+    v_scale_in_block = kv_head * stride_vs_h + slot_in_block * stride_vs_s
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -173,11 +202,17 @@ def _decode_split_kernel(
         mask_nd = mask_n[:, None] & mask_d[None, :]
 
         # [BLOCK_N, HEAD_DIM_PAD]
-        k = _to_dot(tl.load(k_tile_ptrs + blocks[:, None] * stride_kc_b, mask=mask_nd, other=0.0), K_DOT_DTYPE)
+        k = _to_dot(
+            tl.load(
+                k_cache_ptr + (blocks * stride_kc_b + k_row_in_block)[:, None] + k_col[None, :], mask=mask_nd, other=0.0
+            ),
+            K_DOT_DTYPE,
+            CONVERT,
+        )
         # [GROUP_PAD, BLOCK_N]
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         if K_SCALED:
-            k_scale = tl.load(k_scale_tile_ptrs + blocks * stride_ks_b, mask=mask_n, other=0.0)
+            k_scale = tl.load(k_scale_ptr + blocks * stride_ks_b + k_scale_in_block, mask=mask_n, other=0.0)
             scores = scores * k_scale[None, :]
         scores = tl.where(mask_n[None, :], scores * qk_scale, float("-inf"))
 
@@ -186,9 +221,15 @@ def _decode_split_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        v = _to_dot(tl.load(v_tile_ptrs + blocks[:, None] * stride_vc_b, mask=mask_nd, other=0.0), V_DOT_DTYPE)
+        v = _to_dot(
+            tl.load(
+                v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None] + v_col[None, :], mask=mask_nd, other=0.0
+            ),
+            V_DOT_DTYPE,
+            CONVERT,
+        )
         if V_SCALED:
-            v_scale = tl.load(v_scale_tile_ptrs + blocks * stride_vs_b, mask=mask_n, other=0.0)
+            v_scale = tl.load(v_scale_ptr + blocks * stride_vs_b + v_scale_in_block, mask=mask_n, other=0.0)
             p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -253,7 +294,9 @@ def _num_sms(device: torch.device) -> int:
     return DEFAULT_NUM_SMS
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+def decode_num_splits(
+    num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int, programs_per_sm: int | None = None
+) -> int:
     """How many splits of the context to use: from shapes and an upper bound of the context only (graph-safe).
 
     Enough (sequence, kv head, split) programs to give every SM PROGRAMS_PER_SM of them, but no split shorter than
@@ -261,7 +304,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     1 split): no cliff where a long-context batch of a dozen sequences falls back to one program per (seq, kv head).
     """
     programs = max(num_seqs * num_kv_heads, 1)
-    by_occupancy = -(-PROGRAMS_PER_SM * num_sms // programs)
+    by_occupancy = -(-(programs_per_sm or PROGRAMS_PER_SM) * num_sms // programs)
     by_length = -(-max(max_context_len, 1) // MIN_TOKENS_PER_SPLIT)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
@@ -295,6 +338,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     max_context_len: int | None = None,
+    tuning: dict | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's query over its first context_lens[b] cached tokens (which include the query's own
     K/V, stored beforehand). Same contract as `paged_decode_attention_ref`.
@@ -306,6 +350,8 @@ def paged_decode_attention(
     num_splits:      force the split count (tests, tuning); default from `decode_num_splits`
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
+    tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
+                     num_stages, maxnreg, convert (see `_to_dot`), programs_per_sm
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
     """
     num_seqs, num_heads, head_dim = query.shape
@@ -331,12 +377,18 @@ def paged_decode_attention(
 
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
+    on_nvidia = query.device.type == "cuda" and torch.version.hip is None
+    quantized = layer.k_format.has_scale or layer.v_format.has_scale
+    tuning = {**(QUANTIZED_NVIDIA_TUNING if on_nvidia and quantized else {}), **(tuning or {})}
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context_len, _num_sms(query.device))
+        num_splits = decode_num_splits(
+            num_seqs, num_kv_heads, max_context_len, _num_sms(query.device), tuning.get("programs_per_sm")
+        )
     num_splits = min(num_splits, MAX_SPLITS)
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = max(block_size, TILE_TOKENS if head_dim_pad <= 128 else TILE_TOKENS // 2)
+    block_n = max(block_size, tuning.get("block_n", TILE_TOKENS if head_dim_pad <= 128 else TILE_TOKENS // 2))
+    extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
     if num_splits == 1:
@@ -386,7 +438,9 @@ def paged_decode_attention(
         V_DOT_DTYPE=v_dot_dtype,
         INPUT_PRECISION=input_precision,
         NUM_SPLITS_IS_ONE=num_splits == 1,
-        num_warps=4,
+        CONVERT=tuning.get("convert", 2 if on_nvidia else 1),
+        num_warps=tuning.get("num_warps", 4),
+        **extra,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

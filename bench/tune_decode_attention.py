@@ -1,0 +1,117 @@
+"""Sweep the int8 paged decode attention kernel's launch choices and int8 conversions on the GPU.
+
+    python bench/tune_decode_attention.py [--quick]
+
+Each variant is checked against the torch reference before it is timed (a fast wrong kernel is not a result), timed
+inside a CUDA graph as the decode worker runs it, and reported as a fraction of the measured copy bandwidth. (Scales
+laid out [block, head, token] were tried on an H200 and made no difference.) Writes
+bench/results/tune_decode_attention.json; records nothing in summary.json (kernel_bench.py measures the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms  # noqa: E402
+from bench.model_bench import fill_random  # noqa: E402
+from kernels.decode_attention import paged_decode_attention_ref  # noqa: E402
+from kernels.triton_decode_attention import paged_decode_attention  # noqa: E402
+from kvstore.formats import parse_kv_dtype  # noqa: E402
+from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+SHAPES = ((32, 4096), (64, 1024), (1, 1024), (1, 8192))
+
+
+def setup(bs: int, ctx: int, kv: str):
+    spec = parse_kv_dtype(kv, torch.bfloat16)
+    blocks_per_seq = ctx // BLOCK
+    pool = KVPool.allocate(PoolGeometry(1, bs * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM), spec, "cuda")
+    fill_random(pool)
+    layer = pool.layer(0)
+    tables = torch.randperm(bs * blocks_per_seq, device="cuda").view(bs, blocks_per_seq).int()
+    lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(bs, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    per_token = 2 * KV_HEADS * (HEAD_DIM * layer.k_cache.element_size() + (4 if layer.k_scale is not None else 0))
+    nbytes = bs * ctx * per_token + 2 * q.numel() * q.element_size()
+    return pool, layer, tables, lens, q, nbytes
+
+
+def run_variant(layer, tables, lens, q, ctx, tuning, ref) -> tuple[float, float]:
+    fn = lambda: paged_decode_attention(q, layer, tables, lens, HEAD_DIM**-0.5, max_context_len=ctx, tuning=tuning)  # noqa: E731
+    out = fn()
+    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+    if not err < 2e-2:
+        raise AssertionError(f"wrong result: rel err {err:.3g}")
+    return graph_time_ms(fn), err
+
+
+def tune_shape(bs: int, ctx: int, bw: float, grid: dict) -> list[dict]:
+    pool, layer, tables, lens, q, nbytes = setup(bs, ctx, "int8")
+    ref = paged_decode_attention_ref(q.float(), layer, tables, lens, HEAD_DIM**-0.5).float()
+    floor_ms = nbytes / bw * 1e3
+    rows = []
+
+    def attempt(lay, layout_name, tuning):
+        row = {"bs": bs, "ctx": ctx, "scales": layout_name, **tuning}
+        try:
+            ms, err = run_variant(lay, tables, lens, q, ctx, dict(tuning), ref)
+            row |= {"ms": round(ms, 5), "fraction": round(floor_ms / ms, 4), "rel_err": err}
+        except Exception as exc:  # a config that does not compile or is wrong is reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+
+    # Stage 1: tile x stages x register cap, scales as the pool lays them out, default split policy.
+    g = grid
+    for combo in itertools.product(*g.values()):
+        attempt(layer, "token_major", dict(zip(g, combo, strict=True)))
+    # Stage 2: the three best, with other split policies.
+    top = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])[:3]
+    for r in top:
+        tuning = {k: r[k] for k in grid}
+        for pps in (2, 4, 8, 16):
+            attempt(layer, "token_major", tuning | {"programs_per_sm": pps})
+    best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
+    default_ms, _ = run_variant(layer, tables, lens, q, ctx, None, ref)
+    print(f"bs{bs} ctx{ctx}: default {default_ms * 1e3:.1f} us ({floor_ms / default_ms:.3f} of floor); best {best}")
+    rows.append({"bs": bs, "ctx": ctx, "default": True, "ms": default_ms, "fraction": floor_ms / default_ms})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer variants")
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    print(f"{gpu_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    # Last run (H200): the PTX conversion and 4 warps won everywhere; 128 tokens beat 64. What is left: registers.
+    # ptxas gives the int8 kernel 186-255 registers (2 programs an SM, 64 KB of K/V in flight); capped at 128 it
+    # does not spill and 4 programs fit.
+    grid = {
+        "convert": (2,),
+        "block_n": (128,) if args.quick else (128, 256),
+        "num_warps": (4,),
+        "num_stages": (2, 3),
+        "maxnreg": (0, 168, 128, 96),
+    }
+    results = []
+    for bs, ctx in SHAPES:
+        results += tune_shape(bs, ctx, bw, grid)
+        torch.cuda.empty_cache()
+    errors = [r for r in results if "error" in r]
+    print(f"{len(errors)} variants failed; first: {errors[:3]}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"gpu": gpu_name(), "copy_bandwidth": bw, "results": results}
+    (RESULTS / "tune_decode_attention.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
