@@ -19,7 +19,7 @@ for stage in "$@"; do
       [ -f "$CKPT/config.json" ] || python -m gateway.cli make-checkpoint --preset llama3-8b --out "$CKPT" --device cuda ;;
     tests)
       log "GPU tests"
-      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py 2>&1 | tail -40 ;;
+      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py tests/test_triton_gemv.py 2>&1 | tail -40 ;;
     kernels)
       log "kernel benchmarks"
       python bench/kernel_bench.py ;;
@@ -31,7 +31,7 @@ for stage in "$@"; do
       python bench/serve_latency.py --model "$CKPT" --kv-dtype int8 ;;
     modes)
       log "colocated vs disaggregated, multi-turn"
-      python bench/serve_modes.py --model "$CKPT" --modes "${MODES:-colocated,disaggregated,mps}" --multiturn ;;
+      python bench/serve_modes.py --model "$CKPT" --modes "${MODES:-colocated,disaggregated,mps}" ${MODES_ARGS:-} --multiturn ;;
   esac
 done
 # At most 8 files come back from the GPU machine: the summary, the tables, and whatever RETURN names.

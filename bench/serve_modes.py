@@ -28,11 +28,15 @@ from gateway.client import Client  # noqa: E402
 from tests.deployment import Deployment  # noqa: E402
 
 COMMAND = "python bench/serve_modes.py --model DIR"
-MODES = {
-    "colocated": ["--mode", "colocated"],
-    "disaggregated": ["--mode", "disaggregated"],
-    "mps": ["--mode", "disaggregated", "--mps", "--decode-sm-pct", "100"],
-}
+
+
+def mode_flags(mode: str, args) -> list[str]:
+    return {
+        "colocated": ["--mode", "colocated"],
+        "disaggregated": ["--mode", "disaggregated"],
+        "mps": ["--mode", "disaggregated", "--mps", "--decode-sm-pct", "100", "--prefill-sm-pct",
+                str(args.prefill_sm_pct)],
+    }[mode]  # fmt: skip
 
 
 def loadgen(address: str, label: str, *flags: str) -> dict:
@@ -67,7 +71,7 @@ def run_mode(model: str, mode: str, args) -> dict:
         "40000",
         "--max-batch-tokens",
         str(args.chunk),
-        *MODES[mode],
+        *mode_flags(mode, args),
     )
     try:
         quiet = loadgen(

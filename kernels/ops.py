@@ -79,3 +79,16 @@ def silu_and_mul(x):
 
         return kernel(x)
     return activation.silu_and_mul_ref(x)
+
+
+def linear(x, weight, bias=None):
+    """x [tokens, in] -> [tokens, out]. One 16-bit row on a GPU takes the Triton GEMV (faster weight streaming than
+    cuBLAS at batch 1, kernels/triton_gemv.py); everything else is torch's (cuBLAS, or the CPU)."""
+    if _gpu(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
+        if weight.dtype == x.dtype:
+            from kernels.triton_gemv import gemv
+
+            y = gemv(x, weight, bias)
+            if y is not None:
+                return y
+    return torch.nn.functional.linear(x, weight, bias)

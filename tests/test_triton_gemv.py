@@ -1,0 +1,65 @@
+"""The batch-1 Triton GEMV (kernels/triton_gemv.py) against torch's linear, and ops.linear's choice between them.
+
+Without a GPU it runs under TRITON_INTERPRET=1 (tests/conftest.py) at small, odd sizes, in fp16 (the interpreter's
+bf16 is unreliable); the `gpu` test repeats it at the Llama-3-8B shapes in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run here", allow_module_level=True)
+
+from kernels import ops  # noqa: E402
+from kernels.triton_gemv import gemv, gemv_config  # noqa: E402
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+DTYPE = torch.bfloat16 if HAS_GPU else torch.float16
+
+
+def reference(x, w, b):
+    return torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(37, 256), (16, 192), (20000, 128), (9, 8192)])
+def test_gemv_matches_linear(n, k, bias):
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, DTYPE)
+    x = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE)
+    b = torch.randn(n, generator=gen).to(DEVICE, DTYPE) if bias else None
+    y = gemv(x, w, b)
+    assert y is not None and y.shape == (1, n) and y.dtype == DTYPE
+    ref = reference(x, w, b)
+    # float32 accumulation either way: only the output's rounding to 16 bits differs
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_config_covers_tiles_and_refuses_odd_k():
+    # every config's BLOCK_K divides K, or there is none and the caller falls back to torch
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (576, 1536), (50, 192)]:
+        _, block_k, _ = gemv_config(n, k)
+        assert k % block_k == 0
+    assert gemv_config(64, 100) is None
+    w = torch.randn(8, 100, dtype=DTYPE, device=DEVICE)
+    x = torch.randn(1, 100, dtype=DTYPE, device=DEVICE)
+    assert gemv(x, w) is None
+    torch.testing.assert_close(ops.linear(x, w).float(), reference(x, w, None), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)])
+def test_gemv_llama3_8b_shapes(n, k):
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    y = ops.linear(x, w)
+    ref = reference(x, w, None)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
