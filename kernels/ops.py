@@ -7,6 +7,8 @@ reference beside it for tests.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import activation, decode_attention, norm, prefill_attention
@@ -19,6 +21,10 @@ try:  # triton is a GPU dependency; a CPU install may not have it
     HAVE_TRITON = True
 except ImportError:
     HAVE_TRITON = False
+
+
+# KVRELAY_TRITON_GEMV=0 sends batch-1 linear layers to cuBLAS (A/B measurements).
+TRITON_GEMV = os.environ.get("KVRELAY_TRITON_GEMV", "1") != "0"
 
 
 def _gpu(t: torch.Tensor) -> bool:
@@ -84,7 +90,7 @@ def silu_and_mul(x):
 def linear(x, weight, bias=None):
     """x [tokens, in] -> [tokens, out]. One 16-bit row on a GPU takes the Triton GEMV (faster weight streaming than
     cuBLAS at batch 1, kernels/triton_gemv.py); everything else is torch's (cuBLAS, or the CPU)."""
-    if _gpu(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
+    if TRITON_GEMV and _gpu(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
         if weight.dtype == x.dtype:
             from kernels.triton_gemv import gemv
 
