@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 # Columns per program: wide enough for 16-byte accesses per thread, small enough that an MLP of d = 14336 still
 # spreads each row over several programs.
 _BLOCK = 1024
@@ -19,7 +21,10 @@ def _silu_and_mul_kernel(
     stride_out,
     d,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    pdl.trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -43,5 +48,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] > 0 and d > 0:
         block = min(_BLOCK, triton.next_power_of_2(d))
         grid = (rows.shape[0], triton.cdiv(d, block))
-        _silu_and_mul_kernel[grid](rows, out_rows, rows.stride(0), out_rows.stride(0), d, BLOCK=block, num_warps=4)
+        strides = (rows.stride(0), out_rows.stride(0))
+        options = pdl.launch_options(x.device)
+        _silu_and_mul_kernel[grid](rows, out_rows, *strides, d, BLOCK=block, num_warps=4, **options)
     return out

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kvstore.formats import KVFormat
 from kvstore.pool import LayerKV
 
@@ -144,7 +145,10 @@ def _decode_split_kernel(
     INPUT_PRECISION: tl.constexpr,
     NUM_SPLITS_IS_ONE: tl.constexpr,
     CONVERT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    pdl.trigger(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -261,7 +265,10 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    pdl.trigger(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -441,6 +448,7 @@ def paged_decode_attention(
         CONVERT=tuning.get("convert", 2 if on_nvidia else 1),
         num_warps=tuning.get("num_warps", 4),
         **extra,
+        **pdl.launch_options(query.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -455,5 +463,6 @@ def paged_decode_attention(
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl.launch_options(query.device),
         )
     return out

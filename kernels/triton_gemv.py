@@ -14,10 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):  # fmt: skip
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
@@ -28,6 +31,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.const
         w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
         x = tl.load(x_ptr + k0 + offs_k)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    pdl.trigger(PDL)  # after the loop: a multi-wave grid keeps its SMs until then
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -75,5 +79,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
+        **pdl.launch_options(x.device),
     )
     return y

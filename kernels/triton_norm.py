@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -27,7 +29,10 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    pdl.trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -94,6 +99,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
             num_warps=_num_warps(block),
+            **pdl.launch_options(x.device),
         )
     return out, new_residual
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rotate_heads(
@@ -69,7 +71,10 @@ def _rotary_kernel(
     BLOCK_TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_KH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    pdl.trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
@@ -142,5 +147,6 @@ def rotary(
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         # ~8 float32 pairs per thread for the query heads of the token.
         num_warps=max(1, min(8, block_h * block_half // 256)),
+        **pdl.launch_options(query.device),
     )
     return q_out, k_out

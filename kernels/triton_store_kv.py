@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kvstore.formats import AMAX_FLOOR, KVFormat
 from kvstore.pool import LayerKV
 
@@ -149,8 +150,11 @@ def _store_kv_kernel(
     FP8_MANTISSA_BITS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     DIM_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program per token: all its kv heads as one [HEADS_PAD, DIM_PAD] tile, K and V.
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    pdl.trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     # slot -1 marks a padding token: every load and store below is masked off (no early return: simpler everywhere).
@@ -277,4 +281,5 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mappin
         FP8_MANTISSA_BITS=fp8_mantissa_bits,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         DIM_PAD=triton.next_power_of_2(head_dim),
+        **pdl.launch_options(key.device),
     )

@@ -1,0 +1,44 @@
+"""Programmatic dependent launch (PDL, NVIDIA Hopper and newer): a kernel is launched while the one before it on the
+stream is still finishing, and waits on the device (`griddepcontrol.wait`) before it touches memory.
+
+A batch-1 decode step is ~260 small kernels; between two of them a CUDA graph still leaves a gap of about a
+microsecond (launch, block scheduling, prologue). With PDL that setup overlaps the previous kernel's tail. Every kernel
+that takes part calls `wait()` first thing, so it reads nothing before its predecessor (and, by induction, every
+kernel before that) has completed and its writes are visible; `trigger()` after its main loop lets the next kernel's
+blocks be scheduled. Off on ROCm, on the CPU (the interpreter) and before sm_90; KVRELAY_PDL=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def _enabled(device_index: int) -> bool:
+    if os.environ.get("KVRELAY_PDL", "1") == "0" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: the PDL constexpr and, where enabled, launch_pdl."""
+    if device.type != "cuda" or not _enabled(device.index if device.index is not None else torch.cuda.current_device()):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def trigger(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
