@@ -78,6 +78,10 @@ def tune_shape(bs: int, ctx: int, bw: float, grid: dict) -> list[dict]:
         tuning = {k: r[k] for k in grid}
         for pps in (2, 4, 8, 16):
             attempt(layer, "token_major", tuning | {"programs_per_sm": pps})
+    if bs == 1:  # Stage 3: at batch 1 the split count (capped by MIN_TOKENS_PER_SPLIT) and the tile set the latency
+        for splits, block_n in itertools.product((4, 8, 16, 32), (32, 64, 128)):
+            if ctx // splits >= block_n:
+                attempt(layer, "token_major", {"convert": 2, "block_n": block_n, "num_splits": splits})
     best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
     default_ms, _ = run_variant(layer, tables, lens, q, ctx, None, ref)
     print(f"bs{bs} ctx{ctx}: default {default_ms * 1e3:.1f} us ({floor_ms / default_ms:.3f} of floor); best {best}")

@@ -23,8 +23,14 @@ except ImportError:
     HAVE_TRITON = False
 
 
-# KVRELAY_TRITON_GEMV=0 sends batch-1 linear layers to cuBLAS (A/B measurements).
+# KVRELAY_TRITON_GEMV=0 sends batch-1 linear layers to cuBLAS; KVRELAY_FUSE lists the GEMV prologues in use
+# ("norm,silu": the layer norms and the MLP activation fused into the projections). Off by default: measured on an
+# H200 (batch-1 decode, 8B shape, fraction of floor, two runs each): none 0.810 / 0.818, silu 0.772 / 0.792,
+# norm+silu 0.787. Every GEMV program needs the whole input row, so a prologue is recomputed by each of hundreds of
+# programs at the head of its critical path (14336 exps each for silu), which costs more than the kernel it saves
+# once launches are overlapped (kernels/pdl.py).
 TRITON_GEMV = os.environ.get("KVRELAY_TRITON_GEMV", "1") != "0"
+FUSE = set(os.environ.get("KVRELAY_FUSE", "").split(","))
 
 
 def _gpu(t: torch.Tensor) -> bool:
@@ -87,14 +93,52 @@ def silu_and_mul(x):
     return activation.silu_and_mul_ref(x)
 
 
+def _gemv_ok(x, weight) -> bool:
+    """One 16-bit row on a GPU, weight of its dtype: the Triton GEMV's case (kernels/triton_gemv.py)."""
+    return (
+        TRITON_GEMV
+        and _gpu(x)
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+    )
+
+
 def linear(x, weight, bias=None):
     """x [tokens, in] -> [tokens, out]. One 16-bit row on a GPU takes the Triton GEMV (faster weight streaming than
-    cuBLAS at batch 1, kernels/triton_gemv.py); everything else is torch's (cuBLAS, or the CPU)."""
-    if TRITON_GEMV and _gpu(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
-        if weight.dtype == x.dtype:
-            from kernels.triton_gemv import gemv
+    cuBLAS at batch 1); everything else is torch's (cuBLAS, or the CPU)."""
+    if _gemv_ok(x, weight):
+        from kernels.triton_gemv import gemv
 
-            y = gemv(x, weight, bias)
-            if y is not None:
-                return y
+        out = gemv(x, weight, bias)
+        if out is not None:
+            return out[0]
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
+    """linear(rms_norm(x)) with residual None (new residual: x itself), else linear(rms_norm(x + residual)) and the
+    new residual x + residual. One kernel on the GEMV path, the unfused kernels otherwise. Returns (y, new_residual).
+    """
+    if "norm" in FUSE and _gemv_ok(x, weight):
+        from kernels import triton_gemv as g
+
+        out = g.gemv(x, weight, bias, g.NORM if residual is None else g.ADD_NORM, residual, norm_weight, eps)
+        if out is not None:
+            return out[0], x if residual is None else out[1]
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight, bias), new_residual
+
+
+def silu_mul_linear(gate_up, weight, bias=None):
+    """linear(silu_and_mul(gate_up)): one kernel on the GEMV path."""
+    if "silu" in FUSE and _gemv_ok(gate_up, weight) and gate_up.shape[1] == 2 * weight.shape[1]:
+        from kernels import triton_gemv as g
+
+        out = g.gemv(gate_up, weight, bias, g.SILU_MUL)
+        if out is not None:
+            return out[0]
+    return linear(silu_and_mul(gate_up), weight, bias)

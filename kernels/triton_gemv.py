@@ -16,21 +16,62 @@ import triton.language as tl
 
 from kernels import pdl
 
+# What the kernel computes its input row from (PROLOGUE): the row itself; silu(gate) * up of a gate_up row (the MLP's
+# activation, fused into the down projection); RMSNorm of the row, or of row + residual (the layer norms, fused into
+# the projection after them). Fused, a batch-1 decode layer is 5 kernels fewer (H200, bench/profile_decode.py: the
+# norm and activation kernels took 180 us of a 4.3 ms step).
+PLAIN, SILU_MUL, NORM, ADD_NORM = 0, 1, 2, 3
+
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, offs, K, inv_rms, WRITE_RES, PROLOGUE: tl.constexpr):
+    """x's chunk `offs` as the GEMV consumes it (float32 holding values of x's dtype), rounded where the unfused
+    kernels round (kernels/norm.py, kernels/activation.py)."""
+    if PROLOGUE == 1:
+        gate = tl.load(x_ptr + offs).to(tl.float32)
+        up = tl.load(x_ptr + K + offs).to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    elif PROLOGUE >= 2:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+        if PROLOGUE == 3:
+            x = (x + tl.load(res_ptr + offs).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if WRITE_RES:
+                tl.store(new_res_ptr + offs, x)
+            x = x.to(tl.float32)
+        normed = (x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = (tl.load(nw_ptr + offs).to(tl.float32) * normed).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, N, K, stride_wn, eps,
+                 HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
     pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
+    inv_rms = 0.0
+    if PROLOGUE >= 2:
+        # Every program needs the norm of the whole row: a first pass over it (8 KB at hidden 4096, from L2).
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
+            if PROLOGUE == 3:
+                x = (x + tl.load(res_ptr + k0 + offs_k).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+            squares += x * x
+        # correctly rounded, as kernels/triton_norm.py
+        inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(squares, axis=0), K.to(tl.float32)) + eps))
     # Row offsets in int64 ([BLOCK_N] only): an lm_head's N * K exceeds 2^31.
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (`gemv_config`)
         w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
-        x = tl.load(x_ptr + k0 + offs_k)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, k0 + offs_k, K, inv_rms, pid == 0, PROLOGUE)
+        acc += w.to(tl.float32) * x[None, :]
     pdl.trigger(PDL)  # after the loop: a multi-wave grid keeps its SMs until then
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -58,27 +99,48 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int] | None:
     return None
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [1, K] (contiguous) times weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype; None if the shape has no
-    config (the caller falls back to torch)."""
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    prologue: int = PLAIN,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(y, new_residual) with y = prologue(x) W^T (+ bias), [1, N] in x's dtype; None if the shape has no config (the
+    caller falls back to torch).
+
+    x: [1, K] contiguous; for SILU_MUL [1, 2K] = cat(gate, up). NORM: rms_norm(x) * norm_weight. ADD_NORM: the same of
+    x + residual, which is also returned as new_residual (written once, by the first program), as
+    kernels/norm.py's fused_add_rms_norm_ref does.
+    """
     n, k = weight.shape
     config = gemv_config(n, k)
     if config is None or weight.stride(1) != 1 or not x.is_contiguous():
         return None
+    if prologue == ADD_NORM and not residual.is_contiguous():
+        return None
     block_n, block_k, num_warps = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(residual) if prologue == ADD_NORM else None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
         bias if bias is not None else weight,
         y,
+        residual if residual is not None else x,
+        norm_weight if norm_weight is not None else x,
+        new_residual if new_residual is not None else y,
         n,
         k,
         weight.stride(0),
+        eps,
         HAS_BIAS=bias is not None,
+        PROLOGUE=prologue,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
         **pdl.launch_options(x.device),
     )
-    return y
+    return y, new_residual

@@ -35,8 +35,8 @@ def test_gemv_matches_linear(n, k, bias):
     w = torch.randn(n, k, generator=gen).to(DEVICE, DTYPE)
     x = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE)
     b = torch.randn(n, generator=gen).to(DEVICE, DTYPE) if bias else None
-    y = gemv(x, w, b)
-    assert y is not None and y.shape == (1, n) and y.dtype == DTYPE
+    y, new_residual = gemv(x, w, b)
+    assert y.shape == (1, n) and y.dtype == DTYPE and new_residual is None
     ref = reference(x, w, b)
     # float32 accumulation either way: only the output's rounding to 16 bits differs
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
@@ -62,4 +62,64 @@ def test_gemv_llama3_8b_shapes(n, k):
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     y = ops.linear(x, w)
     ref = reference(x, w, None)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(37, 256), (20, 192)])
+def test_norm_linear_fused_equals_unfused(n, k, with_residual):
+    """The GEMV's norm prologue against the torch references: the same norm, the same roundings, one kernel."""
+    from kernels import triton_gemv as g
+    from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE)
+    residual = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE) if with_residual else None
+    norm_w = (1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, DTYPE)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, DTYPE)
+    prologue = g.ADD_NORM if with_residual else g.NORM
+    y, new_residual = g.gemv(x, w, None, prologue, residual, norm_w, 1e-5)
+    if with_residual:
+        normed, want_residual = fused_add_rms_norm_ref(x, residual, norm_w, 1e-5)
+        assert torch.equal(new_residual, want_residual)
+    else:
+        normed = rms_norm_ref(x, norm_w, 1e-5)
+        assert new_residual is None
+    ref = reference(normed, w, None)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_silu_mul_linear_fused_equals_unfused():
+    from kernels import triton_gemv as g
+    from kernels.activation import silu_and_mul_ref
+
+    gen = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(1, 2 * 192, generator=gen).to(DEVICE, DTYPE)
+    w = torch.randn(24, 192, generator=gen).to(DEVICE, DTYPE)
+    y, _ = g.gemv(gate_up, w, None, g.SILU_MUL)
+    ref = reference(silu_and_mul_ref(gate_up), w, None)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_fused_prologues_llama3_8b_shapes():
+    from kernels.activation import silu_and_mul_ref
+    from kernels.norm import fused_add_rms_norm_ref
+
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    residual = torch.randn_like(x)
+    norm_w = 1 + 0.1 * torch.randn(4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(6144, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
+    from kernels import triton_gemv as g
+
+    y, new_residual = g.gemv(x, w, None, g.ADD_NORM, residual, norm_w, 1e-5)
+    normed, want_residual = fused_add_rms_norm_ref(x, residual, norm_w, 1e-5)
+    assert torch.equal(new_residual, want_residual)
+    ref = reference(normed, w, None)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    gate_up = torch.randn(1, 2 * 14336, dtype=torch.bfloat16, device="cuda")
+    down = torch.randn(4096, 14336, dtype=torch.bfloat16, device="cuda") * 0.02
+    ref = reference(silu_and_mul_ref(gate_up), down, None)
+    y, _ = g.gemv(gate_up, down, None, g.SILU_MUL)
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

@@ -16,7 +16,11 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 from kernels.decode_attention import paged_decode_attention_ref  # noqa: E402
 from kernels.store_kv import store_kv_ref  # noqa: E402
-from kernels.triton_decode_attention import decode_num_splits, paged_decode_attention  # noqa: E402
+from kernels.triton_decode_attention import (  # noqa: E402
+    MIN_TOKENS_PER_SPLIT,
+    decode_num_splits,
+    paged_decode_attention,
+)
 from kernels.triton_store_kv import store_kv  # noqa: E402
 from kvstore.allocator import BlockAllocator  # noqa: E402
 from kvstore.block_table import blocks_needed, make_block_table_tensor, slot_mapping  # noqa: E402
@@ -208,7 +212,7 @@ def test_decode_attention_auto_splits(max_context_len: int | None) -> None:
     layer, block_tables, lens = _stored_batch(KVSpec(KVFormat.INT8, KVFormat.INT8), context_lens, 1, 40, 16,
                                               max_blocks=40)  # fmt: skip
     bound = max_context_len if max_context_len is not None else 40 * 16
-    assert decode_num_splits(3, 1, bound, 132) == 3
+    assert decode_num_splits(3, 1, bound, 132) == -(-bound // MIN_TOKENS_PER_SPLIT) > 1
     query = torch.randn(3, 3, 40, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     expected = paged_decode_attention_ref(query, layer, block_tables, lens, 0.2)
     out = paged_decode_attention(query, layer, block_tables, lens, 0.2, max_context_len=max_context_len)
@@ -218,8 +222,8 @@ def test_decode_attention_auto_splits(max_context_len: int | None) -> None:
 def test_decode_num_splits_heuristic() -> None:
     sms = 132
     # A small batch with a long context is split to fill the GPU; a short context is not split.
-    assert decode_num_splits(1, 8, 4096, sms) == 4096 // 256
-    assert decode_num_splits(1, 8, 200, sms) == 1
+    assert decode_num_splits(1, 8, 4096, sms) == 4096 // MIN_TOKENS_PER_SPLIT
+    assert decode_num_splits(1, 8, MIN_TOKENS_PER_SPLIT - 1, sms) == 1
     # No cliff: the split count falls gradually with the batch, and a dozen long sequences are still split.
     counts = [decode_num_splits(b, 8, 4096, sms) for b in range(1, 300)]
     assert all(a >= b for a, b in zip(counts, counts[1:], strict=False))

@@ -44,8 +44,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [num_tokens, 2 * intermediate] -> [num_tokens, intermediate]
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # [num_tokens, 2 * intermediate] -> silu(gate) * up [num_tokens, intermediate] -> [num_tokens, hidden]
+        return ops.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaAttention(nn.Module):
@@ -70,8 +73,12 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
         pool: KVPool,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(self.qkv_proj(x), positions, cos_sin_cache, meta, pool)
+
+    def attend(self, qkv, positions, cos_sin_cache, meta: AttentionMetadata, pool: KVPool) -> torch.Tensor:
+        """Everything after the qkv projection: rotary, the K/V store, attention, o_proj."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # strided views into the fused output: the kernels take strides, so no copies
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -101,14 +108,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, residual, positions, cos_sin_cache, meta, pool):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, cos_sin_cache, meta, pool)
+        # Each norm goes with the projection after it (ops.norm_linear): one kernel at batch 1 on a GPU.
+        qkv, residual = self._norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
+        x = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool)
+        if isinstance(self.mlp, LlamaMLP):
+            gate_up, residual = self._norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
+            return self.mlp.down(gate_up), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    @staticmethod
+    def _norm_linear(norm: RMSNorm, x, residual, linear: nn.Linear):
+        return ops.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,111 @@
+"""Decode at batch 8-128 multiplies a few rows by each weight: can a Triton GEMM stream the weights faster than cuBLAS
+there? Sweeps a plain tl.dot kernel (optionally split along K, partial sums added atomically in float32) on the
+Llama-3-8B projection shapes at a few batch sizes.
+
+    python bench/tune_skinny_gemm.py [--batches 64]
+
+Weight copies are used in turn so that no call finds its weight in L2. Writes bench/results/tune_skinny_gemm.json;
+records nothing in summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms  # noqa: E402
+
+SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_len = K // SPLIT_K
+    k_start = pid_k * k_len
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=offs_m[:, None] < M, other=0.0)
+        w = tl.load(w_ptrs + k0)
+        acc = tl.dot(x, w, acc)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = offs_m[:, None] < M
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+
+
+def skinny(x, w, block_n, block_k, split_k, num_warps, num_stages):
+    m, k = x.shape
+    n = w.shape[0]
+    block_m = max(16, triton.next_power_of_2(m))
+    if split_k == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    _skinny_kernel[(n // block_n, split_k)](
+        x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return y if split_k == 1 else y.to(x.dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="64")
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    print(f"{gpu_name()}: copy {bw / 1e12:.2f} TB/s")
+    out = {"gpu": gpu_name(), "copy_bandwidth": bw, "rows": []}
+    grid = list(itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4), (4, 8), (3, 4)))
+    for m in (int(b) for b in args.batches.split(",")):
+        for name, n, k in SHAPES:
+            copies = max(1, -(-(256 << 20) // (n * k * 2)))
+            ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            floor_ms = n * k * 2 / bw * 1e3
+            ref = torch.nn.functional.linear(x.float(), ws[0].float())
+            cublas = graph_time_ms(lambda: [torch.nn.functional.linear(x, w_) for w_ in ws]) / copies  # noqa: B023
+            best = None
+            for bn, bk, sk, nw, ns in grid:
+                if (k // sk) % bk or n % bn:
+                    continue
+                row = {"m": m, "shape": name, "block_n": bn, "block_k": bk, "split_k": sk, "warps": nw, "stages": ns}
+                try:
+                    y = skinny(x, ws[0], bn, bk, sk, nw, ns)
+                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                    assert err < 2e-2, f"wrong result {err}"
+                    ms = graph_time_ms(lambda: [skinny(x, w_, bn, bk, sk, nw, ns) for w_ in ws]) / copies  # noqa: B023
+                    row |= {"ms": ms, "fraction": floor_ms / ms}
+                    if best is None or ms < best["ms"]:
+                        best = row
+                except Exception as exc:
+                    row["error"] = str(exc)[:160]
+                out["rows"].append(row)
+            out["rows"].append({"m": m, "shape": name, "cublas_ms": cublas, "fraction": floor_ms / cublas})
+            print(f"m={m} {name:8}: floor {floor_ms * 1e3:6.1f} us | cuBLAS {floor_ms / cublas:.3f} | Triton {best}")
+            ws = None
+            torch.cuda.empty_cache()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tune_skinny_gemm.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
