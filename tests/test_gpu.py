@@ -1,7 +1,7 @@
 """The GPU path (Triton kernels, CUDA graphs) against HF transformers and the CPU path. Skipped without a GPU.
 
 The 8B-shape test needs a random checkpoint: `kvrelay make-checkpoint --preset llama3-8b --out DIR --device cuda`
-and KVRELAY_8B_CHECKPOINT=DIR.
+and KVRELAY_8B_CHECKPOINT=DIR. A checkpoint made before make_checkpoint's well-conditioned init must be made again.
 """
 
 from __future__ import annotations
@@ -48,9 +48,11 @@ def test_8b_shape_logits_match_hf():
     """Random Llama-3-8B-shape weights, 512 random tokens, the Triton/GPU engine against HF transformers.
 
     fp32: our kernels compute what HF computes (2e-4 allows for TF32-free fp32 GEMMs summing in another order).
-    bf16: on random weights, bf16 rounding alone moves HF's logits by ~7% from its own fp32 result (measured on an
-    H200: HF-bf16 vs HF-fp32 0.071), so the 2e-2 bound against HF-bf16 that a trained model would meet cannot hold
-    for any bf16 engine here. What must hold: ours in bf16 is no further from the fp32 truth than HF in bf16 is.
+    bf16: the acceptance bound, 2e-2 against HF in bf16. It can hold only because make_checkpoint's init is
+    conditioned like a trained network's (its docstring): with the former N(0, 0.02)-everywhere weights bf16 rounding
+    alone moved HF's logits 7% from its own fp32 result (H200). With this init, same shape and tokens, on the CPU: HF
+    bf16 vs fp32 0.0148, our torch-reference path in bf16 vs HF bf16 0.0127. And ours in bf16 is no further from the
+    fp32 result than HF in bf16 is.
     """
     ckpt = os.environ.get("KVRELAY_8B_CHECKPOINT")
     if not ckpt:
@@ -65,6 +67,7 @@ def test_8b_shape_logits_match_hf():
     )
     print(report)
     assert _rel(ours32, hf32) < 2e-4, report
+    assert _rel(ours16, hf16) < 2e-2, report
     assert _rel(ours16, hf32) <= 1.1 * _rel(hf16, hf32), report
 
 
