@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import grpc
@@ -10,6 +12,8 @@ from kvstore.sessions import SessionStore, WorkerInfo
 from services.common.grpc_server import channel_options
 
 REFRESH_S = 0.5  # registry re-read interval: cheap, and a dead worker drops out within a heartbeat TTL anyway
+
+log = logging.getLogger("kvrelay.gateway")
 
 
 class NoWorkers(Exception):
@@ -23,6 +27,7 @@ class Router:
         self.refreshed = 0.0
         self.in_flight: dict[str, int] = {}  # worker id -> requests this gateway has open there
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self._refreshing: asyncio.Task | None = None
 
     async def refresh(self, force: bool = False) -> None:
         if force or time.monotonic() - self.refreshed > REFRESH_S:
@@ -31,12 +36,25 @@ class Router:
                 by_role.setdefault(w.role, []).append(w)
             self.workers, self.refreshed = by_role, time.monotonic()
 
+    def _refresh_in_background(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._background_refresh())
+
+    async def _background_refresh(self) -> None:
+        try:
+            await self.refresh(force=True)
+        except Exception:  # Redis hiccup: keep routing on the list we have; the next pick tries again
+            log.exception("worker registry refresh failed")
+
     async def pick(self, role: str) -> WorkerInfo:
-        await self.refresh()
         candidates = self.workers.get(role) or []
-        if not candidates:
+        if not candidates:  # nothing to route to (the first request, or every worker gone): wait for a fresh list
             await self.refresh(force=True)
             candidates = self.workers.get(role) or []
+        elif time.monotonic() - self.refreshed > REFRESH_S:
+            # Re-read in the background, not on the request's path: a Redis round trip here would sit between the
+            # prefill reply and the Decode call. Routing uses a list at most one refresh older than before.
+            self._refresh_in_background()
         if not candidates:
             raise NoWorkers(f"no {role} worker is registered and alive")
 
@@ -58,5 +76,7 @@ class Router:
         self.in_flight[worker.worker_id] -= 1
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         for channel in self.channels.values():
             await channel.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from kvrelay.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from kvstore.sessions import SessionState, SessionStore
+from kvstore.sessions import SessionState, SessionStore, WrongState
 from services.common.attach import fetch_layout
 from services.common.convert import params_to_proto
 from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
@@ -169,18 +170,26 @@ class _Stream:
         )
         self.stops = StopMatcher(valid.stop)
         self.decode_call = None
+        self.decode_worker = None  # the decode worker this request counts against in the router, while it does
+        self.handed_off = False  # decode's first message arrived: the session is the decode worker's
+        self.ended_at_prefill = False  # prefill's reply finished the request: prefill freed or released the session
         self.finished = False
         self.cached_tokens = 0
         # A client that names its session continues a conversation: its KV stays in the pool between turns.
         self.keep_session = keep_session
         self.timings = common_pb2.Timings()
 
-    async def _prefill(self, context) -> prefill_pb2.PrefillResponse:
-        router = self.gw.router
+    async def _pick(self, role: str, context):
         try:
-            worker = await router.pick("prefill")
+            return await self.gw.router.pick(role)
         except NoWorkers as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def _prefill(self, context) -> prefill_pb2.PrefillResponse:
+        router = self.gw.router
+        # A request of one token ends at prefill: it needs no decode worker.
+        decode_worker = await self._pick("decode", context) if self.params.max_tokens > 1 else None
+        worker = await self._pick("prefill", context)
         stub = prefill_pb2_grpc.PrefillStub(router.channel(worker.address))
         req = prefill_pb2.PrefillRequest(
             session_id=self.session_id,
@@ -191,11 +200,35 @@ class _Stream:
         )
         router.acquire(worker)
         try:
-            return await stub.Prefill(req, timeout=context.time_remaining())
+            call = stub.Prefill(req, timeout=context.time_remaining())
+            if decode_worker is not None:
+                self._start_decode(decode_worker, context)
+            return await call
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), f"prefill: {exc.details()}")
         finally:
             router.release(worker)
+
+    def _start_decode(self, worker, context) -> None:
+        """Open the Decode call right behind the Prefill call (await_prefill): the decode worker waits for the
+        hand-off and adopts the session the moment prefill offers it in Redis, so the hand-off costs no round trip
+        through this gateway; decode's first step runs while prefill's reply is still on its way here."""
+        router = self.gw.router
+        stub = decode_pb2_grpc.DecodeStub(router.channel(worker.address))
+        self.decode_call = stub.Decode(
+            decode_pb2.DecodeRequest(
+                session_id=self.session_id,
+                request_id=self.request_id,
+                sampling=params_to_proto(self.params),
+                token_ids=self.valid.prompt_token_ids,
+                num_generated=0,
+                keep_session=self.keep_session,
+                await_prefill=True,
+            ),
+            timeout=context.time_remaining(),
+        )
+        router.acquire(worker)
+        self.decode_worker = worker
 
     def _chunk(self, token_ids: list[int], logprobs) -> gateway_pb2.GenerateResponse:
         text = self.stops.feed(self.detok.add(token_ids)) if self.detok else ""
@@ -231,35 +264,18 @@ class _Stream:
         tokens = [reply.first_token_id]
         first = self._chunk(tokens[:], [reply.logprob] if reply.HasField("logprob") else [])
         if reply.finish != UNSET or self.stops.matched is not None:
+            self.ended_at_prefill = reply.finish != UNSET  # prefill freed the session, or kept it for the next turn
             yield self._finish(first, reply.finish, 1)
             return
-        router = self.gw.router
-        try:
-            worker = await router.pick("decode")
-        except NoWorkers as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        stub = decode_pb2_grpc.DecodeStub(router.channel(worker.address))
-        self.decode_call = stub.Decode(
-            decode_pb2.DecodeRequest(
-                session_id=self.session_id,
-                request_id=self.request_id,
-                sampling=params_to_proto(self.params),
-                token_ids=self.valid.prompt_token_ids + tokens,
-                num_generated=1,
-                keep_session=self.keep_session,
-            ),
-            timeout=context.time_remaining(),
-        )
-        router.acquire(worker)
         t_decode = None
         try:
-            # The decode call is on its way before the first token is written to the client: the hand-off overlaps
-            # the client write instead of waiting for it.
             yield first
             async for d in self.decode_call:
                 if t_decode is None:
                     t_decode = time.perf_counter()
+                    self.handed_off = True
                     self.timings.handoff_ms = (t_decode - t_prefilled) * 1e3
+                    self.timings.handoff_decode_ms = d.first_step_ms
                 tokens.extend(d.token_ids)
                 message = self._chunk(list(d.token_ids), list(d.logprobs))
                 if d.finish != UNSET or self.stops.matched is not None:
@@ -271,18 +287,22 @@ class _Stream:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 await context.abort(exc.code(), f"decode: {exc.details()}")
             raise
-        finally:
-            router.release(worker)
 
     async def cleanup(self) -> None:
         """Whatever ended the request (done, stop string, client gone, deadline), its blocks must come back."""
+        if self.decode_worker is not None:
+            self.gw.router.release(self.decode_worker)
+            self.decode_worker = None
         if self.decode_call is not None and not self.decode_call.done():
-            self.decode_call.cancel()  # the decode worker frees the session when its stream is cancelled
-        elif self.decode_call is None:
-            # Never handed to decode: a PREFILLED session is ours to free (prefill frees the ones it still holds).
-            record = await self.gw.store.get(self.session_id)
-            if record is not None and record.state == SessionState.PREFILLED:
-                await self.gw.store.free(self.session_id)
+            self.decode_call.cancel()  # a decode worker that adopted the session frees it (or keeps it IDLE)
+        if self.decode_call is not None and not self.handed_off and not self.ended_at_prefill:
+            # The request ended between prefill and decode: a hand-off nobody adopted is ours to free. Only while it
+            # is this request's and still PREFILLED; once a decode worker adopted it, it is that worker's to free,
+            # and one still PREFILLING is its prefill worker's (which frees the cancelled request's blocks).
+            with contextlib.suppress(WrongState):
+                await self.gw.store.free(
+                    self.session_id, expected_state=SessionState.PREFILLED, expected_request=self.request_id
+                )
 
 
 async def serve(args) -> None:

@@ -14,13 +14,17 @@ Ownership protocol (who may change a session):
 - `renew_leases` extends only sessions the owner is working on (PREFILLING, DECODING): a PREFILLED session's lease
   is the hand-off deadline, so a cancel between prefill and decode leaks its blocks for at most one lease.
 - `reclaim_expired` frees sessions whose lease ran out; somebody (the kvstore service) calls it periodically.
+
+Hand-off notice: `update(..., PREFILLED)` also publishes the session id on the pub/sub channel `{prefix}:prefilled`
+(`prefilled_sessions()` listens), so a decode worker that already holds the request adopts the session the moment it
+is offered. A notice is only a hint to try `adopt` now: a lost one costs latency, never correctness.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
@@ -205,7 +209,14 @@ def _raise(err: ResponseError) -> NoReturn:
     raise err
 
 
-def _record(session_id: str, fields: dict[str, str], blocks: list[str]) -> SessionRecord:
+def _block_ids(raw: str | list[str]) -> list[int]:
+    """Block ids from a script's comma-separated reply ("" for none) or from a LRANGE."""
+    if isinstance(raw, str):
+        return [int(b) for b in raw.split(",")] if raw else []
+    return [int(b) for b in raw]
+
+
+def _record(session_id: str, fields: dict[str, str], blocks: str | list[str]) -> SessionRecord:
     return SessionRecord(
         session_id=session_id,
         state=SessionState(fields["state"]),
@@ -216,7 +227,7 @@ def _record(session_id: str, fields: dict[str, str], blocks: list[str]) -> Sessi
         created_ms=int(fields.get("created_ms") or 0),
         updated_ms=int(fields.get("updated_ms") or 0),
         lease_expires_ms=_opt_int(fields.get("lease_expires_ms")),
-        block_table=tuple(int(b) for b in blocks),
+        block_table=tuple(_block_ids(blocks)),
     )
 
 
@@ -318,8 +329,7 @@ class SessionStore:
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         _check_positive("lease_ms", lease_ms)
-        blocks = await self._run("allocate", session_id, n, owner, lease_ms, int(evict), int(create))
-        return [int(b) for b in blocks]
+        return _block_ids(await self._run("allocate", session_id, n, owner, lease_ms, int(evict), int(create)))
 
     async def update(
         self,
@@ -361,6 +371,8 @@ class SessionStore:
         expected_owner: str | None = None,
         force: bool = False,
         state: SessionState | str = SessionState.DECODING,
+        extra_tokens: int = 0,
+        expected_request: str | None = None,
     ) -> SessionRecord:
         """Takes over a session and moves it to `state` (DECODING, or PREFILLING to extend an idle one).
 
@@ -369,6 +381,12 @@ class SessionStore:
         expired (resume after a worker died); or with force. Otherwise NotOwner. expected_state guards the
         current state (WrongState); a FINISHED session is not adopted without force. Returns the record with its
         block table.
+
+        extra_tokens > 0 also grows the block table, in the same atomic step, to hold num_tokens + extra_tokens
+        tokens if the free-list has the blocks (never evicting; otherwise the table is returned as it was and the
+        adopter grows it with allocate): the decode worker's first step then needs no allocation round trip.
+        expected_request guards the record's request_id (WrongState otherwise): a decode worker waiting for its
+        request's hand-off never takes another request's session of the same id.
         """
         _check_id("owner", new_owner)
         _check_positive("lease_ms", lease_ms)
@@ -376,18 +394,40 @@ class SessionStore:
         if target not in (SessionState.PREFILLING, SessionState.DECODING):
             raise ValueError(f"adopt() moves a session to PREFILLING or DECODING, not {target.value}")
         expected = SessionState(expected_state).value if expected_state is not None else ""
-        args = (session_id, new_owner, lease_ms, target.value, expected, expected_owner or "", int(force))
+        if extra_tokens < 0:
+            raise ValueError(f"extra_tokens must be >= 0, got {extra_tokens}")
+        args = (
+            session_id,
+            new_owner,
+            lease_ms,
+            target.value,
+            expected,
+            expected_owner or "",
+            int(force),
+            extra_tokens,
+            expected_request or "",
+        )
         fields, blocks = await self._run("adopt", *args)
         return _record(session_id, _pairs(fields), blocks)
 
-    async def free(self, session_id: str, owner: str | None = None) -> int:
+    async def free(
+        self,
+        session_id: str,
+        owner: str | None = None,
+        *,
+        expected_state: SessionState | str | None = None,
+        expected_request: str | None = None,
+    ) -> int:
         """Returns all the session's blocks to the free-list and deletes it; returns how many. Idempotent.
 
         With owner, a session owned by someone else raises NotOwner: a worker that lost its session to an adopter
         (its lease expired while it stalled) must not free blocks the adopter is using. Without, it frees whatever
-        the owner (the gateway cancelling a request, an operator).
+        the owner (the gateway cancelling a request, an operator). With expected_state or expected_request, a
+        session in another state or holding another request raises WrongState and is left alone: the gateway frees
+        its request's hand-off that nobody adopted only while it is PREFILLED.
         """
-        return int(await self._run("free", session_id, owner or ""))
+        expected = SessionState(expected_state).value if expected_state is not None else ""
+        return int(await self._run("free", session_id, owner or "", expected, expected_request or ""))
 
     async def release(self, session_id: str, owner: str) -> None:
         """The owner keeps the session for the next turn: IDLE, no owner, no lease, most recently used in the LRU."""
@@ -408,6 +448,21 @@ class SessionStore:
         Evicts nothing when enough are already free, or when even every idle session would not be enough.
         """
         return list(await self._run("evict_lru", int(blocks_needed)))
+
+    async def prefilled_sessions(self) -> AsyncIterator[str]:
+        """Ids of sessions as they become PREFILLED (update() publishes them), for as long as the caller listens.
+
+        Pub/sub delivers to whoever is subscribed at the time, at most once: a listener must still try `adopt` itself
+        for a session it may have missed (published before it subscribed, or while its connection was down).
+        """
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.key("prefilled"))
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    yield message["data"]
+        finally:
+            await pubsub.aclose()
 
     async def get_tokens(self, session_id: str) -> list[int]:
         """The token ids recorded with update(tokens=...); [] when none were."""

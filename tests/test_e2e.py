@@ -127,6 +127,31 @@ def test_blocks_come_back_after_completed_cancelled_and_rejected(deployment):
     assert stats.used == 0 and stats.active_sessions == 0
 
 
+def test_blocks_come_back_when_the_request_ends_at_the_hand_off(deployment):
+    """The Decode call is opened with the Prefill call and adopts the session from Redis on its own: a request that
+    ends around the hand-off (a stop string in the first token, a client gone after it) leaves nothing behind,
+    whether the decode worker had adopted the session yet or not."""
+    with Client(deployment.address) as client:
+        first = client.complete(**chat(QUESTIONS[0]) | {"max_tokens": 1})
+    assert first.text.strip()
+
+    async def leave_after_first(client):
+        async for _ in client.generate(**chat(QUESTIONS[0]), ignore_eos=True):
+            break
+
+    async def main():
+        async with AsyncClient(deployment.address) as client:
+            cut = await client.complete(**chat(QUESTIONS[0]), stop=[first.text.strip()])
+            await asyncio.gather(*(leave_after_first(client) for _ in range(6)))
+            return cut
+
+    cut = asyncio.run(main())
+    assert cut.finish.reason == 2 and cut.finish.completion_tokens == 1  # FINISH_REASON_STOP_STRING at the first
+    report, stats = deployment.audit()
+    assert report.ok, report.message
+    assert stats.used == 0 and stats.active_sessions == 0
+
+
 def test_deadline_exceeded_frees_blocks(deployment):
     with Client(deployment.address) as client, pytest.raises(grpc.RpcError) as err:
         long = chat("Write a long story about a lighthouse.") | {"max_tokens": 1000}

@@ -204,6 +204,78 @@ def test_adopt_hands_off_a_prefilled_session_once():
     run(body)
 
 
+def test_adopt_with_extra_tokens_brings_the_first_decode_block():
+    async def body(store: SessionStore) -> None:
+        # block_size 4, 16 blocks. A prompt of 8 tokens fills 2 blocks: the first decode token needs a third.
+        prompt = await store.allocate("s", 2, "p1", LEASE)
+        await store.update("s", "p1", "PREFILLED", num_tokens=8, first_token=9)
+        record = await store.adopt("s", "d1", LEASE, expected_state="PREFILLED", extra_tokens=1)
+        assert record.block_table[:2] == tuple(prompt) and len(record.block_table) == 3
+        assert record == await store.get("s") and (await store.stats()).free == 13
+        # Room already there: nothing more is taken (a retry by the owner, or a prompt that ends inside a block).
+        assert (await store.adopt("s", "d1", LEASE, extra_tokens=1)).block_table == record.block_table
+        await store.allocate("t", 2, "p1", LEASE)
+        await store.update("t", "p1", "PREFILLED", num_tokens=7)
+        assert len((await store.adopt("t", "d1", LEASE, extra_tokens=1)).block_table) == 2
+        # Too few free blocks: adopted all the same, table unchanged, nothing taken or evicted.
+        await store.allocate("u", 4, "p1", LEASE)
+        await store.update("u", "p1", None, num_tokens=16)
+        await store.release("u", "p1")  # IDLE: evictable, but adopt's growth never evicts
+        await store.allocate("v", 6, "p1", LEASE)
+        await store.update("v", "p1", "PREFILLED", num_tokens=24)
+        free = (await store.stats()).free
+        record = await store.adopt("v", "d1", LEASE, extra_tokens=4 * free + 1)
+        assert record.state is SessionState.DECODING and len(record.block_table) == 6
+        assert (await store.stats()).free == free and (await store.get("u")).state is SessionState.IDLE
+        with pytest.raises(ValueError):
+            await store.adopt("v", "d1", LEASE, extra_tokens=-1)
+        for sid in ("s", "t", "v"):
+            await store.free(sid, owner="d1")
+        assert (await store.audit()).ok
+
+    run(body)
+
+
+def test_a_handoff_is_announced_and_taken_by_its_own_request_only():
+    async def body(store: SessionStore) -> None:
+        heard: list[str] = []
+
+        async def listen() -> None:
+            async for sid in store.prefilled_sessions():
+                heard.append(sid)
+
+        listener = asyncio.create_task(listen())
+        await asyncio.sleep(0.1)  # subscribed
+        await store.allocate("s", 2, "p1", LEASE)
+        with pytest.raises(WrongState):  # still PREFILLING: a decode worker waiting for it keeps waiting
+            await store.adopt("s", "d1", LEASE, expected_state="PREFILLED", expected_request="r1")
+        await store.update("s", "p1", None, num_tokens=3)  # progress is not a hand-off
+        await store.update("s", "p1", "PREFILLED", num_tokens=5, first_token=9, request_id="r1")
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        listener.cancel()
+        assert heard == ["s"]
+        with pytest.raises(WrongState):  # another request on the same session id never takes it
+            await store.adopt("s", "d2", LEASE, expected_state="PREFILLED", expected_request="r2")
+        with pytest.raises(WrongState):  # nor frees it
+            await store.free("s", expected_state="PREFILLED", expected_request="r2")
+        record = await store.adopt("s", "d1", LEASE, expected_state="PREFILLED", expected_request="r1")
+        assert record.owner == "d1" and record.request_id == "r1" and record.first_token == 9
+        with pytest.raises(WrongState):  # the gateway's clean-up leaves an adopted hand-off to its decode worker
+            await store.free("s", expected_state="PREFILLED", expected_request="r1")
+        assert (await store.get("s")).owner == "d1"
+        await store.allocate("t", 1, "p1", LEASE)
+        await store.update("t", "p1", "PREFILLED", request_id="r3")
+        assert await store.free("t", expected_state="PREFILLED", expected_request="r3") == 1  # nobody adopted it
+        assert await store.free("t", expected_state="PREFILLED") == 0  # gone: idempotent
+        await store.free("s", owner="d1")
+        assert (await store.audit()).ok
+
+    run(body)
+
+
 def test_concurrent_adopters_of_a_handoff_one_wins():
     async def body(store: SessionStore) -> None:
         await store.allocate("s", 1, "p1", LEASE)

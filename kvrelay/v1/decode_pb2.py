@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvrelay.v1 import common_pb2 as kvrelay_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvrelay/v1/decode.proto\x12\nkvrelay.v1\x1a\x17kvrelay/v1/common.proto\"\xac\x01\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.kvrelay.v1.WorkerRequestSampling\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x15\n\rnum_generated\x18\x05 \x01(\x05\x12\x14\n\x0ckeep_session\x18\x06 \x01(\x08\"\x90\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.kvrelay.v1.TokenLogprob\x12(\n\x06\x66inish\x18\x03 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x15\n\rfirst_step_ms\x18\x04 \x01(\x01\x32\x89\x01\n\x06\x44\x65\x63ode\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvrelay.v1.DecodeRequest\x1a\x1a.kvrelay.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvrelay.v1.AbortRequest\x1a\x19.kvrelay.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvrelay/v1/decode.proto\x12\nkvrelay.v1\x1a\x17kvrelay/v1/common.proto\"\xc3\x01\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.kvrelay.v1.WorkerRequestSampling\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x15\n\rnum_generated\x18\x05 \x01(\x05\x12\x14\n\x0ckeep_session\x18\x06 \x01(\x08\x12\x15\n\rawait_prefill\x18\x07 \x01(\x08\"\x90\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.kvrelay.v1.TokenLogprob\x12(\n\x06\x66inish\x18\x03 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x15\n\rfirst_step_ms\x18\x04 \x01(\x01\x32\x89\x01\n\x06\x44\x65\x63ode\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvrelay.v1.DecodeRequest\x1a\x1a.kvrelay.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvrelay.v1.AbortRequest\x1a\x19.kvrelay.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrelay.v1.decode_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=65
-  _globals['_DECODEREQUEST']._serialized_end=237
-  _globals['_DECODERESPONSE']._serialized_start=240
-  _globals['_DECODERESPONSE']._serialized_end=384
-  _globals['_DECODE']._serialized_start=387
-  _globals['_DECODE']._serialized_end=524
+  _globals['_DECODEREQUEST']._serialized_end=260
+  _globals['_DECODERESPONSE']._serialized_start=263
+  _globals['_DECODERESPONSE']._serialized_end=407
+  _globals['_DECODE']._serialized_start=410
+  _globals['_DECODE']._serialized_end=547
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "sampling", "token_ids", "num_generated", "keep_session")
+    __slots__ = ("session_id", "request_id", "sampling", "token_ids", "num_generated", "keep_session", "await_prefill")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
     KEEP_SESSION_FIELD_NUMBER: _ClassVar[int]
+    AWAIT_PREFILL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: str
     sampling: _common_pb2.WorkerRequestSampling
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_generated: int
     keep_session: bool
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.WorkerRequestSampling, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_generated: _Optional[int] = ..., keep_session: _Optional[bool] = ...) -> None: ...
+    await_prefill: bool
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.WorkerRequestSampling, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_generated: _Optional[int] = ..., keep_session: _Optional[bool] = ..., await_prefill: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish", "first_step_ms")

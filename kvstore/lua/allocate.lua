@@ -2,7 +2,8 @@
 -- (PREFILLING, owned by the caller) if it does not exist. All or nothing: when fewer than n blocks are free, even after
 -- evicting idle sessions (if allowed), nothing is taken and nothing is evicted.
 -- ARGV: prefix, session_id, n, owner, lease_ms, evict ('1'/'0'), create ('1'/'0': '0' refuses to recreate a session
--- that is gone, e.g. reclaimed while its owner stalled). Returns the new block ids, in table order.
+-- that is gone, e.g. reclaimed while its owner stalled). Returns the new block ids, in table order, as one
+-- comma-separated string (one reply element, not one per block: much faster to parse for a long prompt).
 local sid, n, owner, lease_ms = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local evict, create = ARGV[6] == '1', ARGV[7] == '1'
 
@@ -38,4 +39,4 @@ if n > 0 then
 end
 redis.call('HSET', skey, 'updated_ms', int(now))
 set_lease(sid, now + lease_ms)
-return blocks
+return table.concat(blocks, ',')

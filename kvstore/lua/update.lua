@@ -1,4 +1,6 @@
 -- update: the owner records progress (state, num_tokens, first_token, request_id), optionally restarting the lease.
+-- Setting PREFILLED also publishes the session id on {prefix}:prefilled, in the same atomic step: a decode worker
+-- already waiting for the session adopts it at once instead of waiting for the gateway's Decode call.
 -- ARGV: prefix, session_id, owner, state ('' keeps it), lease_ms ('' keeps the lease), then field/value pairs.
 local sid, owner, state, lease_ms = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local skey = session_key(sid)
@@ -28,4 +30,5 @@ if state ~= '' then
 end
 redis.call('HSET', skey, 'updated_ms', int(now), unpack(fields))
 if lease_ms ~= '' then set_lease(sid, now + tonumber(lease_ms)) end
+if state == 'PREFILLED' then redis.call('PUBLISH', PREFIX .. ':prefilled', sid) end
 return 1

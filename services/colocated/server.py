@@ -56,7 +56,7 @@ async def serve(args) -> None:
         for worker in (prefill, decode):
             await store.register_worker(worker.worker_id, worker.role, worker.address, WORKER_TTL_MS, {"colocated": 1})
             tasks.append(asyncio.create_task(worker.heartbeat_loop()))
-        tasks.extend([asyncio.create_task(prefill.batch_loop()), asyncio.create_task(decode.step_loop())])
+        tasks.extend([asyncio.create_task(loop) for loop in [prefill.batch_loop(), *decode.loops()]])
         await set_serving(health, names, True)
         log.info("colocated worker serving on %s", prefill.address)
 

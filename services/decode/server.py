@@ -7,6 +7,7 @@ every step), streaming each new token to the gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from kvrelay.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
-from kvstore.sessions import SessionError
+from kvstore.sessions import SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
 from services.common.convert import FINISH, logprob_to_proto, params_from_proto
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.model.runner import SeqChunk
@@ -26,6 +27,7 @@ from services.model.sampling_params import SamplingParams
 
 log = logging.getLogger("kvrelay.decode")
 SERVICE = "kvrelay.v1.Decode"
+PREFILL_POLL_S = 0.5  # a call waiting for its hand-off also tries to adopt this often (announcements can be lost)
 
 
 @dataclass(eq=False)
@@ -54,42 +56,38 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
         self.running: list[RunningSeq] = []
         self.wakeup = asyncio.Event()
         self.sampler = Sampler()
+        self.awaiting: dict[str, set[asyncio.Event]] = {}  # session id -> notices of calls waiting for its hand-off
 
     def load(self) -> dict:
         return {"active": len(self.running), "queued": 0}
 
     async def Decode(self, request, context):  # noqa: N802
+        received = time.perf_counter()
         if self.attached is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is still loading the model")
         try:
             params = params_from_proto(request.sampling)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        history = list(request.token_ids)
+        num_generated = request.num_generated
         try:
-            record = await self.store.adopt(request.session_id, self.worker_id, LEASE_MS)
+            if request.await_prefill:
+                record, received = await self._adopt_when_prefilled(request, history)
+                history.append(record.first_token)  # prefill's first token: the first step writes its K/V
+                num_generated += 1
+            else:
+                record = await self._adopt(request, history)
         except SessionError as exc:
             code = grpc.StatusCode.NOT_FOUND if isinstance(exc, LookupError) else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, f"cannot adopt session {request.session_id}: {exc}")
-        history = list(request.token_ids)
         if len(history) != record.num_tokens + 1:
             await self.store.free(request.session_id, owner=self.worker_id)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"token_ids has {len(history)} tokens; the pool holds {record.num_tokens} (+1 pending expected)",
             )
-        generator = make_generator(params.seed, self.attached.runner.device)
-        seq = RunningSeq(
-            request.session_id,
-            params,
-            history,
-            record.num_tokens,
-            request.num_generated,
-            list(record.block_table),
-            generator,
-            keep_session=request.keep_session,
-        )
-        self.running.append(seq)
-        self.wakeup.set()
+        seq = self._join(request, params, history, num_generated, record, received)
         try:
             while True:
                 message = await seq.out.get()
@@ -102,6 +100,89 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
             if not seq.finished:
                 seq.cancelled = True  # client gone or gateway cancelled: the step loop frees the blocks
                 self.wakeup.set()
+
+    def _join(self, request, params, history, num_generated, record, received, cancelled=False) -> RunningSeq:
+        """Add an adopted session to the running batch (a cancelled one only to be freed or released by the loop)."""
+        seq = RunningSeq(
+            request.session_id,
+            params,
+            history,
+            record.num_tokens,
+            num_generated,
+            list(record.block_table),
+            make_generator(params.seed, self.attached.runner.device),
+            keep_session=request.keep_session,
+            received=received,
+            cancelled=cancelled,
+        )
+        self.running.append(seq)
+        self.wakeup.set()
+        return seq
+
+    async def _adopt(self, request, history: list[int], **guards) -> SessionRecord:
+        """adopt() the request's session; should the call end while Redis adopts it, the session is given back.
+
+        extra_tokens=1: the block the first step writes into comes with the adoption (one round trip, not two).
+        """
+        adopting = asyncio.ensure_future(
+            self.store.adopt(request.session_id, self.worker_id, LEASE_MS, extra_tokens=1, **guards)
+        )
+        try:
+            return await asyncio.shield(adopting)
+        except asyncio.CancelledError:
+            # Cancelled mid-adoption: once it lands, the session is ours, and nobody else would ever free it.
+            adopting.add_done_callback(lambda task: self._give_back(task, request, history))
+            raise
+
+    def _give_back(self, adopting: asyncio.Future, request, history: list[int]) -> None:
+        if adopting.cancelled() or adopting.exception() is not None:
+            return
+        record = adopting.result()
+        params = params_from_proto(request.sampling)
+        self._join(request, params, history, 0, record, time.perf_counter(), cancelled=True)
+
+    async def _adopt_when_prefilled(self, request, history: list[int]) -> tuple[SessionRecord, float]:
+        """Wait until prefill offers this request's session (PREFILLED), adopt it; also when it was offered.
+
+        Redis announces every hand-off (prefilled_listener sets our notice); the call also tries at once, for a
+        session offered before it arrived, and every PREFILL_POLL_S, for an announcement lost with a connection.
+        """
+        sid = request.session_id
+        notice = asyncio.Event()
+        self.awaiting.setdefault(sid, set()).add(notice)
+        try:
+            while True:
+                notice.clear()
+                offered = time.perf_counter()
+                try:
+                    record = await self._adopt(
+                        request, history, expected_state=SessionState.PREFILLED, expected_request=request.request_id
+                    )
+                    return record, offered
+                except (WrongState, SessionNotFound):
+                    pass  # not offered yet: still being prefilled, or not even admitted
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(notice.wait(), PREFILL_POLL_S)
+        finally:
+            waiting = self.awaiting[sid]
+            waiting.discard(notice)
+            if not waiting:
+                del self.awaiting[sid]
+
+    async def prefilled_listener(self) -> None:
+        """Wakes the Decode calls waiting for a session the moment prefill offers it."""
+        while True:
+            try:
+                async for sid in self.store.prefilled_sessions():
+                    for notice in self.awaiting.get(sid, ()):
+                        notice.set()
+            except Exception:  # Redis hiccup: the waiting calls poll meanwhile; subscribe again
+                log.exception("hand-off notices lost their Redis subscription; subscribing again")
+            await asyncio.sleep(1.0)
+
+    def loops(self) -> list:
+        """The coroutines a decode worker runs beside its gRPC handlers."""
+        return [self.step_loop(), self.prefilled_listener()]
 
     async def Abort(self, request, context):  # noqa: N802
         for seq in self.running:
@@ -199,7 +280,7 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
             self.run(
                 [(decode_pb2_grpc.add_DecodeServicer_to_server, self)],
                 [SERVICE],
-                lambda: [asyncio.create_task(self.step_loop())],
+                lambda: [asyncio.create_task(loop) for loop in self.loops()],
             )
         )
 

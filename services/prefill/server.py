@@ -226,6 +226,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 await self._finish_here(job)
             else:
                 # Hand-off: PREFILLED with a lease nobody renews, so a session no decode worker adopts comes back.
+                # The same call tells the decode worker waiting for this request (request_id) to adopt it now.
                 await self.store.update(
                     job.session_id,
                     self.worker_id,
@@ -233,6 +234,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                     lease_ms=HANDOFF_LEASE_MS,
                     num_tokens=len(job.token_ids),
                     first_token=token,
+                    request_id=job.request_id,
                 )
             if job.future.done():
                 continue
