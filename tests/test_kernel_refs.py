@@ -391,8 +391,13 @@ def test_rotary_matches_hf(dtype: torch.dtype, head_dim: int, rope_scaling: dict
     cos, sin = rope(query[None], positions[None])
     q_hf, k_hf = apply_rotary_pos_emb(query[None], key[None], cos, sin, unsqueeze_dim=2)
     if dtype == torch.float32:
-        torch.testing.assert_close(q_out, q_hf[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(k_out, k_hf[0], atol=1e-5, rtol=1e-5)
+        # HF forms the angles position x inv_freq with a matmul, we with a multiply: both one float32 product, but
+        # CPU matmul kernels can differ (one clean-clone CI run differed by 4e-4 at a position near 2e4, where one
+        # ulp of the angle is 2e-3 rad). Near positions hold to 1e-5; far ones to about an ulp times |q|.
+        near = positions < 2048
+        for ours, hf in ((q_out, q_hf[0]), (k_out, k_hf[0])):
+            torch.testing.assert_close(ours[near], hf[near], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours[~near], hf[~near], atol=5e-3, rtol=0)
     else:
         # HF rounds the two products to bf16 before adding; we add in float32 and round once.
         torch.testing.assert_close(q_out.float(), q_hf[0].float(), atol=3e-2, rtol=2e-2)
