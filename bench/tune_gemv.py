@@ -16,40 +16,21 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms  # noqa: E402
+from kernels import triton_gemv  # noqa: E402
 
 # (name, out_features, in_features) of Llama-3-8B's merged projections and its lm_head
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096))  # fmt: skip
 
 
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n] = sum_k w[n, k] x[k] for BLOCK_N rows; the [BLOCK_N, BLOCK_K] accumulator is summed once at the end."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
-        x = tl.load(x_ptr + k0 + offs_k)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
 def gemv(x, w, block_n, block_k, num_warps, num_stages):
-    n, k = w.shape
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages
-    )
-    return y
+    """kernels/triton_gemv.py's kernel at one tile choice."""
+    tuning = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "num_stages": num_stages}
+    return triton_gemv.gemv(x, w, tuning=tuning)[0]
 
 
 def read_bandwidth() -> float:
@@ -82,10 +63,10 @@ def main() -> None:
             if bn * bk > 16384:  # the fp32 accumulator alone would spill
                 continue
             try:
-                y = gemv(x[0], w, bn, bk, nw, ns)
+                y = gemv(x, w, bn, bk, nw, ns)
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 assert err < 2e-2, f"wrong result {err}"
-                ms = graph_time_ms(lambda: [gemv(x[0], w_, bn, bk, nw, ns) for w_ in ws]) / copies  # noqa: B023
+                ms = graph_time_ms(lambda: [gemv(x, w_, bn, bk, nw, ns) for w_ in ws]) / copies  # noqa: B023
                 rows.append({"block_n": bn, "block_k": bk, "warps": nw, "stages": ns, "ms": ms, "err": err})
             except Exception as exc:
                 rows.append({"block_n": bn, "block_k": bk, "warps": nw, "stages": ns, "error": str(exc)[:200]})

@@ -97,6 +97,14 @@ class RequestRecord:
         record["token_times_ms"] = [round(t, 3) for t in self.token_times_ms]  # microseconds are plenty
         return record
 
+    @classmethod
+    def from_json(cls, record: dict) -> RequestRecord:
+        """A record read back from to_json's output (the derived fields it adds are dropped)."""
+        fields = {k: v for k, v in record.items() if k not in ("output_tokens", "mean_itl_ms")}
+        fields["token_times_ms"] = tuple(fields["token_times_ms"])
+        fields["finish"] = ServerFinish(**fields["finish"]) if fields["finish"] else None
+        return cls(**fields)
+
 
 def spread_token_times(messages: Sequence[tuple[float, int]]) -> list[float]:
     """Token arrival times from (message arrival time, tokens in the message) pairs, in arrival order."""

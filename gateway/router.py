@@ -29,12 +29,11 @@ class Router:
         self.channels: dict[str, grpc.aio.Channel] = {}
         self._refreshing: asyncio.Task | None = None
 
-    async def refresh(self, force: bool = False) -> None:
-        if force or time.monotonic() - self.refreshed > REFRESH_S:
-            by_role: dict[str, list[WorkerInfo]] = {}
-            for w in await self.store.list_workers():
-                by_role.setdefault(w.role, []).append(w)
-            self.workers, self.refreshed = by_role, time.monotonic()
+    async def refresh(self) -> None:
+        by_role: dict[str, list[WorkerInfo]] = {}
+        for w in await self.store.list_workers():
+            by_role.setdefault(w.role, []).append(w)
+        self.workers, self.refreshed = by_role, time.monotonic()
 
     def _refresh_in_background(self) -> None:
         if self._refreshing is None or self._refreshing.done():
@@ -42,14 +41,14 @@ class Router:
 
     async def _background_refresh(self) -> None:
         try:
-            await self.refresh(force=True)
+            await self.refresh()
         except Exception:  # Redis hiccup: keep routing on the list we have; the next pick tries again
             log.exception("worker registry refresh failed")
 
     async def pick(self, role: str) -> WorkerInfo:
         candidates = self.workers.get(role) or []
         if not candidates:  # nothing to route to (the first request, or every worker gone): wait for a fresh list
-            await self.refresh(force=True)
+            await self.refresh()
             candidates = self.workers.get(role) or []
         elif time.monotonic() - self.refreshed > REFRESH_S:
             # Re-read in the background, not on the request's path: a Redis round trip here would sit between the

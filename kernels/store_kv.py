@@ -21,11 +21,8 @@ def _scatter(
         scale_cache.view(-1, scale_cache.shape[-1])[slots] = scale
 
 
-def store_kv_ref(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mapping: torch.Tensor) -> None:
-    """Write key/value [num_tokens, num_kv_heads, head_dim] into `layer` at slot_mapping [num_tokens] int64.
-
-    slot = block_id * block_size + offset; slot -1 marks a padding token (as in vLLM) and is skipped.
-    """
+def check_store_kv_args(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mapping: torch.Tensor) -> None:
+    """The shape contract of store_kv (reference and Triton): ValueError saying what does not fit."""
     if key.shape != value.shape or key.dim() != 3:
         raise ValueError(
             f"key and value must both be [num_tokens, num_kv_heads, head_dim], got {key.shape}, {value.shape}"
@@ -36,6 +33,14 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_ma
         )
     if slot_mapping.shape != key.shape[:1]:
         raise ValueError(f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}")
+
+
+def store_kv_ref(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into `layer` at slot_mapping [num_tokens] int64.
+
+    slot = block_id * block_size + offset; slot -1 marks a padding token (as in vLLM) and is skipped.
+    """
+    check_store_kv_args(key, value, layer, slot_mapping)
     valid = slot_mapping >= 0
     # [num_valid]
     slots = slot_mapping[valid].long()

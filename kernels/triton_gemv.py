@@ -107,18 +107,22 @@ def gemv(
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
+    tuning: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(y, new_residual) with y = prologue(x) W^T (+ bias), [1, N] in x's dtype; None if the shape has no config (the
     caller falls back to torch).
 
     x: [1, K] contiguous; for SILU_MUL [1, 2K] = cat(gate, up). NORM: rms_norm(x) * norm_weight. ADD_NORM: the same of
     x + residual, which is also returned as new_residual (written once, by the first program), as
-    kernels/norm.py's fused_add_rms_norm_ref does.
+    kernels/norm.py's fused_add_rms_norm_ref does. tuning: launch overrides for bench/tune_gemv.py (block_n, block_k,
+    num_warps, num_stages).
     """
     n, k = weight.shape
+    tuning = tuning or {}
     config = gemv_config(n, k)
     if config is None or weight.stride(1) != 1 or not x.is_contiguous():
         return None
+    config = (tuning.get("block_n", config[0]), tuning.get("block_k", config[1]), tuning.get("num_warps", config[2]))
     if prologue == ADD_NORM and not residual.is_contiguous():
         return None
     block_n, block_k, num_warps = config
@@ -141,6 +145,7 @@ def gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
+        **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}),
         **pdl.launch_options(x.device),
     )
     return y, new_residual

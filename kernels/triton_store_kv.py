@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
+from kernels.store_kv import check_store_kv_args
 from kvstore.formats import AMAX_FLOOR, KVFormat
 from kvstore.pool import LayerKV
 
@@ -229,16 +230,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mappin
     slot = block_id * block_size + offset; slot -1 marks a padding token (as in vLLM) and is skipped.
     Same contract and same bits as `store_kv_ref`. No host synchronization: safe inside a CUDA graph.
     """
-    if key.shape != value.shape or key.dim() != 3:
-        raise ValueError(
-            f"key and value must both be [num_tokens, num_kv_heads, head_dim], got {key.shape}, {value.shape}"
-        )
-    if key.shape[1:] != layer.k_cache.shape[2:]:
-        raise ValueError(
-            f"key heads/head_dim {tuple(key.shape[1:])} do not match the pool {tuple(layer.k_cache.shape[2:])}"
-        )
-    if slot_mapping.shape != key.shape[:1]:
-        raise ValueError(f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}")
+    check_store_kv_args(key, value, layer, slot_mapping)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
