@@ -10,6 +10,7 @@ FLOPs over the measured bf16 matmul rate (MFU).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import copy_bandwidth, matmul_rate, record, time_ms, write_benchmarks_md
+from bench.common import RESULTS, copy_bandwidth, matmul_rate, record, time_ms, write_benchmarks_md
 from kvstore.formats import bytes_per_token, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 from services.model.config import ModelConfig
@@ -47,8 +48,9 @@ def weight_bytes(model) -> int:
     ) + (model.lm_head.weight.numel() * model.lm_head.weight.element_size() if model.config.tie_word_embeddings else 0)
 
 
-def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, block_size: int) -> None:
-    """One (batch, context) point; a function so that its pool is freed when it returns."""
+def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, block_size: int, save=True) -> float:
+    """One (batch, context) point, recorded when `save`; returns the fraction of the floor. A function so that its
+    pool is freed when it returns."""
     per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
     blocks_per_seq = -(-(ctx + 1) // block_size)
     need = bs * blocks_per_seq
@@ -56,7 +58,7 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
     if need * block_size * per_token > 0.9 * torch.cuda.mem_get_info()[0]:
         gib = need * block_size * per_token / 2**30
         print(f"decode bs{bs} ctx{ctx}: {gib:.1f} GiB of KV does not fit next to the weights, skipped")
-        return
+        return 0.0
     geometry = PoolGeometry(config.num_layers, need, block_size, config.num_kv_heads, config.head_dim)
     pool = KVPool.allocate(geometry, spec, "cuda")
     fill_random(pool)
@@ -78,6 +80,9 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
     wall_ms = sorted(wall)[len(wall) // 2]
     floor_ms = (weight_bytes(model) + bs * (ctx + 1) * per_token) / bw * 1e3
     name = f"decode_bs{bs}_ctx{ctx // 1024}k"
+    if not save:
+        print(f"{name}: {gpu_ms:.3f} ms a step, floor {floor_ms:.3f} ms, fraction {floor_ms / gpu_ms:.3f}")
+        return floor_ms / gpu_ms
     record(
         name,
         bs / gpu_ms * 1e3,
@@ -89,6 +94,23 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
         floor_ms=round(floor_ms, 4),
         wall_step_ms=round(wall_ms, 4),
     )
+    return floor_ms / gpu_ms
+
+
+def prefetch_sweep(model, config: ModelConfig, spec, bw: float, batches, budgets_mb, block_size: int) -> None:
+    """Decode at 1k context for each L2 prefetch budget of the batch-1 GEMVs (kernels/triton_gemv.py), graphs
+    captured again each time; written to bench/results/tune_prefetch.json, the default budget restored."""
+    from kernels import triton_gemv
+
+    default, rows = triton_gemv.PREFETCH_BYTES, []
+    for mb in budgets_mb:
+        triton_gemv.PREFETCH_BYTES = int(mb * 2**20)
+        for bs in batches:
+            fraction = decode_one(model, config, spec, bw, bs, 1024, block_size, save=False)
+            rows.append({"prefetch_mb": mb, "batch": bs, "fraction": round(fraction, 4)})
+    triton_gemv.PREFETCH_BYTES = default
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tune_prefetch.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}))
 
 
 def decode_bench(model, config: ModelConfig, spec, bw: float, batches, contexts, block_size: int) -> None:
@@ -139,6 +161,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64,128")
     parser.add_argument("--contexts", default="1024,8192")
     parser.add_argument("--lengths", default="512,2048,8192")
+    parser.add_argument("--prefetch-mb", default=None, help="sweep the GEMV L2 prefetch budgets (MB) at 1k context")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("model_bench needs a GPU")
@@ -152,6 +175,10 @@ def main() -> None:
     with torch.cuda.stream(torch.cuda.Stream()):
         if args.prefill:
             prefill_bench(model, config, spec, rate, [int(n) for n in args.lengths.split(",")], args.block_size)
+        if args.prefetch_mb:
+            budgets = [float(mb) for mb in args.prefetch_mb.split(",")]
+            batches = [int(b) for b in args.batches.split(",")]
+            prefetch_sweep(model, config, spec, bw, batches, budgets, args.block_size)
         if args.decode:
             batches = [int(b) for b in args.batches.split(",")]
             contexts = [int(c) for c in args.contexts.split(",")]

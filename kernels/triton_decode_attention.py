@@ -148,8 +148,8 @@ def _decode_split_kernel(
     CONVERT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
-    pdl.trigger(PDL)
+    pdl.trigger(PDL)  # at once: the kernels after this one launch and reach their own wait (kernels/pdl.py)
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -268,8 +268,8 @@ def _decode_reduce_kernel(
     SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
-    pdl.trigger(PDL)
+    pdl.trigger(PDL)  # at once: the kernels after this one launch and reach their own wait (kernels/pdl.py)
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)

@@ -10,6 +10,8 @@ gate_up 1.02 -> 1.05, down 0.93 -> 0.98, lm_head 1.07 -> 1.10 (above 1: a read-o
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -48,12 +50,18 @@ def _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, offs, K, inv_rms, WRITE_RE
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, N, K, stride_wn, eps,
                  HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):  # fmt: skip
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+                 PREFETCH_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
+    if PREFETCH_K > 0:
+        # The weights do not depend on the previous kernel: while it runs (this block is parked in its wait, launched
+        # early by PDL), L2 fetches the first PREFETCH_K columns of this block's rows, one request per 128-byte line.
+        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+        pdl.prefetch_l2(w_ptr + rows[:, None] + (tl.arange(0, PREFETCH_K // LINE) * LINE)[None, :], PDL)
+    pdl.wait(PDL)  # nothing else is read before the previous kernel is done (kernels/pdl.py)
     inv_rms = 0.0
     if PROLOGUE >= 2:
         # Every program needs the norm of the whole row: a first pass over it (8 KB at hidden 4096, from L2).
@@ -77,6 +85,21 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, N, K,
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+# Bytes of a GEMV's weights asked into L2 before its wait (PREFETCH_K above), spread over its rows. The small kernels
+# between two GEMVs leave the memory bus idle for 2-11 us a layer (10-50 MB of reads at H200 bandwidth); L2 holds
+# 50 MB. KVRELAY_GEMV_PREFETCH_MB=0 turns the prefetch off.
+PREFETCH_BYTES = int(float(os.environ.get("KVRELAY_GEMV_PREFETCH_MB", "16")) * 2**20)
+
+
+def prefetch_columns(n: int, k: int, itemsize: int, budget: int) -> int:
+    """Columns of each row to prefetch: a power of two of whole 128-byte lines, at most k, in the budget (0: none)."""
+    line = 128 // itemsize
+    columns = budget // (n * itemsize)
+    if columns < line or k < line:
+        return 0
+    return min(1 << (columns.bit_length() - 1), 1 << (k.bit_length() - 1))
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int] | None:
@@ -115,7 +138,7 @@ def gemv(
     x: [1, K] contiguous; for SILU_MUL [1, 2K] = cat(gate, up). NORM: rms_norm(x) * norm_weight. ADD_NORM: the same of
     x + residual, which is also returned as new_residual (written once, by the first program), as
     kernels/norm.py's fused_add_rms_norm_ref does. tuning: launch overrides for bench/tune_gemv.py (block_n, block_k,
-    num_warps, num_stages).
+    num_warps, num_stages, prefetch_bytes).
     """
     n, k = weight.shape
     tuning = tuning or {}
@@ -128,6 +151,8 @@ def gemv(
     block_n, block_k, num_warps = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty_like(residual) if prologue == ADD_NORM else None
+    launch = pdl.launch_options(x.device)
+    prefetch_k = prefetch_columns(n, k, weight.element_size(), tuning.get("prefetch_bytes", PREFETCH_BYTES))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
@@ -144,8 +169,9 @@ def gemv(
         PROLOGUE=prologue,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PREFETCH_K=prefetch_k if launch["PDL"] else 0,  # only PDL launches a block before its predecessor is done
         num_warps=num_warps,
         **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}),
-        **pdl.launch_options(x.device),
+        **launch,
     )
     return y, new_residual

@@ -123,3 +123,21 @@ def test_fused_prologues_llama3_8b_shapes():
     ref = reference(silu_and_mul_ref(gate_up), down, None)
     y, _ = g.gemv(gate_up, down, None, g.SILU_MUL)
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_prefetch_columns_are_whole_lines_within_the_budget():
+    from kernels.triton_gemv import prefetch_columns
+
+    mb = 2**20
+    # The Llama-3-8B projections under a 16 MB budget: powers of two of 64-column (128-byte) lines, at most the row.
+    assert prefetch_columns(6144, 4096, 2, 16 * mb) == 1024
+    assert prefetch_columns(4096, 4096, 2, 16 * mb) == 2048
+    assert prefetch_columns(4096, 14336, 2, 16 * mb) == 2048
+    assert prefetch_columns(28672, 4096, 2, 16 * mb) == 256
+    assert prefetch_columns(4096, 4096, 2, 64 * mb) == 4096  # never past the row
+    assert prefetch_columns(4096, 1000, 2, 64 * mb) == 512  # a power of two inside a row that is not one
+    assert prefetch_columns(128256, 4096, 2, 4 * mb) == 0  # less than a line a row: nothing
+    assert prefetch_columns(4096, 4096, 2, 0) == 0
+    for n, k in ((6144, 4096), (4096, 14336), (28672, 4096)):
+        columns = prefetch_columns(n, k, 2, 16 * mb)
+        assert n * columns * 2 <= 16 * mb and columns % 64 == 0 and columns & (columns - 1) == 0
