@@ -97,20 +97,25 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
     return floor_ms / gpu_ms
 
 
-def prefetch_sweep(model, config: ModelConfig, spec, bw: float, batches, budgets_mb, block_size: int) -> None:
-    """Decode at 1k context for each L2 prefetch budget of the batch-1 GEMVs (kernels/triton_gemv.py), graphs
-    captured again each time; written to bench/results/tune_prefetch.json, the default budget restored."""
-    from kernels import triton_gemv
+def setting_sweep(model, config: ModelConfig, spec, bw: float, batches, setting: str, block_size: int) -> None:
+    """Decode at 1k context for each value of a kernel module's setting, e.g. kernels.triton_gemv.PRELOAD=0,1 (read
+    at launch, so graphs captured again per value pick it up); written to bench/results/tune_settings.json, the
+    setting restored afterwards. An A/B inside one process, on one warm GPU."""
+    import importlib
 
-    default, rows = triton_gemv.PREFETCH_BYTES, []
-    for mb in budgets_mb:
-        triton_gemv.PREFETCH_BYTES = int(mb * 2**20)
+    target, values = setting.split("=")
+    module_name, attr = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    default, rows = getattr(module, attr), []
+    for value in values.split(","):
+        setattr(module, attr, type(default)(float(value)))
         for bs in batches:
+            print(f"{target}={value}: ", end="")
             fraction = decode_one(model, config, spec, bw, bs, 1024, block_size, save=False)
-            rows.append({"prefetch_mb": mb, "batch": bs, "fraction": round(fraction, 4)})
-    triton_gemv.PREFETCH_BYTES = default
+            rows.append({"setting": target, "value": value, "batch": bs, "fraction": round(fraction, 4)})
+    setattr(module, attr, default)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tune_prefetch.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}))
+    (RESULTS / "tune_settings.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}))
 
 
 def decode_bench(model, config: ModelConfig, spec, bw: float, batches, contexts, block_size: int) -> None:
@@ -161,7 +166,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64,128")
     parser.add_argument("--contexts", default="1024,8192")
     parser.add_argument("--lengths", default="512,2048,8192")
-    parser.add_argument("--prefetch-mb", default=None, help="sweep the GEMV L2 prefetch budgets (MB) at 1k context")
+    parser.add_argument("--sweep", default=None, help="A/B a kernel setting at 1k context: MODULE.ATTR=V1,V2,...")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("model_bench needs a GPU")
@@ -175,10 +180,9 @@ def main() -> None:
     with torch.cuda.stream(torch.cuda.Stream()):
         if args.prefill:
             prefill_bench(model, config, spec, rate, [int(n) for n in args.lengths.split(",")], args.block_size)
-        if args.prefetch_mb:
-            budgets = [float(mb) for mb in args.prefetch_mb.split(",")]
+        if args.sweep:
             batches = [int(b) for b in args.batches.split(",")]
-            prefetch_sweep(model, config, spec, bw, batches, budgets, args.block_size)
+            setting_sweep(model, config, spec, bw, batches, args.sweep, args.block_size)
         if args.decode:
             batches = [int(b) for b in args.batches.split(",")]
             contexts = [int(c) for c in args.contexts.split(",")]

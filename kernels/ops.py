@@ -23,12 +23,10 @@ except ImportError:
     HAVE_TRITON = False
 
 
-# KVRELAY_TRITON_GEMV=0 sends batch-1 linear layers to cuBLAS; KVRELAY_FUSE lists the GEMV prologues in use
-# ("norm,silu": the layer norms and the MLP activation fused into the projections). Off by default: measured on an
-# H200 (batch-1 decode, 8B shape, fraction of floor, two runs each): none 0.810 / 0.818, silu 0.772 / 0.792,
-# norm+silu 0.787. Every GEMV program needs the whole input row, so a prologue is recomputed by each of hundreds of
-# programs at the head of its critical path (14336 exps each for silu), which costs more than the kernel it saves
-# once launches are overlapped (kernels/pdl.py).
+# KVRELAY_TRITON_GEMV=0 sends batch-1 linear layers to cuBLAS. KVRELAY_FUSE=norm fuses the layer norms into the
+# projection after them (a GEMV prologue): off by default, measured slower on an H200 (batch-1 decode, 8B shape,
+# fraction of floor: 0.810 / 0.818 unfused, 0.787 fused): every GEMV program needs the whole input row, so the norm is
+# recomputed by each of hundreds of programs at the head of its critical path.
 TRITON_GEMV = os.environ.get("KVRELAY_TRITON_GEMV", "1") != "0"
 FUSE = set(os.environ.get("KVRELAY_FUSE", "").split(","))
 
@@ -85,6 +83,17 @@ def rotary(positions, query, key, cos_sin_cache):
     return rotary_ref_mod.rotary_ref(positions, query, key, cos_sin_cache)
 
 
+def rotary_store_kv(positions, query, key, value, cos_sin_cache, layer, slot_mapping):
+    """rotary then store_kv of the rotated key and the value; returns the rotated query. One kernel on a GPU."""
+    if _gpu(query):
+        from kernels.triton_rotary_store_kv import rotary_store_kv as kernel
+
+        return kernel(positions, query, key, value, cos_sin_cache, layer, slot_mapping)
+    query, key = rotary_ref_mod.rotary_ref(positions, query, key, cos_sin_cache)
+    sk.store_kv_ref(key, value, layer, slot_mapping)
+    return query
+
+
 def silu_and_mul(x):
     if _gpu(x):
         from kernels.triton_activation import silu_and_mul as kernel
@@ -117,28 +126,32 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
+def norm_linear(x, residual, norm_weight, eps, weight, bias=None, gated=False):
     """linear(rms_norm(x)) with residual None (new residual: x itself), else linear(rms_norm(x + residual)) and the
-    new residual x + residual. One kernel on the GEMV path, the unfused kernels otherwise. Returns (y, new_residual).
+    new residual x + residual; gated: silu_and_mul of that linear (weight = cat(gate, up), the MLP's first half).
+    Returns (y, new_residual). One kernel less per fusion on the GEMV path (the activation always, the norm with
+    KVRELAY_FUSE=norm); the unfused kernels otherwise.
     """
     if "norm" in FUSE and _gemv_ok(x, weight):
         from kernels import triton_gemv as g
 
-        out = g.gemv(x, weight, bias, g.NORM if residual is None else g.ADD_NORM, residual, norm_weight, eps)
+        out = g.gemv(x, weight, bias, g.NORM if residual is None else g.ADD_NORM, residual, norm_weight, eps, gated)
         if out is not None:
             return out[0], x if residual is None else out[1]
     if residual is None:
-        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
-    normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
-    return linear(normed, weight, bias), new_residual
+        normed, new_residual = rms_norm(x, norm_weight, eps), x
+    else:
+        normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return (gated_linear(normed, weight, bias) if gated else linear(normed, weight, bias)), new_residual
 
 
-def silu_mul_linear(gate_up, weight, bias=None):
-    """linear(silu_and_mul(gate_up)): one kernel on the GEMV path."""
-    if "silu" in FUSE and _gemv_ok(gate_up, weight) and gate_up.shape[1] == 2 * weight.shape[1]:
-        from kernels import triton_gemv as g
+def gated_linear(x, weight, bias=None):
+    """silu_and_mul(linear(x, weight)) for weight = cat(gate, up): [tokens, in] -> [tokens, out / 2]. One kernel on
+    the GEMV path (the activation is the GEMV's epilogue)."""
+    if _gemv_ok(x, weight):
+        from kernels.triton_gemv import gemv
 
-        out = g.gemv(gate_up, weight, bias, g.SILU_MUL)
+        out = gemv(x, weight, bias, gated=True)
         if out is not None:
             return out[0]
-    return linear(silu_and_mul(gate_up), weight, bias)
+    return silu_and_mul(linear(x, weight, bias))

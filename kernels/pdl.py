@@ -8,8 +8,8 @@ induction, every kernel before that) has completed and its writes are visible.
 
 `trigger()` lets the next kernel's blocks be scheduled. The small single-wave kernels (norms, rotary, store_kv,
 attention, activation) trigger first thing, even before their own wait: the chain of kernels after them launches at
-once and each block parks in its wait, so the next GEMV's blocks are resident early and prefetch their weights into
-L2 while the small kernels run (kernels/triton_gemv.py): the memory bus is not idle during the small kernels. Safe
+once and each block parks in its wait, so the next GEMV's blocks are resident early and have their first weight
+loads in flight while the small kernels run (kernels/triton_gemv.py, PRELOAD). Safe
 because a kernel launches only once every block of its predecessor has triggered, i.e. is resident: waiting blocks
 never hold resources a predecessor still needs. The GEMVs trigger after their main loop: a multi-wave grid keeps its
 SMs until its last wave runs. Off on ROCm, on the CPU (the interpreter) and before sm_90; KVRELAY_PDL=0 turns it off.
@@ -49,13 +49,3 @@ def wait(PDL: tl.constexpr):
 def trigger(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_l2(ptrs, PREFETCH: tl.constexpr):
-    """Ask L2 for the 128-byte lines at `ptrs` (a tensor of pointers, one per line) without waiting for them: reads
-    that do not depend on the previous kernel (weights) start before `wait()`. NVIDIA PTX only."""
-    if PREFETCH:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-        )

@@ -44,11 +44,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.gate_up_proj(x))
-
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        # [num_tokens, 2 * intermediate] -> silu(gate) * up [num_tokens, intermediate] -> [num_tokens, hidden]
-        return ops.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+        # [num_tokens, hidden] -> silu(gate) * up [num_tokens, intermediate] -> [num_tokens, hidden]
+        return self.down_proj(ops.gated_linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
 
 
 class LlamaAttention(nn.Module):
@@ -83,11 +80,11 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary(positions, q, k, cos_sin_cache)
         layer = pool.layer(self.layer_index)
-        # New K/V go into the pool first; attention then reads every key, cached or new, from the pool, so prefill
-        # and decode see exactly the same (possibly quantized) keys and values.
-        ops.store_kv(k, v, layer, meta.slot_mapping)
+        # Rotary, and the new K/V into the pool first (one kernel on a GPU; the rotated key is not written back):
+        # attention then reads every key, cached or new, from the pool, so prefill and decode see exactly the same
+        # (possibly quantized) keys and values.
+        q = ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, layer, meta.slot_mapping)
         if meta.is_prefill:
             out = ops.paged_prefill_attention(
                 q, layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale, meta.max_query_len
@@ -108,18 +105,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, residual, positions, cos_sin_cache, meta, pool):
-        # Each norm goes with the projection after it (ops.norm_linear): one kernel at batch 1 on a GPU.
+        # Each norm goes with the projection after it (ops.norm_linear), which can fuse them at batch 1 on a GPU.
         qkv, residual = self._norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
         x = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool)
         if isinstance(self.mlp, LlamaMLP):
-            gate_up, residual = self._norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
-            return self.mlp.down(gate_up), residual
+            norm, gate_up = self.post_attention_layernorm, self.mlp.gate_up_proj
+            act, residual = self._norm_linear(norm, x, residual, gate_up, gated=True)
+            return self.mlp.down_proj(act), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
     @staticmethod
-    def _norm_linear(norm: RMSNorm, x, residual, linear: nn.Linear):
-        return ops.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
+    def _norm_linear(norm: RMSNorm, x, residual, linear: nn.Linear, gated=False):
+        return ops.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias, gated)
 
 
 class LlamaModel(nn.Module):
