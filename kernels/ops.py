@@ -28,6 +28,10 @@ except ImportError:
 # fraction of floor: 0.810 / 0.818 unfused, 0.787 fused): every GEMV program needs the whole input row, so the norm is
 # recomputed by each of hundreds of programs at the head of its critical path.
 TRITON_GEMV = os.environ.get("KVRELAY_TRITON_GEMV", "1") != "0"
+# KVRELAY_GATED_GEMV=1: the MLP activation as the gate_up GEMV's epilogue instead of its own kernel. Off by default:
+# one kernel fewer a layer, but no faster (H200, batch-1 decode, fraction of the floor, alternating within one
+# process: separate 0.782 / 0.797, epilogue 0.779 / 0.785).
+GATED_GEMV = os.environ.get("KVRELAY_GATED_GEMV", "0") == "1"
 FUSE = set(os.environ.get("KVRELAY_FUSE", "").split(","))
 
 
@@ -84,13 +88,15 @@ def rotary(positions, query, key, cos_sin_cache):
 
 
 def rotary_store_kv(positions, query, key, value, cos_sin_cache, layer, slot_mapping):
-    """rotary then store_kv of the rotated key and the value; returns the rotated query. One kernel on a GPU."""
+    """rotary, then store_kv of the rotated key and the value; returns the rotated query. One kernel on a GPU (two
+    with kernels.triton_rotary_store_kv.FUSED off, for an A/B); the references in sequence on the CPU."""
     if _gpu(query):
-        from kernels.triton_rotary_store_kv import rotary_store_kv as kernel
+        from kernels import triton_rotary_store_kv as fused
 
-        return kernel(positions, query, key, value, cos_sin_cache, layer, slot_mapping)
-    query, key = rotary_ref_mod.rotary_ref(positions, query, key, cos_sin_cache)
-    sk.store_kv_ref(key, value, layer, slot_mapping)
+        if fused.FUSED:
+            return fused.rotary_store_kv(positions, query, key, value, cos_sin_cache, layer, slot_mapping)
+    query, key = rotary(positions, query, key, cos_sin_cache)
+    store_kv(key, value, layer, slot_mapping)
     return query
 
 
@@ -148,7 +154,7 @@ def norm_linear(x, residual, norm_weight, eps, weight, bias=None, gated=False):
 def gated_linear(x, weight, bias=None):
     """silu_and_mul(linear(x, weight)) for weight = cat(gate, up): [tokens, in] -> [tokens, out / 2]. One kernel on
     the GEMV path (the activation is the GEMV's epilogue)."""
-    if _gemv_ok(x, weight):
+    if GATED_GEMV and _gemv_ok(x, weight):
         from kernels.triton_gemv import gemv
 
         out = gemv(x, weight, bias, gated=True)

@@ -31,8 +31,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.trigger(PDL)  # at once: the kernels after this one launch and reach their own wait (kernels/pdl.py)
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done
+    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden

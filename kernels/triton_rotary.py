@@ -73,8 +73,7 @@ def _rotary_kernel(
     BLOCK_KH: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.trigger(PDL)  # at once: the kernels after this one launch and reach their own wait (kernels/pdl.py)
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done
+    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
