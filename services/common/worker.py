@@ -49,10 +49,16 @@ def sync_device(device: torch.device) -> None:
 
 class OwnStream:
     """Each worker does its GPU work on its own stream (so prefill and decode processes overlap under MPS / on AMD
-    hardware queues); a no-op on the CPU."""
+    hardware queues); a no-op on the CPU.
 
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    priority: decode's stream is created at the highest priority (-1 on CUDA and ROCm), prefill's at the default, so
+    that when both processes have blocks waiting for SMs (under MPS, or on AMD's hardware queues), the block scheduler
+    takes decode's first: a running prefill block is never preempted, but prefill's queue no longer delays a decode
+    step by more than the blocks already running.
+    """
+
+    def __init__(self, device: torch.device, priority: int = 0) -> None:
+        self.stream = torch.cuda.Stream(device, priority=priority) if device.type == "cuda" else None
         # One forward pass at a time per process: in a colocated worker, prefill and decode loops share this object,
         # so a prefill chunk and a decode step alternate instead of racing on the same stream.
         self.lock = threading.Lock()
@@ -111,7 +117,7 @@ class Worker:
             layout = await fetch_layout(self.args.kvstore)
             t0 = time.perf_counter()
             self.attached = await asyncio.to_thread(attach, layout, self.args.max_model_len)
-            self.gpu = OwnStream(self.attached.runner.device)
+            self.gpu = OwnStream(self.attached.runner.device, priority=-1 if self.role == "decode" else 0)
             await asyncio.to_thread(self.gpu.run, self.prepare)
             log.info("%s attached to %s in %.2fs", self.worker_id, layout.model_dir, time.perf_counter() - t0)
             self.store = await SessionStore.connect(self.args.redis_url, self.args.name)
