@@ -253,8 +253,7 @@ def _decode_split_kernel(
     V_TOKEN_RUN: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.trigger(PDL)  # at once: the kernels after this one launch and reach their own wait (kernels/pdl.py)
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done
+    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -346,8 +345,7 @@ def _decode_reduce_kernel(
     SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.trigger(PDL)  # at once: the kernels after this one launch and reach their own wait (kernels/pdl.py)
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done
+    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)

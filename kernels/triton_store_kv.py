@@ -154,8 +154,7 @@ def _store_kv_kernel(
     PDL: tl.constexpr,
 ):
     # One program per token: all its kv heads as one [HEADS_PAD, DIM_PAD] tile, K and V.
-    pdl.trigger(PDL)  # at once: the kernels after this one launch and reach their own wait (kernels/pdl.py)
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done
+    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     # slot -1 marks a padding token: every load and store below is masked off (no early return: simpler everywhere).
