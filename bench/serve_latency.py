@@ -1,7 +1,9 @@
 """Latency seen by a gRPC client of a real deployment (`kvrelay up`): inter-token latency, time to first token, and
 the hand-off's added latency (prefill reply -> decode's first token, minus one decode step).
 
-    python bench/serve_latency.py --model DIR [--kv-dtype int8] [--max-model-len 4096]
+    python bench/serve_latency.py --model DIR [--kv-dtype int8] [--max-model-len 4096] [--no-decode-overlap]
+
+--no-decode-overlap runs the decode loop that waits for every step (records named *_no_overlap), for comparison.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def main() -> None:
     parser.add_argument("--kv-dtype", default="int8")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--no-decode-overlap", action="store_true", help="decode waits for each step's tokens")
     args = parser.parse_args()
+    suffix, command = ("_no_overlap", COMMAND + " --no-decode-overlap") if args.no_decode_overlap else ("", COMMAND)
     bw = copy_bandwidth()
     torch.cuda.empty_cache()
     d = Deployment(
@@ -85,6 +89,7 @@ def main() -> None:
         "16384",
         "--max-batch-tokens",
         "8192",
+        *(["--no-decode-overlap"] if args.no_decode_overlap else []),
     )
     try:
         vocab = ModelConfig.from_dir(args.model).vocab_size
@@ -92,10 +97,10 @@ def main() -> None:
     finally:
         d.stop()
     floor = floor_ms(args.model, args.kv_dtype, args.ctx + 64, bw)
-    record("client_itl_bs1_ctx1k", itl, "ms", floor, floor / itl, COMMAND)
-    record("client_ttft_ctx1k", ttft, "ms", 0.0, 0.0, COMMAND, note="no floor: TTFT includes prefill and gRPC")
+    record("client_itl_bs1_ctx1k" + suffix, itl, "ms", floor, floor / itl, command)
+    record("client_ttft_ctx1k" + suffix, ttft, "ms", 0.0, 0.0, command, note="no floor: TTFT includes prefill and gRPC")
     added = max(handoff - itl, 1e-3)  # the first decode message costs one decode step anyway
-    record("handoff_p50", added, "ms", 2.0, 2.0 / added, COMMAND, handoff_ms_raw=round(handoff, 3))
+    record("handoff_p50" + suffix, added, "ms", 2.0, 2.0 / added, command, handoff_ms_raw=round(handoff, 3))
     # For diagnosis: the decode worker's side (prefill's offer seen -> first token ready, its clock) beyond one step,
     # and the rest of the raw hand-off (transport and gateway; negative when decode started before the gateway
     # had prefill's reply).

@@ -164,17 +164,20 @@ class Launcher:
         self.wait_healthy("kvstore", f"127.0.0.1:{kv_port}", "kvrelay.v1.KVStore", kvstore, a.start_timeout)
         worker = ["--kvstore", f"127.0.0.1:{kv_port}", *common, "--max-batch-tokens", str(a.max_batch_tokens)]
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
+        decode_only = ["--no-overlap"] if a.no_decode_overlap else []
         waits = []
         port = kv_port
         if a.mode == "colocated":  # the baseline: each replica is one process that prefills and decodes
             for i in range(a.decode_replicas):
                 port += 1
-                proc = self.spawn(f"decode-{i}", py + ["services.colocated.server", "--port", str(port), *worker])
+                argv = py + ["services.colocated.server", "--port", str(port), *worker, *decode_only]
+                proc = self.spawn(f"decode-{i}", argv)
                 waits.append((f"colocated-{i}", f"127.0.0.1:{port}", "kvrelay.v1.Decode", proc))
         for role, count in (("prefill", a.prefill_replicas), ("decode", a.decode_replicas)):
             for i in range(count if a.mode == "disaggregated" else 0):
                 port += 1
                 argv = py + [f"services.{role}.server", "--port", str(port), *worker]
+                argv += decode_only if role == "decode" else []
                 proc = self.spawn(f"{role}-{i}", argv, self.service_env(role))
                 waits.append((f"{role}-{i}", f"127.0.0.1:{port}", f"kvrelay.v1.{role.capitalize()}", proc))
         for name, address, service, proc in waits:

@@ -53,7 +53,7 @@ class ScriptedStore:
 
 
 def worker(store: ScriptedStore) -> DecodeWorker:
-    w = DecodeWorker(argparse.Namespace(worker_id="decode-test", host="127.0.0.1", port=1))
+    w = DecodeWorker(argparse.Namespace(worker_id="decode-test", host="127.0.0.1", port=1, no_overlap=False))
     w.store = store
     w.attached = SimpleNamespace(runner=SimpleNamespace(device=torch.device("cpu")))
     return w

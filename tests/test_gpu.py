@@ -102,3 +102,45 @@ def test_bf16_decode_graphs_equal_eager_on_default_model(default_model_dir):
     eager = [engine.generate([p], params)[0].token_ids for p in prompts]
     engine.runner.enable_cuda_graphs(8, 512)
     assert [engine.generate([p], params)[0].token_ids for p in prompts] == eager
+
+
+def test_overlapped_decode_steps_equal_the_engine(default_model_dir):
+    """The decode worker's overlap on the GPU: step k+1 is queued from step k's sampled ids on the device, from CUDA
+    graphs, on a stream of its own, before the host reads step k's ids; the tokens equal the engine's greedy ones."""
+    from services.model.runner import SeqChunk
+    from services.model.sampler import Sampler
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    cfg = EngineConfig(model_dir=default_model_dir, dtype="bfloat16", device="cuda", num_blocks=64)
+    engine = Engine(cfg, progress=False)
+    engine.generate([prompts[0]], SamplingParams(max_tokens=1))  # builds the pool (fixed size: kept) and the runner
+    engine.runner.enable_cuda_graphs(8, 512)
+    want = engine.generate(prompts, params)
+    runner, sampler, n = engine.runner, Sampler(), len(prompts)
+    blocks = -(-(max(map(len, prompts)) + params.max_tokens) // engine.cfg.block_size)
+    tables = [tuple(range(i * blocks, (i + 1) * blocks)) for i in range(n)]
+    first = runner.forward([SeqChunk(tuple(p), 0, t) for p, t in zip(prompts, tables, strict=True)]).argmax(-1)
+    got = [[t] for t in first.tolist()]
+    logprobs = [[] for _ in prompts]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cached = [len(p) for p in prompts]
+        args = ([params] * n, [None] * n, [[]] * n)
+        pending = sampler.launch(runner.decode(first.tolist(), cached, tables), *args)
+        for step in range(1, params.max_tokens - 1):
+            queued = sampler.launch(runner.decode(pending.token_ids, [c + step for c in cached], tables), *args)
+            out = pending.result()  # step k's ids reach the host while step k+1 runs
+            for row in range(n):
+                got[row].append(out.token_ids[row])
+                logprobs[row].append(out.logprobs[row])
+            pending = queued
+        out = pending.result()
+        for row in range(n):
+            got[row].append(out.token_ids[row])
+            logprobs[row].append(out.logprobs[row])
+    assert got == [r.token_ids for r in want]
+    for row, r in enumerate(want):
+        torch.testing.assert_close(logprobs[row], r.logprobs[1:], atol=1e-3, rtol=0)

@@ -1,5 +1,6 @@
 """The decode service: adopts PREFILLED sessions and runs continuous batching over them (sequences join and leave at
-every step), streaming each new token to the gateway.
+every step), streaming each new token to the gateway. The step loop itself, which queues step n+1 on the device
+before reading step n's tokens, is in step_loop.py.
 
     python -m services.decode.server --kvstore 127.0.0.1:50070 --port 50072
 """
@@ -9,52 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from dataclasses import dataclass, field
 
 import grpc
-import torch
 
-from kvrelay.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from kvstore.allocator import OutOfBlocks
-from kvstore.block_table import blocks_needed
+from kvrelay.v1 import common_pb2, decode_pb2_grpc
 from kvstore.sessions import SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
-from services.common.convert import FINISH, logprob_to_proto, params_from_proto
+from services.common.convert import params_from_proto
 from services.common.worker import LEASE_MS, Worker, main_for
-from services.model.runner import SeqChunk
-from services.model.sampler import Sampler, finish_reason, make_generator
-from services.model.sampling_params import SamplingParams
+from services.decode.step_loop import RunningSeq, StepLoop
+from services.model.sampler import Sampler, make_generator
 
 log = logging.getLogger("kvrelay.decode")
 SERVICE = "kvrelay.v1.Decode"
 PREFILL_POLL_S = 0.5  # a call waiting for its hand-off also tries to adopt this often (announcements can be lost)
 
 
-@dataclass(eq=False)
-class RunningSeq:
-    session_id: str
-    params: SamplingParams
-    history: list[int]  # prompt + generated; the last token is not in the pool yet
-    num_cached: int  # tokens whose K/V are in the pool
-    num_generated: int
-    block_table: list[int]
-    generator: torch.Generator | None
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    received: float = field(default_factory=time.perf_counter)
-    first_sent: bool = False
-    cancelled: bool = False
-    finished: bool = False
-    keep_session: bool = False  # multi-turn: release the KV as IDLE at the end instead of freeing it
-    aborted: bool = False  # Abort always frees
-
-
-class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
+class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
     role = "decode"
 
     def __init__(self, args) -> None:
         super().__init__(args)
-        self.running: list[RunningSeq] = []
-        self.wakeup = asyncio.Event()
+        self.init_steps(overlap=not args.no_overlap)
         self.sampler = Sampler()
         self.awaiting: dict[str, set[asyncio.Event]] = {}  # session id -> notices of calls waiting for its hand-off
 
@@ -192,88 +170,8 @@ class DecodeWorker(Worker, decode_pb2_grpc.DecodeServicer):
                 return common_pb2.AbortResponse(found=True, blocks_freed=len(seq.block_table))
         return common_pb2.AbortResponse(found=False)
 
-    async def _retire(self, seq: RunningSeq) -> None:
-        self.running.remove(seq)
-        seq.finished = True
-        try:
-            if seq.keep_session and not seq.aborted:
-                # the blocks hold K/V for history[:num_cached]: the next turn reuses that prefix
-                tokens = seq.history[: seq.num_cached]
-                await self.store.update(seq.session_id, self.worker_id, None, num_tokens=seq.num_cached, tokens=tokens)
-                await self.store.release(seq.session_id, self.worker_id)
-            else:
-                await self.store.free(seq.session_id, owner=self.worker_id)
-        except SessionError:
-            log.warning("session %s was taken over before it could be freed", seq.session_id)
-
-    async def _grow(self, seq: RunningSeq) -> bool:
-        """Blocks for the token this step writes; False when the pool is exhausted."""
-        need = blocks_needed(seq.num_cached + 1, self.attached.pool.geometry.block_size) - len(seq.block_table)
-        if need <= 0:
-            return True
-        try:
-            seq.block_table += await self.store.allocate(seq.session_id, need, self.worker_id, LEASE_MS, create=False)
-            return True
-        except (OutOfBlocks, SessionError):
-            return False
-
-    async def step_loop(self) -> None:
-        while True:
-            if not self.running:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            for seq in [s for s in self.running if s.cancelled]:
-                await self._retire(seq)
-            batch, paused = [], []
-            for seq in list(self.running):
-                (batch if await self._grow(seq) else paused).append(seq)
-            if paused and not batch:
-                # Nobody can grow, so nobody will free blocks: give up the newest sequence (its blocks free others).
-                victim = max(paused, key=lambda s: s.received)
-                victim.out.put_nowait(grpc.StatusCode.RESOURCE_EXHAUSTED)
-                await self._retire(victim)
-            # Other paused sequences wait for blocks that finishing sequences return.
-            if not batch:
-                continue
-            try:
-                await self._step(batch)
-            except Exception:
-                log.exception("decode step failed")
-                for seq in batch:
-                    seq.out.put_nowait(decode_pb2.DecodeResponse(finish=common_pb2.FINISH_REASON_ERROR))
-                    await self._retire(seq)
-            await asyncio.sleep(0)  # let new streams join and cancellations land between steps
-
     def prepare(self) -> None:
         self.attached.runner.enable_cuda_graphs(self.args.max_decode_batch, self.attached.max_model_len)
-
-    def _compute(self, batch: list[RunningSeq]):
-        chunks = [SeqChunk((s.history[-1],), s.num_cached, tuple(s.block_table)) for s in batch]
-        logits = self.attached.runner.forward(chunks)
-        return self.sampler(logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch])
-
-    async def _step(self, batch: list[RunningSeq]) -> None:
-        out = await asyncio.to_thread(self.gpu.run, self._compute, batch)
-        eos = self.attached.config.eos_token_ids
-        limit = self.attached.max_model_len
-        for row, seq in enumerate(batch):
-            token = out.token_ids[row]
-            seq.num_cached += 1
-            seq.num_generated += 1
-            seq.history.append(token)
-            reason = finish_reason(token, seq.num_generated, seq.params, eos, len(seq.history) >= limit)
-            msg = decode_pb2.DecodeResponse(token_ids=[token], finish=FINISH[reason])
-            lp = logprob_to_proto(out, row)
-            if lp is not None:
-                msg.logprobs.append(lp)
-            if not seq.first_sent:
-                msg.first_step_ms = (time.perf_counter() - seq.received) * 1e3
-                seq.first_sent = True
-            if reason is not None:
-                # blocks freed (or the session released for its next turn) before the client hears it finished,
-                # so a next turn that follows at once finds the session IDLE
-                await self._retire(seq)
-            seq.out.put_nowait(msg)
 
     def main_sync(self) -> None:
         asyncio.run(
@@ -291,6 +189,12 @@ def main() -> None:
 
 def add_decode_args(parser) -> None:
     parser.add_argument("--max-decode-batch", type=int, default=128, help="largest batch captured in a CUDA graph")
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        default=os.environ.get("KVRELAY_DECODE_OVERLAP", "1") == "0",
+        help="wait for each step's tokens before queueing the next (default from KVRELAY_DECODE_OVERLAP=0)",
+    )
 
 
 if __name__ == "__main__":

@@ -4,15 +4,88 @@ A decode step of a small batch is dozens of tiny kernels per layer; replaying a 
 overhead that otherwise dominates. The graph reads its inputs from static buffers, so a step copies the batch's
 token ids, positions, slots, block tables and context lengths in, replays, and reads the logits out. Rows past the
 real batch are padding: slot -1 (store_kv skips it) and context length 1 (a finite, ignored output).
+
+Every static input lives in one device buffer, laid out like a pinned host mirror, so `replay_step` moves a step's
+inputs with a single non-blocking copy (two when the token ids come from the previous step on the device): no
+stream sync, and the host is free to prepare the next step while this one runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from services.model.attention_metadata import AttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+class InputLayout:
+    """Byte layout of the graph inputs: int64 input_ids, positions, slots, then int32 context_lens and block_tables
+    [n, max_blocks]. Each section starts 256-byte aligned, like a tensor of its own. Block tables come last so that
+    a batch of bs rows needs only the bytes up to row bs."""
+
+    def __init__(self, n: int, max_blocks: int) -> None:
+        self.n, self.max_blocks = n, max_blocks
+        self.stride = -(-n // 64) * 64  # elements per 1-D section
+        self.int32_start = 3 * self.stride * 8
+        self.nbytes = self.end(n)
+
+    def views(self, buf):
+        """(input_ids, positions, slots, context_lens, block_tables) over a uint8 tensor or numpy array."""
+        n, m, stride = self.n, self.max_blocks, self.stride
+        is_tensor = isinstance(buf, torch.Tensor)
+        i64 = buf[: self.int32_start].view(torch.int64 if is_tensor else np.int64).reshape(3, stride)
+        i32 = buf[self.int32_start :].view(torch.int32 if is_tensor else np.int32)
+        return i64[0, :n], i64[1, :n], i64[2, :n], i32[:n], i32[stride:].reshape(n, m)
+
+    def ids_end(self) -> int:
+        return self.stride * 8
+
+    def end(self, bs: int) -> int:
+        """Bytes up to the end of row bs of the block tables."""
+        return self.int32_start + (self.stride + bs * self.max_blocks) * 4
+
+
+class HostInputs:
+    """A pinned host mirror of the device input buffer. `copied` marks when the device has read it: the copy is
+    asynchronous, so the host must not rewrite the mirror before that."""
+
+    def __init__(self, layout: InputLayout, pin: bool = True) -> None:
+        self.layout = layout
+        self.buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.input_ids, self.positions, self.slots, self.context_lens, self.block_tables = layout.views(
+            self.buffer.numpy()
+        )
+        self.slots[:] = -1
+        self.context_lens[:] = 1
+        self.copied = torch.cuda.Event() if pin else None
+
+    def write(
+        self,
+        token_ids: Sequence[int] | None,  # None: the ids come from the device, this section is not copied
+        positions: Sequence[int],
+        slots: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> tuple[int, int]:
+        """Fills the mirror for a batch (padding rows: slot -1, context length 1); returns the byte range to copy."""
+        bs = len(positions)
+        if token_ids is not None:
+            self.input_ids[:bs] = token_ids
+        self.positions[:bs] = positions
+        self.slots[:bs] = slots
+        self.slots[bs:] = -1
+        self.context_lens[:bs] = self.positions[:bs] + 1
+        self.context_lens[bs:] = 1
+        for row, table in enumerate(block_tables):
+            if len(table) > self.layout.max_blocks:
+                raise ValueError(f"a block table has {len(table)} blocks; graphs hold {self.layout.max_blocks}")
+            # columns past the table keep stale ids: never read, the kernels stop at context_lens
+            self.block_tables[row, : len(table)] = table
+        start = 0 if token_ids is not None else self.layout.ids_end()
+        return start, self.layout.end(bs)
 
 
 class DecodeGraphs:
@@ -23,11 +96,16 @@ class DecodeGraphs:
         n = self.buckets[-1]
         self.max_blocks = -(-max_context_len // pool.geometry.block_size)
         self.max_context_len = max_context_len
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.layout = InputLayout(n, self.max_blocks)
+        self.inputs = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
+        self.input_ids, self.positions, self.slots, self.context_lens, self.block_tables = self.layout.views(
+            self.inputs
+        )
+        self.slots.fill_(-1)
+        self.context_lens.fill_(1)
+        # Two mirrors: step n+1 is written while step n's copy may still wait in the stream behind step n-1.
+        self.host = [HostInputs(self.layout), HostInputs(self.layout)]
+        self.next_host = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool_handle = None
@@ -60,6 +138,29 @@ class DecodeGraphs:
 
     def bucket(self, bs: int) -> int | None:
         return next((b for b in self.buckets if b >= bs), None)
+
+    @torch.inference_mode()
+    def replay_step(
+        self,
+        token_ids: Sequence[int] | torch.Tensor,  # [bs]: host ints, or int64 on the device (read in stream order)
+        positions: Sequence[int],  # [bs]
+        slots: Sequence[int],  # [bs]
+        block_tables: Sequence[Sequence[int]],  # [bs][blocks]
+    ) -> torch.Tensor:
+        """One decode step from host-side metadata; returns logits [bs, vocab] (a view into a static output)."""
+        bs = len(positions)
+        host = self.host[self.next_host]
+        self.next_host ^= 1
+        host.copied.synchronize()  # at once in practice: that copy was queued before a step the host has waited for
+        on_device = isinstance(token_ids, torch.Tensor)
+        start, end = host.write(None if on_device else token_ids, positions, slots, block_tables)
+        self.inputs[start:end].copy_(host.buffer[start:end], non_blocking=True)
+        host.copied.record()
+        if on_device:
+            self.input_ids[:bs].copy_(token_ids)
+        b = self.bucket(bs)
+        self.graphs[b].replay()
+        return self.outputs[b][:bs]
 
     @torch.inference_mode()
     def replay(self, input_ids, positions, slots, block_tables, context_lens) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """One forward pass over a batch of sequences that each add new tokens on top of what the pool already holds.
 
 Prefill (many new tokens), chunked prefill (new tokens after a cached prefix) and decode (one new token each) are
-the same call; a batch where every sequence adds exactly one token takes the decode attention kernel.
+the same call; a batch where every sequence adds exactly one token takes the decode attention kernel. `decode` is
+the decode worker's step: its input ids may stay on the device, and queueing it does not wait for the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ from kvstore.block_table import make_block_table_tensor, slot_mapping
 from kvstore.pool import KVPool
 from services.model.attention_metadata import AttentionMetadata
 from services.model.llama import LlamaForCausalLM
+from services.model.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,8 @@ class ModelRunner:
         device = self.device
         is_decode = all(len(c.token_ids) == 1 for c in chunks)
         if self.graphs is not None and is_decode and not all_logits and self.graphs.bucket(len(chunks)):
-            return self.graphs.replay(
-                torch.tensor(input_ids, dtype=torch.int64, device=device),
-                torch.tensor(positions, dtype=torch.int64, device=device),
-                torch.tensor(slots, dtype=torch.int64, device=device),
-                make_block_table_tensor([list(c.block_table) for c in chunks], device),
-                torch.tensor([c.num_cached + 1 for c in chunks], dtype=torch.int32, device=device),
+            return self.decode(
+                [c.token_ids[0] for c in chunks], [c.num_cached for c in chunks], [c.block_table for c in chunks]
             )
         cu_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
         meta = AttentionMetadata(
@@ -85,4 +84,39 @@ class ModelRunner:
         )
         if not all_logits:
             hidden = hidden[cu_seqlens[1:].long() - 1]  # last new token of each sequence
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        token_ids: Sequence[int] | torch.Tensor,  # [num_seqs]: host ints, or int64 on the device
+        num_cached: Sequence[int],  # [num_seqs]: the position each sequence's token is written at
+        block_tables: Sequence[Sequence[int]],  # [num_seqs][blocks], covering num_cached + 1 tokens
+    ) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode step: each sequence adds one token after its num_cached.
+
+        Device token ids (the previous step's sampled ids, rows in the same order) are read in stream order, so this
+        step can be queued before the host has seen them. Inputs go over as non-blocking copies from pinned memory,
+        so queueing the step does not wait for the steps before it.
+        """
+        size = self.block_size
+        slots = []
+        for n, table in zip(num_cached, block_tables, strict=True):
+            if len(table) * size <= n:
+                raise ValueError(f"block table covers {len(table) * size} tokens; position {n} is past it")
+            slots.append(table[n // size] * size + n % size)
+        if self.graphs is not None and self.graphs.bucket(len(slots)):
+            return self.graphs.replay_step(token_ids, num_cached, slots, block_tables)
+        device = self.device
+        if not isinstance(token_ids, torch.Tensor):
+            token_ids = to_device(list(token_ids), torch.int64, device)
+        tables = make_block_table_tensor([list(t) for t in block_tables], "cpu")
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=to_device(slots, torch.int64, device),
+            block_tables=to_device(tables, torch.int32, device),
+            context_lens=to_device([n + 1 for n in num_cached], torch.int32, device),
+            max_context_len=max(num_cached) + 1,
+        )
+        hidden = self.model(token_ids, to_device(list(num_cached), torch.int64, device), meta, self.pool)
         return self.model.compute_logits(hidden)

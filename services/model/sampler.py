@@ -1,5 +1,8 @@
 """Batched sampling: one call turns a batch's last-position logits into one token per sequence.
 
+`Sampler.launch` queues the device work and returns a `PendingSample`; its `result()` is the step's one host sync.
+The decode worker launches its next step between the two; calling the Sampler does both at once.
+
 Order of operations, the same as HF `generate` so its logits processors serve as the test reference:
 repetition penalty -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p -> sample.
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from services.model.sampling_params import SamplingParams
+from services.model.transfer import to_device
 
 # 2**64: torch.Generator.manual_seed takes an unsigned 64-bit seed; a client's negative or larger seed wraps into it.
 _SEED_MODULUS = 1 << 64
@@ -73,25 +77,87 @@ def finish_reason(
     return None
 
 
+class PendingSample:
+    """A batch's sampling, launched: the device work is queued and the results are on their way to the host.
+
+    `token_ids` stays on the device, so the next decode step can take it as input before the host has seen it;
+    result() waits for the copies (the one host sync of a step) and returns the SampleOutput.
+    """
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,  # [num_seqs] int64, on the logits' device
+        logprob_rows: list[int],  # rows that asked for logprobs
+        top_n: list[int],  # [len(logprob_rows)]: how many top entries each of those rows wants
+        chosen: torch.Tensor | None = None,  # [len(logprob_rows)] float32: logprob of each chosen token
+        top_values: torch.Tensor | None = None,  # [len(logprob_rows), max(top_n)] float32, descending
+        top_ids: torch.Tensor | None = None,  # [len(logprob_rows), max(top_n)] int64
+    ) -> None:
+        self.token_ids = token_ids
+        self.logprob_rows, self.top_n = logprob_rows, top_n
+        device = token_ids.device
+        # Copied to pinned host memory on the stream, so waiting for them does not wait for work queued later (the
+        # next step); a blocking .tolist() here would.
+        self._host = [_to_host(t) for t in (token_ids, chosen, top_values, top_ids)]
+        self._ready = None
+        if device.type == "cuda":
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> SampleOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids, chosen, top_values, top_ids = (None if t is None else t.tolist() for t in self._host)
+        num_seqs = len(token_ids)
+        logprobs: list[float | None] = [None] * num_seqs
+        top: list[list[tuple[int, float]] | None] = [None] * num_seqs
+        for j, i in enumerate(self.logprob_rows):
+            n = self.top_n[j]
+            logprobs[i] = chosen[j]
+            top[i] = list(zip(top_ids[j][:n], top_values[j][:n], strict=True)) if n else []
+        return SampleOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class Sampler:
     """Stateless; per-request state (the generators) is owned by the caller, so rows can join and leave the batch."""
 
     def __call__(
         self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        prev_token_ids: Sequence[Sequence[int]],
+    ) -> SampleOutput:
+        return self.launch(logits, params, generators, prev_token_ids).result()
+
+    def launch(
+        self,
         logits: torch.Tensor,  # [num_seqs, vocab_size], any float dtype; not modified
         params: Sequence[SamplingParams],  # [num_seqs]
         generators: Sequence[torch.Generator | None],  # [num_seqs]; from make_generator(params[i].seed)
         prev_token_ids: Sequence[Sequence[int]],  # [num_seqs][prompt + output so far]; only read for penalty rows
-    ) -> SampleOutput:
+    ) -> PendingSample:
+        """Queues the whole sampling on the logits' device and returns without waiting for it.
+
+        Everything is read from `logits` before this returns (in stream order), so a CUDA graph's static output
+        may be overwritten by the next replay right after.
+        """
         num_seqs, vocab_size = logits.shape
         if not (len(params) == len(generators) == len(prev_token_ids) == num_seqs):
             raise ValueError(
                 f"batch mismatch: {num_seqs} logits rows, {len(params)} params, {len(generators)} generators, "
                 f"{len(prev_token_ids)} prev_token_ids"
             )
-        if num_seqs == 0:
-            return SampleOutput(token_ids=[], logprobs=[], top_logprobs=[])
         device = logits.device
+        if num_seqs == 0:
+            return PendingSample(torch.empty(0, dtype=torch.int64, device=device), [], [])
 
         # float32 for the maths (bf16 softmax/cumsum lose the tail); copy=True because everything below is in place.
         processed = logits.to(torch.float32, copy=True)
@@ -105,15 +171,13 @@ class Sampler:
         if len(sample_rows) == num_seqs:
             token_ids = _sample(processed, params, generators)
         elif sample_rows:
-            row_index = torch.tensor(sample_rows, dtype=torch.long, device=device)
+            row_index = to_device(sample_rows, torch.long, device)
             token_ids[row_index] = _sample(
                 processed[row_index],  # a copy, rows in sample_rows order
                 [params[i] for i in sample_rows],
                 [generators[i] for i in sample_rows],
             )
-
-        chosen_logprobs, top_logprobs = _gather_logprobs(logits, token_ids, params)
-        return SampleOutput(token_ids=token_ids.tolist(), logprobs=chosen_logprobs, top_logprobs=top_logprobs)
+        return _launch_logprobs(logits, token_ids, params)
 
 
 def apply_repetition_penalty(
@@ -133,11 +197,11 @@ def apply_repetition_penalty(
         token_index.extend(ids)
     seen = torch.zeros(num_seqs, vocab_size, dtype=torch.bool, device=logits.device)
     seen[
-        torch.tensor(row_index, dtype=torch.long, device=logits.device),
-        torch.tensor(token_index, dtype=torch.long, device=logits.device),
+        to_device(row_index, torch.long, logits.device),
+        to_device(token_index, torch.long, logits.device),
     ] = True
     # Rows without a penalty get 1.0, for which both branches are exact identities.
-    penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=logits.device)
+    penalty = to_device([p.repetition_penalty for p in params], torch.float32, logits.device)
     penalty = penalty.unsqueeze(1)  # [num_seqs, 1]
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
@@ -150,7 +214,7 @@ def warp_logits(
     """Temperature, top-k, top-p, min-p: the logits of the distribution a sampled row draws from (-inf = removed)."""
     device = logits.device
     vocab_size = logits.shape[1]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    temperature = to_device([p.temperature for p in params], torch.float32, device)
     logits.div_(temperature.unsqueeze(1))
 
     # Skipped unless some row needs it: the sort over the vocabulary is the most expensive step here.
@@ -158,7 +222,7 @@ def warp_logits(
         logits = _apply_top_k_top_p(logits, params)
 
     if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device).unsqueeze(1)
+        min_p = to_device([p.min_p for p in params], torch.float32, device).unsqueeze(1)
         probs = logits.softmax(dim=-1)
         # The most likely token always survives: its probability is never below min_p (<= 1) times itself.
         logits.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
@@ -202,14 +266,14 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -
     if any(0 < p.top_k < vocab_size for p in params):
         k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         # The k-th largest value; everything strictly below it goes (ties with it stay, as in HF).
-        kth_position = torch.tensor([vocab_size - x for x in k], dtype=torch.long, device=device).unsqueeze(1)
+        kth_position = to_device([vocab_size - x for x in k], torch.long, device).unsqueeze(1)
         kth_value = sorted_logits.gather(1, kth_position)
         sorted_logits.masked_fill_(sorted_logits < kth_value, float("-inf"))
 
     if any(p.top_p < 1.0 for p in params):
         # 1 - p computed in Python (float64) then rounded, as HF does; -1 turns top-p off for a row (a cumsum is >= 0).
         threshold = [1.0 - p.top_p if p.top_p < 1.0 else -1.0 for p in params]
-        threshold_t = torch.tensor(threshold, dtype=torch.float32, device=device).unsqueeze(1)
+        threshold_t = to_device(threshold, torch.float32, device).unsqueeze(1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative <= threshold_t
         drop[:, -1] = False  # the most likely token always stays, however small p is
@@ -218,29 +282,17 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -
     return logits.scatter_(1, sorted_index, sorted_logits)
 
 
-def _gather_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
-) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
-    num_seqs, vocab_size = logits.shape
-    chosen: list[float | None] = [None] * num_seqs
-    top: list[list[tuple[int, float]] | None] = [None] * num_seqs
+def _launch_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]) -> PendingSample:
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
-        return chosen, top
-    row_index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        return PendingSample(token_ids, [], [])
+    vocab_size = logits.shape[1]
+    row_index = to_device(rows, torch.long, logits.device)
     # The caller's logits, untouched by the penalty or temperature: see the module docstring.
     raw = torch.log_softmax(logits[row_index].float(), dim=-1)  # [len(rows), vocab_size]
-    chosen_values = raw.gather(1, token_ids[row_index].unsqueeze(1)).squeeze(1).tolist()
-
-    max_n = min(max(params[i].logprobs or 0 for i in rows), vocab_size)
-    top_values: list[list[float]] = [[] for _ in rows]
-    top_ids: list[list[int]] = [[] for _ in rows]
-    if max_n > 0:
-        values, ids = raw.topk(max_n, dim=-1, sorted=True)  # descending
-        top_values, top_ids = values.tolist(), ids.tolist()
-
-    for j, i in enumerate(rows):
-        n = params[i].logprobs or 0
-        chosen[i] = chosen_values[j]
-        top[i] = list(zip(top_ids[j][:n], top_values[j][:n], strict=True))
-    return chosen, top
+    chosen = raw.gather(1, token_ids[row_index].unsqueeze(1)).squeeze(1)
+    top_n = [min(params[i].logprobs or 0, vocab_size) for i in rows]
+    values = ids = None
+    if max(top_n) > 0:
+        values, ids = raw.topk(max(top_n), dim=-1, sorted=True)  # descending
+    return PendingSample(token_ids, rows, top_n, chosen, values, ids)

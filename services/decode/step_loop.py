@@ -1,0 +1,266 @@
+"""The decode worker's step loop: continuous batching, with the host one step ahead of the device.
+
+Overlap (the default; `--no-overlap` turns it off): when step n+1 runs the same sequences in the same order as step n,
+it is queued with step n's sampled ids as its input ids, still on the device, *before* the host waits for step n.
+The host then reads step n's ids (that sync happens while step n+1 runs), streams them and checks for finishes,
+then prepares step n+2 while step n+1 runs: as long as that host work takes less than a step, the device never
+waits for it.
+
+Step n+1 is queued before anyone knows whether step n sampled EOS, so a sequence may end at step n while step n+1
+still computes a row for it. That row is ignored, and the sequence's blocks are freed (or released for its next turn)
+only once step n+1 has completed, because step n+1 writes K/V into them. The client hears its final token at once,
+except a kept session (multi-turn): its final message waits for the release, so a next turn sent at once finds the
+session IDLE.
+
+Whenever the batch changes (a sequence joins, is paused, is cancelled, ends by length at step n, or a row needs the
+repetition penalty, which reads the whole history on the host), the loop waits for step n first and queues the next
+step from host token ids: at most one step is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from kvrelay.v1 import common_pb2, decode_pb2
+from kvstore.allocator import OutOfBlocks
+from kvstore.block_table import blocks_needed
+from kvstore.sessions import SessionError
+from services.common.convert import FINISH, logprob_to_proto
+from services.common.worker import LEASE_MS, sync_device
+from services.model.sampler import PendingSample, SampleOutput, finish_reason
+from services.model.sampling_params import SamplingParams
+
+log = logging.getLogger("kvrelay.decode")
+
+
+@dataclass(eq=False)
+class RunningSeq:
+    session_id: str
+    params: SamplingParams
+    history: list[int]  # prompt + generated; the last token is not in the pool yet
+    num_cached: int  # tokens whose K/V are in the pool
+    num_generated: int
+    block_table: list[int]
+    generator: torch.Generator | None
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    received: float = field(default_factory=time.perf_counter)
+    first_sent: bool = False
+    cancelled: bool = False
+    finished: bool = False  # out of the batch; its blocks may still wait for a queued step (Step.ending)
+    keep_session: bool = False  # multi-turn: release the KV as IDLE at the end instead of freeing it
+    aborted: bool = False  # Abort always frees
+
+
+@dataclass(eq=False)
+class Step:
+    """A decode step queued on the device whose sampled ids the host has not read yet."""
+
+    batch: list[RunningSeq]
+    pending: PendingSample | None = None
+    # Sequences that ended while this step was queued. It still writes K/V into their blocks, so they are freed (or
+    # released) once it completes; a kept session's final message (not None here) waits with them.
+    ending: list[tuple[RunningSeq, decode_pb2.DecodeResponse | None]] = field(default_factory=list)
+
+
+class StepLoop:
+    """The batch and its loop, mixed into DecodeWorker (which provides attached, gpu, store, worker_id, sampler)."""
+
+    def init_steps(self, overlap: bool) -> None:
+        self.running: list[RunningSeq] = []
+        self.wakeup = asyncio.Event()
+        self.inflight: Step | None = None
+        self.overlap = overlap
+
+    async def step_loop(self) -> None:
+        while True:
+            if not self.running and self.inflight is None:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+            queued = self.inflight.batch if self.inflight is not None else []
+            for seq in [s for s in self.running if s.cancelled and s not in queued]:
+                await self._retire(seq)
+            if self.inflight is None:
+                await self._start_from_host()
+            else:
+                await self._advance()
+            await asyncio.sleep(0)  # let new streams join and cancellations land between steps
+
+    async def _start_from_host(self) -> None:
+        """Queue a step over every sequence that can grow, with input ids from the host (nothing is in flight)."""
+        batch, paused = [], []
+        for seq in list(self.running):
+            (batch if await self._grow(seq) else paused).append(seq)
+        if paused and not batch:
+            # Nobody can grow, so nobody will free blocks: give up the newest sequence (its blocks free others).
+            victim = max(paused, key=lambda s: s.received)
+            victim.out.put_nowait(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            await self._retire(victim)
+        # Other paused sequences wait for blocks that finishing sequences return.
+        if not batch:
+            return
+        step = Step(batch)
+        try:
+            step.pending, out = await asyncio.to_thread(self._device_step, batch, None, None, not self.overlap)
+            if self.overlap:
+                self.inflight = step
+            else:
+                await self._finish(step, out, None)
+        except Exception:
+            log.exception("decode step failed")
+            await self._fail([step])
+
+    async def _advance(self) -> None:
+        """Step n is in flight: queue step n+1 on its device ids if the batch stays the same, then finish step n."""
+        step = self.inflight
+        nxt = Step(list(step.batch)) if await self._can_follow(step) else None
+        try:
+            pending, out = await asyncio.to_thread(
+                self._device_step, nxt.batch if nxt else None, step.pending if nxt else None, step.pending
+            )
+            if nxt is not None:
+                nxt.pending = pending
+            self.inflight = nxt
+            await self._finish(step, out, nxt)
+        except Exception:
+            log.exception("decode step failed")
+            self.inflight = None
+            await self._fail([step, nxt])
+
+    async def _can_follow(self, step: Step) -> bool:
+        """Whether the step after `step` runs the same sequences in the same order; grows their blocks one token
+        ahead (the next step writes at num_cached + 1)."""
+        if not self.overlap or len(step.batch) != len(self.running):
+            return False
+        limit = self.attached.max_model_len
+        for seq, running in zip(step.batch, self.running, strict=True):
+            if seq is not running or seq.cancelled or seq.params.repetition_penalty != 1.0:
+                return False
+            if seq.num_generated + 1 >= seq.params.max_tokens or len(seq.history) + 1 >= limit:
+                return False  # ends by length at `step`: known already, so no row is computed for nothing
+        for seq in step.batch:
+            if not await self._grow(seq, ahead=1):
+                return False
+        return True
+
+    def _device_step(
+        self, batch: list[RunningSeq] | None, prev: PendingSample | None, wait: PendingSample | None, wait_own=False
+    ) -> tuple[PendingSample | None, SampleOutput | None]:
+        """In a worker thread: queue a step for `batch` (input ids: `prev`'s on the device, else the host's), then
+        wait for `wait`'s sampled ids (or, with wait_own, for the step just queued)."""
+        pending = self.gpu.run(self._launch, batch, prev) if batch else None
+        wait = pending if wait_own else wait
+        return pending, (wait.result() if wait is not None else None)
+
+    def _launch(self, batch: list[RunningSeq], prev: PendingSample | None) -> PendingSample:
+        # With prev, the host has not seen the tokens of the step before: every position is one further.
+        ahead = 0 if prev is None else 1
+        tokens = prev.token_ids if prev is not None else [s.history[-1] for s in batch]
+        logits = self.attached.runner.decode(
+            tokens, [s.num_cached + ahead for s in batch], [s.block_table for s in batch]
+        )
+        return self.sampler.launch(
+            logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch]
+        )
+
+    async def _finish(self, step: Step, out: SampleOutput, nxt: Step | None) -> None:
+        """Stream the tokens of a completed step. `nxt`, when queued, still writes into the blocks of the sequences
+        in it: those that end here are retired when it completes."""
+        ending, step.ending = step.ending, []  # taken first, so that a failure below never retires them twice
+        for seq, msg in ending:  # `step` has completed: the blocks it wrote into can go
+            await self._release(seq)
+            if msg is not None:
+                seq.out.put_nowait(msg)
+        queued = nxt.batch if nxt is not None else []
+        eos = self.attached.config.eos_token_ids
+        limit = self.attached.max_model_len
+        for row, seq in enumerate(step.batch):
+            if seq.finished:
+                continue  # ended at the step before; this row was computed for nothing
+            if seq.cancelled:
+                await self._end(seq, nxt if seq in queued else None, None)
+                continue
+            token = out.token_ids[row]
+            seq.num_cached += 1
+            seq.num_generated += 1
+            seq.history.append(token)
+            reason = finish_reason(token, seq.num_generated, seq.params, eos, len(seq.history) >= limit)
+            msg = decode_pb2.DecodeResponse(token_ids=[token], finish=FINISH[reason])
+            lp = logprob_to_proto(out, row)
+            if lp is not None:
+                msg.logprobs.append(lp)
+            if not seq.first_sent:
+                msg.first_step_ms = (time.perf_counter() - seq.received) * 1e3
+                seq.first_sent = True
+            if reason is None:
+                seq.out.put_nowait(msg)
+            else:
+                await self._end(seq, nxt if seq in queued else None, msg)
+
+    async def _end(self, seq: RunningSeq, nxt: Step | None, msg: decode_pb2.DecodeResponse | None) -> None:
+        """Take `seq` out of the batch and send its final message; its blocks go now, or after `nxt` completes."""
+        self.running.remove(seq)
+        seq.finished = True
+        if nxt is None:
+            # blocks freed (or the session released for its next turn) before the client hears it finished,
+            # so a next turn that follows at once finds the session IDLE
+            await self._release(seq)
+        elif seq.keep_session and not seq.aborted:
+            nxt.ending.append((seq, msg))  # the same order: released first, then told
+            return
+        else:
+            nxt.ending.append((seq, None))
+        if msg is not None:
+            seq.out.put_nowait(msg)
+
+    async def _fail(self, steps: list[Step | None]) -> None:
+        """A step raised: every sequence in it fails, and its blocks are freed once the device is idle."""
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.gpu.run, sync_device, self.attached.runner.device)
+        for step in steps:
+            if step is None:
+                continue
+            ending, step.ending = step.ending, []
+            for seq, msg in ending:
+                await self._release(seq)
+                if msg is not None:
+                    seq.out.put_nowait(msg)
+            for seq in step.batch:
+                if not seq.finished:
+                    seq.out.put_nowait(decode_pb2.DecodeResponse(finish=common_pb2.FINISH_REASON_ERROR))
+                    await self._retire(seq)
+
+    async def _retire(self, seq: RunningSeq) -> None:
+        """Out of the batch, blocks freed or released now (no queued step holds it)."""
+        self.running.remove(seq)
+        seq.finished = True
+        await self._release(seq)
+
+    async def _release(self, seq: RunningSeq) -> None:
+        try:
+            if seq.keep_session and not seq.aborted:
+                # the blocks hold K/V for history[:num_cached]: the next turn reuses that prefix
+                tokens = seq.history[: seq.num_cached]
+                await self.store.update(seq.session_id, self.worker_id, None, num_tokens=seq.num_cached, tokens=tokens)
+                await self.store.release(seq.session_id, self.worker_id)
+            else:
+                await self.store.free(seq.session_id, owner=self.worker_id)
+        except SessionError:
+            log.warning("session %s was taken over before it could be freed", seq.session_id)
+
+    async def _grow(self, seq: RunningSeq, ahead: int = 0) -> bool:
+        """Blocks for the token the next step writes (`ahead` steps further); False when the pool is exhausted."""
+        need = blocks_needed(seq.num_cached + 1 + ahead, self.attached.pool.geometry.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        try:
+            seq.block_table += await self.store.allocate(seq.session_id, need, self.worker_id, LEASE_MS, create=False)
+            return True
+        except (OutOfBlocks, SessionError):
+            return False
