@@ -12,16 +12,13 @@ def _scatter(
     cache: torch.Tensor, scale_cache: torch.Tensor | None, x: torch.Tensor, fmt: KVFormat, slots: torch.Tensor
 ) -> None:
     data, scale = quantize(x, fmt)
-    # Indexed by (block, slot in block), not flattened: the caches are strided views (V is stored token-major, see
-    # kvstore/pool.py) and indexing writes through whatever the strides are.
-    block_size = cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    # cache[blocks, offsets]: [num_valid, num_kv_heads, head_dim]
-    cache[blocks, offsets] = data
+    # A layer's cache is contiguous, so it views as one row per slot: [num_blocks * block_size, num_kv_heads, head_dim]
+    rows = cache.view(-1, *cache.shape[2:])
+    rows[slots] = data
     if scale_cache is not None:
         assert scale is not None
-        # [num_valid, num_kv_heads]
-        scale_cache[blocks, offsets] = scale
+        # [num_blocks * block_size, num_kv_heads]
+        scale_cache.view(-1, scale_cache.shape[-1])[slots] = scale
 
 
 def check_store_kv_args(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mapping: torch.Tensor) -> None:

@@ -10,12 +10,6 @@ Same function as `paged_decode_attention_ref` (kernels/decode_attention.py). Two
 2. `_decode_reduce_kernel`, grid (num_seqs, num_heads), combines the splits. With one split the first kernel writes
    the output directly and this one is not launched.
 
-V is stored token-major in the pool (kvstore/pool.py), so that P @ V, which reduces over tokens, gets its B operand
-with the reduction dimension contiguous, as Q @ K^T gets K: an 8-bit tile then goes from shared memory to the tensor
-cores in ldmatrix/wide loads instead of byte by byte (sm_90 SASS of the int8 loop: 1380 -> 946 instructions a
-128-token tile, the 128 LDS.U8 gone). The kernel reads both caches through their strides; `V_TOKEN_RUN` tells it how
-many tokens of V are contiguous, which it cannot infer from block ids loaded from memory.
-
 Quantized K/V are dequantized exactly and cheaply: the int8/fp8 values convert exactly to the dot's 16-bit input type,
 and the per token-head scales are applied to the [GROUP_PAD, BLOCK_N] scores (K) and folded into the probabilities
 (V) instead of to the [BLOCK_N, head_dim] tiles: q . (k * s) = (q . k) * s, and sum_n p_n (v_n * s_n) =
@@ -29,7 +23,6 @@ sequence write an empty partial (max -inf, sum 0) that the reduce skips. No host
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -104,106 +97,10 @@ def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(
-    q,  # [GROUP_PAD, HEAD_DIM_PAD] in K_DOT_DTYPE
-    acc,  # [GROUP_PAD, HEAD_DIM_PAD] float32: running unnormalized output
-    m_i,  # [GROUP_PAD] float32: running max of the scores (log2 domain)
-    l_i,  # [GROUP_PAD] float32: running sum of exp2(score - m_i)
-    tile_start,  # first token of the tile, on a block boundary
-    end,  # one past the split's last token
-    qk_scale,
-    table_ptr,  # this sequence's row of the block table
-    k_head_ptr,  # k_cache_ptr advanced to this program's KV head (likewise the next three)
-    v_head_ptr,
-    k_scale_head_ptr,
-    v_scale_head_ptr,
-    stride_kc_b,
-    stride_kc_s,
-    stride_kc_d,
-    stride_vc_b,
-    stride_vc_s,
-    stride_vc_d,
-    stride_ks_b,
-    stride_ks_s,
-    stride_vs_b,
-    stride_vs_s,
-    mask_d,  # [HEAD_DIM_PAD] channel < head_dim
-    TILE_N: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    K_SCALED: tl.constexpr,
-    V_SCALED: tl.constexpr,
-    K_DOT_DTYPE: tl.constexpr,
-    V_DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    CONVERT: tl.constexpr,
-    V_TOKEN_RUN: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """One tile of TILE_N tokens (whole blocks) into the running (acc, m_i, l_i). Returns the new (acc, m_i, l_i).
-
-    MASKED=False: every token of the tile is < end; no token masks at all. MASKED=True: the split's last, partial
-    tile. Its K/V loads are masked per block, not per token (a block is allocated whole, so reading the slots past
-    `end` of its last block is in bounds), which keeps them as wide as the unmasked ones; the values read there are
-    whatever the slots hold (possibly NaN in a float format), so their scores are masked to -inf and their V rows
-    zeroed (0 * NaN would be NaN).
-    """
-    # Token n of the tile is at slot n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block. Addresses are built
-    # from [TILE_N] row offsets plus one [HEAD_DIM_PAD] column offset (loop invariant, hoisted by the compiler): a
-    # [TILE_N, HEAD_DIM_PAD] tensor of 64-bit pointers kept across the loop costs 256 registers a thread at 128 x 128
-    # and spilled ~2 KB a thread (ptxas -v, sm_90).
-    offs_n = tl.arange(0, TILE_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    block_of_token = offs_n // BLOCK_SIZE
-    slot_in_block = offs_n % BLOCK_SIZE
-    if MASKED:
-        mask_n = tile_start + offs_n < end
-        mask_block = tile_start + block_of_token * BLOCK_SIZE < end  # [TILE_N], constant over each block
-    else:
-        # Constant true: every use below folds away.
-        mask_n = tl.full([TILE_N], True, tl.int1)
-        mask_block = mask_n
-    # [TILE_N] block id of each token (repeats within a block; the loads coalesce)
-    blocks = tl.load(table_ptr + tile_start // BLOCK_SIZE + block_of_token, mask=mask_block, other=0).to(tl.int64)
-    mask_nd = mask_block[:, None] & mask_d[None, :]
-
-    # [TILE_N, HEAD_DIM_PAD]
-    k_offs = (blocks * stride_kc_b + slot_in_block * stride_kc_s)[:, None] + (offs_d * stride_kc_d)[None, :]
-    k = _to_dot(tl.load(k_head_ptr + k_offs, mask=mask_nd, other=0.0), K_DOT_DTYPE, CONVERT)
-    # [GROUP_PAD, TILE_N]
-    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-    if K_SCALED:
-        k_scale = tl.load(k_scale_head_ptr + blocks * stride_ks_b + slot_in_block * stride_ks_s, mask=mask_n, other=0.0)
-        scores = scores * k_scale[None, :]
-    scores = tl.where(mask_n[None, :], scores * qk_scale, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-
-    # [TILE_N, HEAD_DIM_PAD]
-    v_offs = (blocks * stride_vc_b + slot_in_block * stride_vc_s)[:, None] + (offs_d * stride_vc_d)[None, :]
-    if V_TOKEN_RUN > 1:
-        # V is stored token-major (kvstore/pool.py): each aligned run of V_TOKEN_RUN tokens of one channel is
-        # contiguous. The block ids come from memory, so the compiler cannot see that by itself; without this hint it
-        # loads V a byte at a time.
-        v_offs = tl.max_contiguous(tl.multiple_of(v_offs, [V_TOKEN_RUN, 1]), [V_TOKEN_RUN, 1])
-    v = _to_dot(tl.load(v_head_ptr + v_offs, mask=mask_nd, other=0.0), V_DOT_DTYPE, CONVERT)
-    if MASKED:
-        v = tl.where(mask_n[:, None], v, 0.0)
-    if V_SCALED:
-        v_scale = tl.load(v_scale_head_ptr + blocks * stride_vs_b + slot_in_block * stride_vs_s, mask=mask_n, other=0.0)
-        p = p * v_scale[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache_ptr,  # indexed the same way through its strides (stored token-major, kvstore/pool.py)
+    v_cache_ptr,
     k_scale_ptr,  # [num_blocks, block_size, num_kv_heads] float32 (any tensor if K is unscaled)
     v_scale_ptr,
     block_tables_ptr,  # [num_seqs, max_blocks] int32
@@ -242,7 +139,6 @@ def _decode_split_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TAIL_N: tl.constexpr,
     K_SCALED: tl.constexpr,
     V_SCALED: tl.constexpr,
     K_DOT_DTYPE: tl.constexpr,
@@ -250,7 +146,6 @@ def _decode_split_kernel(
     INPUT_PRECISION: tl.constexpr,
     NUM_SPLITS_IS_ONE: tl.constexpr,
     CONVERT: tl.constexpr,
-    V_TOKEN_RUN: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
@@ -267,6 +162,7 @@ def _decode_split_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     # Query heads kv_head * GROUP .. + GROUP - 1 read this KV head (HF's repeat_kv order).
@@ -284,37 +180,63 @@ def _decode_split_kernel(
         .to(K_DOT_DTYPE)
     )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
 
+    # A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE whole blocks, so token n of a tile is at
+    # offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block. Addresses are built in the loop from [BLOCK_N]
+    # row offsets plus one [HEAD_DIM_PAD] column offset: a hoisted [BLOCK_N, HEAD_DIM_PAD] tensor of 64-bit pointers
+    # costs 256 registers a thread at 128 x 128 and spilled ~2 KB a thread (ptxas -v, sm_90).
+    block_of_token = offs_n // BLOCK_SIZE  # [BLOCK_N]
+    slot_in_block = offs_n % BLOCK_SIZE  # [BLOCK_N]
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
-    k_head_ptr = k_cache_ptr + kv_head * stride_kc_h
-    v_head_ptr = v_cache_ptr + kv_head * stride_vc_h
-    k_scale_head_ptr = k_scale_ptr + kv_head * stride_ks_h
-    v_scale_head_ptr = v_scale_ptr + kv_head * stride_vs_h
+    k_row_in_block = kv_head * stride_kc_h + slot_in_block * stride_kc_s  # [BLOCK_N]
+    v_row_in_block = kv_head * stride_vc_h + slot_in_block * stride_vc_s
+    k_col = offs_d * stride_kc_d  # [HEAD_DIM_PAD]
+    v_col = offs_d * stride_vc_d
+    k_scale_in_block = kv_head * stride_ks_h + slot_in_block * stride_ks_s  # [BLOCK_N]
+    v_scale_in_block = kv_head * stride_vs_h + slot_in_block * stride_vs_s
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # Tiles start on block boundaries (split_len is a whole number of tiles). Whole tiles first, without token masks
-    # (masks that vary within a block would cut V's vector loads to single tokens); then the split's partial tile, if
-    # any, with masks, in pieces of TAIL_N tokens: loaded outside the pipelined loop, a whole tile would go through
-    # registers at once (194 instead of 166 registers for bf16, sm_90: one program less per SM). Every tile and piece
-    # attended holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    for tile_start in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, tile_start, end, qk_scale, table_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr,
-            v_scale_head_ptr, stride_kc_b, stride_kc_s, stride_kc_d, stride_vc_b, stride_vc_s, stride_vc_d,
-            stride_ks_b, stride_ks_s, stride_vs_b, stride_vs_s, mask_d, BLOCK_N, HEAD_DIM_PAD, BLOCK_SIZE,
-            K_SCALED, V_SCALED, K_DOT_DTYPE, V_DOT_DTYPE, INPUT_PRECISION, CONVERT, V_TOKEN_RUN, False,
-        )  # fmt: skip
-    for piece in tl.static_range(BLOCK_N // TAIL_N):
-        if full_end + piece * TAIL_N < end:
-            acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, full_end + piece * TAIL_N, end, qk_scale, table_ptr, k_head_ptr, v_head_ptr,
-                k_scale_head_ptr, v_scale_head_ptr, stride_kc_b, stride_kc_s, stride_kc_d, stride_vc_b, stride_vc_s,
-                stride_vc_d, stride_ks_b, stride_ks_s, stride_vs_b, stride_vs_s, mask_d, TAIL_N, HEAD_DIM_PAD,
-                BLOCK_SIZE, K_SCALED, V_SCALED, K_DOT_DTYPE, V_DOT_DTYPE, INPUT_PRECISION, CONVERT, V_TOKEN_RUN, True,
-            )  # fmt: skip
+    # Every tile holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
+    for tile_start in range(start, end, BLOCK_N):
+        mask_n = tile_start + offs_n < end
+        # [BLOCK_N] block id of each token (repeats within a block; the loads coalesce)
+        blocks = tl.load(table_ptr + tile_start // BLOCK_SIZE + block_of_token, mask=mask_n, other=0).to(tl.int64)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+
+        # [BLOCK_N, HEAD_DIM_PAD]
+        k = _to_dot(
+            tl.load(
+                k_cache_ptr + (blocks * stride_kc_b + k_row_in_block)[:, None] + k_col[None, :], mask=mask_nd, other=0.0
+            ),
+            K_DOT_DTYPE,
+            CONVERT,
+        )
+        # [GROUP_PAD, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if K_SCALED:
+            k_scale = tl.load(k_scale_ptr + blocks * stride_ks_b + k_scale_in_block, mask=mask_n, other=0.0)
+            scores = scores * k_scale[None, :]
+        scores = tl.where(mask_n[None, :], scores * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v = _to_dot(
+            tl.load(
+                v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None] + v_col[None, :], mask=mask_nd, other=0.0
+            ),
+            V_DOT_DTYPE,
+            CONVERT,
+        )
+        if V_SCALED:
+            v_scale = tl.load(v_scale_ptr + blocks * stride_vs_b + v_scale_in_block, mask=mask_n, other=0.0)
+            p = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
 
     if NUM_SPLITS_IS_ONE:
         # An empty sequence (batch padding, context_len 0) has l_i = 0 and acc = 0: its output is 0, as the reference.
@@ -474,8 +396,6 @@ def paged_decode_attention(
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     block_n = max(block_size, tuning.get("block_n", TILE_TOKENS if head_dim_pad <= 128 else TILE_TOKENS // 2))
-    # The partial tile goes in two halves where a half still holds whole blocks and is a valid dot size (>= 16).
-    tail_n = block_n // 2 if block_n // 2 >= max(block_size, 16) else block_n
     extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
@@ -520,7 +440,6 @@ def paged_decode_attention(
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
-        TAIL_N=tail_n,
         K_SCALED=layer.k_format.has_scale,
         V_SCALED=layer.v_format.has_scale,
         K_DOT_DTYPE=k_dot_dtype,
@@ -528,8 +447,6 @@ def paged_decode_attention(
         INPUT_PRECISION=input_precision,
         NUM_SPLITS_IS_ONE=num_splits == 1,
         CONVERT=tuning.get("convert", 2 if on_nvidia else 1),
-        # Tiles start on block boundaries, so runs of gcd(v_token_run, tail_n) tokens stay whole in any tile.
-        V_TOKEN_RUN=math.gcd(layer.v_token_run, tail_n),
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),

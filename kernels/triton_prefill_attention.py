@@ -16,8 +16,6 @@ tensor-core dots see the stored grid values and only the float32 scale products 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -58,7 +56,6 @@ def _attend_tile(
     stride_kt,
     stride_vb,
     stride_vt,
-    stride_vd,
     stride_ksb,
     stride_kst,
     stride_vsb,
@@ -73,44 +70,33 @@ def _attend_tile(
     MASKED: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     OFFSETS_64: tl.constexpr,
-    V_TOKEN_RUN: tl.constexpr,
 ):
     """One key tile [start_n, start_n + BLOCK_N) into the running (acc, l_i, m_i) of a query tile.
 
     MASKED=False: every key of the tile is visible to every query of the tile (so also < context_len): no masks.
-    MASKED=True: K/V are loaded by whole blocks (a block is allocated whole, so the slots past context_len in its last
-    one are in bounds; a per-token mask would cut V's vector loads to single tokens); what those slots hold is masked
-    out of the scores and zeroed in V (it may be NaN in a float format, and 0 * NaN is NaN).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < context_len
     # Physical block of each key position.
     if MASKED:
-        block_valid = offs_n // BLOCK_SIZE * BLOCK_SIZE < context_len
-        block_ids = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=block_valid, other=0)
+        block_ids = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
     else:
         block_ids = tl.load(table_row_ptr + offs_n // BLOCK_SIZE)
     if OFFSETS_64:
         # Before the multiply: this layer's cache has 2**31 elements or more.
         block_ids = block_ids.to(tl.int64)
     within = offs_n % BLOCK_SIZE
-    # [BLOCK_N] element offsets of each key's row (head_dim contiguous elements) in K, and of its channel 0 in V.
+    # [BLOCK_N] element offsets of each key's row (head_dim contiguous elements) in K and V.
     k_rows = block_ids * stride_kb + within * stride_kt
     v_rows = block_ids * stride_vb + within * stride_vt
     k_ptrs = k_head_ptr + k_rows[:, None] + offs_d[None, :]
-    v_offs = v_rows[:, None] + offs_d[None, :] * stride_vd
-    if V_TOKEN_RUN > 1:
-        # V is stored token-major (kvstore/pool.py): each aligned run of V_TOKEN_RUN tokens of one channel is
-        # contiguous. The block ids come from memory, so the compiler cannot see that by itself; without this hint it
-        # loads V one element at a time.
-        v_offs = tl.max_contiguous(tl.multiple_of(v_offs, [V_TOKEN_RUN, 1]), [V_TOKEN_RUN, 1])
-    v_ptrs = v_head_ptr + v_offs
+    v_ptrs = v_head_ptr + v_rows[:, None] + offs_d[None, :]
     if MASKED:
         if HEAD_DIM == BLOCK_D:
-            kv_mask = block_valid[:, None]
+            kv_mask = n_valid[:, None]
         else:
-            kv_mask = block_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+            kv_mask = n_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = _masked_load(k_ptrs, kv_mask)
         v = _masked_load(v_ptrs, kv_mask)
     else:
@@ -156,13 +142,10 @@ def _attend_tile(
         else:
             v_scale = tl.load(v_scale_ptrs)
         p = p * v_scale[None, :]
-    v = v.to(q.dtype)
-    if MASKED:
-        v = tl.where(n_valid[:, None], v, 0.0)
     if IEEE_DOT:
-        acc = tl.dot(p.to(q.dtype), v, acc, input_precision="ieee")
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision="ieee")
     else:
-        acc = tl.dot(p.to(q.dtype), v, acc)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     return acc, l_i, m_new
 
 
@@ -171,7 +154,7 @@ def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     out_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache_ptr,  # indexed the same way through its strides (stored token-major, kvstore/pool.py)
+    v_cache_ptr,
     k_scale_ptr,  # [num_blocks, block_size, num_kv_heads] float32 (unused unless K_SCALED)
     v_scale_ptr,
     block_tables_ptr,  # [num_seqs, max_blocks] int32
@@ -189,7 +172,6 @@ def _paged_prefill_kernel(
     stride_vb,
     stride_vt,
     stride_vh,
-    stride_vd,
     stride_ksb,
     stride_kst,
     stride_ksh,
@@ -206,7 +188,6 @@ def _paged_prefill_kernel(
     V_SCALED: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     OFFSETS_64: tl.constexpr,
-    V_TOKEN_RUN: tl.constexpr,
 ):
     # Highest query tiles first: they have the most keys, so the long programs start early and the tail is short.
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -249,17 +230,15 @@ def _paged_prefill_kernel(
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, start_n, q_pos, context_len,
                 table_row_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
-                stride_kb, stride_kt, stride_vb, stride_vt, stride_vd, stride_ksb, stride_kst, stride_vsb, stride_vst,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_ksb, stride_kst, stride_vsb, stride_vst,
                 qk_scale, BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, K_SCALED, V_SCALED, False, IEEE_DOT, OFFSETS_64,
-                V_TOKEN_RUN,
             )  # fmt: skip
         for start_n in range(full_end, causal_end, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, start_n, q_pos, context_len,
                 table_row_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
-                stride_kb, stride_kt, stride_vb, stride_vt, stride_vd, stride_ksb, stride_kst, stride_vsb, stride_vst,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_ksb, stride_kst, stride_vsb, stride_vst,
                 qk_scale, BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, K_SCALED, V_SCALED, True, IEEE_DOT, OFFSETS_64,
-                V_TOKEN_RUN,
             )  # fmt: skip
 
         # Rows past q_len are never stored; for them l_i may be anything but 0 (they see key 0 too).
@@ -334,8 +313,9 @@ def paged_prefill_attention(
         layer.v_scale is not None
     ):
         raise ValueError("layer scales do not match its formats")
-    if layer.k_cache.stride(-1) != 1:
-        raise ValueError("k_cache must be contiguous in head_dim")
+    for name, cache in (("k_cache", layer.k_cache), ("v_cache", layer.v_cache)):
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
     if query.stride(-1) != 1:
         query = query.contiguous()
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -373,7 +353,7 @@ def paged_prefill_attention(
         out.stride(1),
         block_tables.stride(0),
         *layer.k_cache.stride()[:3],
-        *layer.v_cache.stride(),
+        *layer.v_cache.stride()[:3],
         *k_scale_strides,
         *v_scale_strides,
         GROUP=num_heads // num_kv_heads,
@@ -386,8 +366,6 @@ def paged_prefill_attention(
         V_SCALED=layer.v_scale is not None,
         IEEE_DOT=query.dtype == torch.float32,
         OFFSETS_64=max(layer.k_cache.numel(), layer.v_cache.numel()) >= OFFSETS_64_FROM,
-        # Tiles start at multiples of block_n, so runs of gcd(v_token_run, block_n) tokens stay whole in a tile.
-        V_TOKEN_RUN=math.gcd(layer.v_token_run, block_n),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -4,29 +4,15 @@ One allocation because it is shared whole between processes (a CUDA/HIP IPC hand
 entire allocation; sub-allocations cannot be exported on their own). Every process that maps the buffer rebuilds the
 same views with `KVPool.from_buffer`, so block id b means the same memory everywhere.
 
-Layout of the buffer, each region starting at a multiple of ALIGNMENT bytes (as stored, row-major):
+Layout of the buffer, each region starting at a multiple of ALIGNMENT bytes:
 
     k_cache  [num_layers, num_blocks, block_size, num_kv_heads, head_dim]  spec.k.storage_dtype
-    v_cache  [num_layers, num_blocks, num_kv_heads, head_dim, block_size]  spec.v.storage_dtype   (token-major)
+    v_cache  [num_layers, num_blocks, block_size, num_kv_heads, head_dim]  spec.v.storage_dtype
     k_scale  [num_layers, num_blocks, block_size, num_kv_heads]            float32, only if spec.k is quantized
     v_scale  [num_layers, num_blocks, block_size, num_kv_heads]            float32, only if spec.v is quantized
 
-Every view is indexed the same way, [layer, block, slot, head, channel] (scales without the channel): v_cache is a
-permuted, non-contiguous view of its region, so the readers and writers that go through strides (the references'
-indexing, the Triton kernels) need not know the storage order; code that flattens a cache with `.view` must not
-assume it is contiguous.
-
-Why V is stored token-major, the block's tokens innermost: attention computes P @ V, whose reduction runs over
-tokens, and the tensor cores take their B operand with the reduction dimension contiguous. Stored [token, channel]
-(like K, whose Q @ K^T reduces over channels), an 8-bit V tile reached the tensor cores through byte-wise shared-memory
-loads (int8 decode attention at 0.70 of copy bandwidth on an H200, bf16 at 0.96); stored [channel, token], each
-(head, channel) row of a block is block_size contiguous tokens and V loads like K. vLLM's original paged attention
-stored V the same way. One layout for every format: 16-bit V reads as well either way (the tensor cores' shared-memory
-loads can transpose 16-bit values, not 8-bit ones). The price is in store_kv: one new token's V is written as
-scattered elements (block_size apart) instead of contiguous rows.
-
-K and V are separate tensors (not one [.., 2, ..] tensor) because their formats (and layouts) differ. Scales of
-unscaled formats (bf16/fp16/fp32) are None rather than a tensor of ones: no memory spent, and a kernel cannot read a
+K and V are separate tensors (not one [.., 2, ..] tensor) because their formats may differ. Scales of unscaled
+formats (bf16/fp16/fp32) are None rather than a tensor of ones: no memory spent, and a kernel cannot read a
 meaningless scale by mistake.
 """
 
@@ -70,9 +56,8 @@ class PoolGeometry:
 @dataclass(frozen=True)
 class _Region:
     offset: int
-    shape: tuple[int, ...]  # as stored, row-major
+    shape: tuple[int, ...]
     dtype: torch.dtype
-    dims: tuple[int, ...] | None = None  # the view is the stored tensor permuted by dims; None: as stored
 
     @property
     def nbytes(self) -> int:
@@ -84,30 +69,26 @@ def _align(n: int) -> int:
 
 
 def _layout(geometry: PoolGeometry, spec: KVSpec) -> tuple[dict[str, _Region], int]:
-    """Region of each view and the total byte size; the one place the layout is decided (see the module docstring)."""
-    g = geometry
-    # V stored [num_layers, num_blocks, num_kv_heads, head_dim, block_size]; viewed as cache_shape through `dims`.
-    v_stored = (g.num_layers, g.num_blocks, g.num_kv_heads, g.head_dim, g.block_size)
-    wanted: list[tuple[str, tuple[int, ...], torch.dtype, tuple[int, ...] | None]] = [
-        ("k_cache", g.cache_shape, spec.k.storage_dtype, None),
-        ("v_cache", v_stored, spec.v.storage_dtype, (0, 1, 4, 2, 3)),
+    """Region of each view and the total byte size; the one place the layout is decided."""
+    wanted: list[tuple[str, tuple[int, ...], torch.dtype]] = [
+        ("k_cache", geometry.cache_shape, spec.k.storage_dtype),
+        ("v_cache", geometry.cache_shape, spec.v.storage_dtype),
     ]
     if spec.k.has_scale:
-        wanted.append(("k_scale", g.scale_shape, SCALE_DTYPE, None))
+        wanted.append(("k_scale", geometry.scale_shape, SCALE_DTYPE))
     if spec.v.has_scale:
-        wanted.append(("v_scale", g.scale_shape, SCALE_DTYPE, None))
+        wanted.append(("v_scale", geometry.scale_shape, SCALE_DTYPE))
     regions: dict[str, _Region] = {}
     offset = 0
-    for name, shape, dtype, dims in wanted:
-        region = _Region(offset=offset, shape=shape, dtype=dtype, dims=dims)
+    for name, shape, dtype in wanted:
+        region = _Region(offset=offset, shape=shape, dtype=dtype)
         regions[name] = region
         offset = _align(offset + region.nbytes)
     return regions, offset
 
 
 def _view(buffer: torch.Tensor, region: _Region) -> torch.Tensor:
-    stored = buffer[region.offset : region.offset + region.nbytes].view(region.dtype).view(region.shape)
-    return stored if region.dims is None else stored.permute(region.dims)
+    return buffer[region.offset : region.offset + region.nbytes].view(region.dtype).view(region.shape)
 
 
 @dataclass(frozen=True)
@@ -115,8 +96,7 @@ class LayerKV:
     """One layer's views into the pool, plus the formats needed to read them. What kernels take."""
 
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim] in k_format.storage_dtype
-    # [num_blocks, block_size, num_kv_heads, head_dim] in v_format.storage_dtype; stored token-major (non-contiguous)
-    v_cache: torch.Tensor
+    v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim] in v_format.storage_dtype
     k_scale: torch.Tensor | None  # [num_blocks, block_size, num_kv_heads] float32; None if k_format is unscaled
     v_scale: torch.Tensor | None  # [num_blocks, block_size, num_kv_heads] float32; None if v_format is unscaled
     k_format: KVFormat
@@ -137,16 +117,6 @@ class LayerKV:
     @property
     def head_dim(self) -> int:
         return self.k_cache.shape[3]
-
-    @property
-    def v_token_run(self) -> int:
-        """How many consecutive tokens of one V (head, channel) lie next to each other in memory, every such run
-        starting at an element offset that is a multiple of its length: block_size for the pool's token-major V,
-        1 for V stored [token, channel]. Kernels use it to load V in vectors across tokens."""
-        block, slot, head, channel = self.v_cache.stride()
-        if slot == 1 and all(stride % self.block_size == 0 for stride in (block, head, channel)):
-            return self.block_size
-        return 1
 
     def gather(
         self, block_table: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32
@@ -174,7 +144,7 @@ class KVPool:
     spec: KVSpec
     buffer: torch.Tensor  # [nbytes(geometry, spec)] uint8; the one allocation that is shared
     k_cache: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]; stored token-major
+    v_cache: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
     k_scale: torch.Tensor | None  # [num_layers, num_blocks, block_size, num_kv_heads] float32, or None (unscaled K)
     v_scale: torch.Tensor | None  # [num_layers, num_blocks, block_size, num_kv_heads] float32, or None (unscaled V)
 

@@ -9,8 +9,6 @@ paged_decode_attention_ref to float32 rounding with float32 queries, and to bf16
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -204,22 +202,6 @@ def test_decode_attention_matches_ref(
     assert out[-1].eq(0).all()  # batch padding
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("spec_text", ["int8", "bf16"])
-def test_decode_attention_either_v_layout(spec_text: str) -> None:
-    """The kernel reads V through its strides: the pool's token-major V and a row-major copy of it (what
-    bench/tune_decode_attention.py times against it) give the same result."""
-    spec = parse_kv_dtype(spec_text, torch.float32)
-    layer, block_tables, context_lens = _stored_batch(spec, CONTEXT_LENS, 2, 64, 16)
-    assert layer.v_token_run == 16
-    row_major = dataclasses.replace(layer, v_cache=layer.v_cache.contiguous())
-    assert row_major.v_token_run == 1
-    query = torch.randn(len(CONTEXT_LENS), 4, 64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
-    expected = paged_decode_attention_ref(query, layer, block_tables, context_lens, 0.125)
-    for lay in (layer, row_major):
-        out = paged_decode_attention(query, lay, block_tables, context_lens, 0.125, num_splits=2)
-        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("max_context_len", [None, 640])
