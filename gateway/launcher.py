@@ -81,6 +81,11 @@ class Launcher:
         a, env = self.args, {}
         if self.mps:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(a.prefill_sm_pct if role == "prefill" else a.decode_sm_pct)
+            if role == "prefill":
+                # MPS client priority (drivers that know it; others ignore the variable): 1 = below normal, so the
+                # hardware schedules decode's work first when both wait for SMs; decode's stream is also the
+                # highest-priority one (services/common/worker.py OwnStream).
+                env["CUDA_MPS_CLIENT_PRIORITY"] = "1"
         mask = a.prefill_cu_mask if role == "prefill" else a.decode_cu_mask
         if mask:
             env["HSA_CU_MASK"] = mask

@@ -132,3 +132,19 @@ def test_private_redis_and_two_decode_replicas():
     finally:
         assert d.stop() == 0
     assert d.leftovers() == []
+
+
+def test_service_env_splits_the_gpu_per_role(tmp_path):
+    """MPS: each role's SM share, prefill below decode's priority; AMD: each role's CU mask (launcher only, no GPU)."""
+    import argparse
+
+    from gateway.launcher import Launcher
+
+    args = argparse.Namespace(prefill_sm_pct=50, decode_sm_pct=100, prefill_cu_mask="0x0000ffff", decode_cu_mask="")
+    launcher = Launcher(args)
+    assert launcher.service_env("prefill") == {"HSA_CU_MASK": "0x0000ffff"}  # no MPS daemon: no MPS variables
+    assert launcher.service_env("decode") == {}
+    launcher.mps = "nvidia-cuda-mps-control"  # as start_mps leaves it
+    prefill, decode = launcher.service_env("prefill"), launcher.service_env("decode")
+    assert prefill["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50" and prefill["CUDA_MPS_CLIENT_PRIORITY"] == "1"
+    assert decode == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"}
