@@ -32,14 +32,15 @@ COMMAND = "python bench/serve_modes.py --model DIR"
 
 
 def mode_flags(mode: str, args) -> list[str]:
-    """colocated, disaggregated, mps (prefill gets --prefill-sm-pct of the SMs) or mpsNN (prefill gets NN%); any of
-    them may end in @CHUNK, its prefill token budget (`split_mode`)."""
+    """colocated, disaggregated, mps (prefill gets --prefill-sm-pct of the SMs), mpsNN (prefill gets NN%) or
+    mpsNNdDD (and decode DD%); any of them may end in @CHUNK, its prefill token budget (`split_mode`)."""
     if mode in ("colocated", "disaggregated"):
         return ["--mode", mode]
     if mode.startswith("mps"):
-        pct = mode[3:] or str(args.prefill_sm_pct)
-        return ["--mode", "disaggregated", "--mps", "--decode-sm-pct", "100", "--prefill-sm-pct", pct]
-    raise SystemExit(f"unknown mode {mode!r}: colocated, disaggregated, mps or mpsNN")
+        pct, _, decode_pct = mode[3:].partition("d")  # mpsNNdDD: decode gets DD% (default all of them)
+        pct = pct or str(args.prefill_sm_pct)
+        return ["--mode", "disaggregated", "--mps", "--decode-sm-pct", decode_pct or "100", "--prefill-sm-pct", pct]
+    raise SystemExit(f"unknown mode {mode!r}: colocated, disaggregated, mps, mpsNN or mpsNNdDD")
 
 
 # Per-token SLOs (mean ITL of a request, ms) at which goodput is also reported, beside the one given as a flag.
@@ -136,6 +137,7 @@ def run_mode(model: str, mode: str, args) -> dict:
     finally:
         d.stop()
     out = {
+        "rate": args.rate,
         "quiet_itl_p99": quiet["itl_ms"]["p99"],
         "load_itl_p99": loaded["itl_ms"]["p99"],
         "ratio": loaded["itl_ms"]["p99"] / quiet["itl_ms"]["p99"],
@@ -187,7 +189,7 @@ def measure_multiturn(address: str, history: int = 4096, turn_tokens: int = 64, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--modes", default="colocated,disaggregated,mps", help="also mpsNN: prefill gets NN%% of SMs")
+    parser.add_argument("--modes", default="colocated,disaggregated,mps", help="also mpsNN, mpsNNdDD (SM shares)")
     parser.add_argument("--rate", type=float, default=3.0, help="req/s: keeps prefill about half busy on an H200")
     parser.add_argument("--duration", type=float, default=40)
     parser.add_argument("--chunk", type=int, default=2048, help="prefill token budget per forward pass")
