@@ -23,15 +23,13 @@ except ImportError:
     HAVE_TRITON = False
 
 
-# KVRELAY_TRITON_GEMV=0 sends batch-1 linear layers to cuBLAS. KVRELAY_FUSE=norm fuses the layer norms into the
-# projection after them (a GEMV prologue): off by default, measured slower on an H200 (batch-1 decode, 8B shape,
-# fraction of floor: 0.810 / 0.818 unfused, 0.787 fused): every GEMV program needs the whole input row, so the norm is
-# recomputed by each of hundreds of programs at the head of its critical path.
+# KVRELAY_TRITON_GEMV=0 sends batch-1 linear layers to cuBLAS; KVRELAY_FUSE lists the GEMV prologues in use
+# ("norm,silu": the layer norms and the MLP activation fused into the projections). Off by default: measured on an
+# H200 (batch-1 decode, 8B shape, fraction of floor, two runs each): none 0.810 / 0.818, silu 0.772 / 0.792,
+# norm+silu 0.787. Every GEMV program needs the whole input row, so a prologue is recomputed by each of hundreds of
+# programs at the head of its critical path (14336 exps each for silu), which costs more than the kernel it saves
+# once launches are overlapped (kernels/pdl.py).
 TRITON_GEMV = os.environ.get("KVRELAY_TRITON_GEMV", "1") != "0"
-# KVRELAY_GATED_GEMV=1: the MLP activation as the gate_up GEMV's epilogue instead of its own kernel. Off by default:
-# one kernel fewer a layer, but no faster (H200, batch-1 decode, fraction of the floor, alternating within one
-# process: separate 0.782 / 0.797, epilogue 0.779 / 0.785).
-GATED_GEMV = os.environ.get("KVRELAY_GATED_GEMV", "0") == "1"
 FUSE = set(os.environ.get("KVRELAY_FUSE", "").split(","))
 
 
@@ -132,32 +130,28 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def norm_linear(x, residual, norm_weight, eps, weight, bias=None, gated=False):
+def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
     """linear(rms_norm(x)) with residual None (new residual: x itself), else linear(rms_norm(x + residual)) and the
-    new residual x + residual; gated: silu_and_mul of that linear (weight = cat(gate, up), the MLP's first half).
-    Returns (y, new_residual). One kernel less per fusion on the GEMV path (the activation always, the norm with
-    KVRELAY_FUSE=norm); the unfused kernels otherwise.
+    new residual x + residual. One kernel on the GEMV path, the unfused kernels otherwise. Returns (y, new_residual).
     """
     if "norm" in FUSE and _gemv_ok(x, weight):
         from kernels import triton_gemv as g
 
-        out = g.gemv(x, weight, bias, g.NORM if residual is None else g.ADD_NORM, residual, norm_weight, eps, gated)
+        out = g.gemv(x, weight, bias, g.NORM if residual is None else g.ADD_NORM, residual, norm_weight, eps)
         if out is not None:
             return out[0], x if residual is None else out[1]
     if residual is None:
-        normed, new_residual = rms_norm(x, norm_weight, eps), x
-    else:
-        normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
-    return (gated_linear(normed, weight, bias) if gated else linear(normed, weight, bias)), new_residual
+        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight, bias), new_residual
 
 
-def gated_linear(x, weight, bias=None):
-    """silu_and_mul(linear(x, weight)) for weight = cat(gate, up): [tokens, in] -> [tokens, out / 2]. One kernel on
-    the GEMV path (the activation is the GEMV's epilogue)."""
-    if GATED_GEMV and _gemv_ok(x, weight):
-        from kernels.triton_gemv import gemv
+def silu_mul_linear(gate_up, weight, bias=None):
+    """linear(silu_and_mul(gate_up)): one kernel on the GEMV path."""
+    if "silu" in FUSE and _gemv_ok(gate_up, weight) and gate_up.shape[1] == 2 * weight.shape[1]:
+        from kernels import triton_gemv as g
 
-        out = gemv(x, weight, bias, gated=True)
+        out = g.gemv(gate_up, weight, bias, g.SILU_MUL)
         if out is not None:
             return out[0]
-    return silu_and_mul(linear(x, weight, bias))
+    return linear(silu_and_mul(gate_up), weight, bias)

@@ -7,13 +7,13 @@ that takes part calls `wait()` before it reads anything, so it reads nothing bef
 induction, every kernel before that) has completed and its writes are visible.
 
 `trigger()` lets the next kernel's blocks be scheduled. The small single-wave kernels (norms, rotary, store_kv,
-attention, activation) start with `enter()`, which triggers first thing, even before their own wait: the chain of
-kernels after them launches at once and each block parks in its wait, so the next GEMV's blocks are resident early
-and have their first weight loads in flight while the small kernels run (kernels/triton_gemv.py, PRELOAD). Safe
-because a kernel launches only once every block of its predecessor has triggered, i.e. is resident: waiting blocks
-never hold resources a predecessor still needs. The GEMVs trigger after their main loop: a multi-wave grid keeps its
-SMs until its last wave runs. KVRELAY_PDL_EARLY=1 turns the early trigger on (off by default, see below). Off on ROCm, on
-the CPU (the interpreter) and before sm_90; KVRELAY_PDL=0 turns it off.
+attention, activation) start with `enter()`: wait, then trigger. With KVRELAY_PDL_EARLY=1 they trigger before their
+wait instead, so the chain of kernels after them launches at once and parks in its waits (safe: a kernel launches
+only once every block of its predecessor has triggered, i.e. is resident, so waiting blocks never hold resources a
+predecessor still needs); measured no faster (below), and prefetching the next GEMV's weights from those parked
+blocks was slower (kernels/triton_gemv.py), so it is off. The GEMVs trigger after their main loop: a multi-wave grid
+keeps its SMs until its last wave runs. Off on ROCm, on the CPU (the interpreter) and before sm_90; KVRELAY_PDL=0
+turns it off.
 """
 
 from __future__ import annotations

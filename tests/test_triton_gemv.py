@@ -30,13 +30,12 @@ def reference(x, w, b):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("n", "k"), [(37, 256), (16, 192), (20000, 128), (9, 8192)])
-@pytest.mark.parametrize("preload", [False, True])
-def test_gemv_matches_linear(n, k, bias, preload):
+def test_gemv_matches_linear(n, k, bias):
     gen = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=gen).to(DEVICE, DTYPE)
     x = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE)
     b = torch.randn(n, generator=gen).to(DEVICE, DTYPE) if bias else None
-    y, new_residual = gemv(x, w, b, tuning={"preload": preload})
+    y, new_residual = gemv(x, w, b)
     assert y.shape == (1, n) and y.dtype == DTYPE and new_residual is None
     ref = reference(x, w, b)
     # float32 accumulation either way: only the output's rounding to 16 bits differs
@@ -90,42 +89,15 @@ def test_norm_linear_fused_equals_unfused(n, k, with_residual):
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("preload", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize(("n", "k"), [(24, 192), (37, 256), (9000, 128)])
-def test_gated_gemv_equals_linear_then_silu_and_mul(n, k, bias, preload):
-    """The gate_up projection with the activation as its epilogue: weight [2n, k] = cat(gate, up) -> [1, n]."""
+def test_silu_mul_linear_fused_equals_unfused():
     from kernels import triton_gemv as g
     from kernels.activation import silu_and_mul_ref
 
-    gen = torch.Generator().manual_seed(n + k + bias)
-    x = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE)
-    w = (torch.randn(2 * n, k, generator=gen) / k**0.5).to(DEVICE, DTYPE)
-    b = torch.randn(2 * n, generator=gen).to(DEVICE, DTYPE) if bias else None
-    y, _ = g.gemv(x, w, b, gated=True, tuning={"preload": preload})
-    assert y.shape == (1, n) and y.dtype == DTYPE
-    # the unfused path rounds the projection to the model dtype before the activation, as the kernel does
-    ref = silu_and_mul_ref(reference(x, w, b).to(DTYPE)).float()
-    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-    # the ops entry point takes the same kernel on a GPU and the torch references on the CPU
-    torch.testing.assert_close(ops.gated_linear(x, w, b).float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-
-
-@pytest.mark.parametrize("gated", [False, True])
-def test_norm_prologue_with_gated_epilogue(gated):
-    from kernels import triton_gemv as g
-    from kernels.activation import silu_and_mul_ref
-    from kernels.norm import fused_add_rms_norm_ref
-
-    gen = torch.Generator().manual_seed(11)
-    x, residual = (torch.randn(1, 256, generator=gen).to(DEVICE, DTYPE) for _ in range(2))
-    norm_w = (1 + 0.1 * torch.randn(256, generator=gen)).to(DEVICE, DTYPE)
-    w = (torch.randn(2 * 40, 256, generator=gen) / 16).to(DEVICE, DTYPE)
-    y, new_residual = g.gemv(x, w, None, g.ADD_NORM, residual, norm_w, 1e-5, gated=gated)
-    normed, want_residual = fused_add_rms_norm_ref(x, residual, norm_w, 1e-5)
-    assert torch.equal(new_residual, want_residual)
-    ref = reference(normed, w, None)
-    ref = silu_and_mul_ref(ref.to(DTYPE)).float() if gated else ref
+    gen = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(1, 2 * 192, generator=gen).to(DEVICE, DTYPE)
+    w = torch.randn(24, 192, generator=gen).to(DEVICE, DTYPE)
+    y, _ = g.gemv(gate_up, w, None, g.SILU_MUL)
+    ref = reference(silu_and_mul_ref(gate_up), w, None)
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
@@ -146,8 +118,8 @@ def test_fused_prologues_llama3_8b_shapes():
     assert torch.equal(new_residual, want_residual)
     ref = reference(normed, w, None)
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-    gate_up = torch.randn(2 * 14336, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
-    for preload in (False, True):
-        y, _ = g.gemv(x, gate_up, None, gated=True, tuning={"preload": preload})
-        ref = silu_and_mul_ref(reference(x, gate_up, None).to(torch.bfloat16)).float()
-        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    gate_up = torch.randn(1, 2 * 14336, dtype=torch.bfloat16, device="cuda")
+    down = torch.randn(4096, 14336, dtype=torch.bfloat16, device="cuda") * 0.02
+    ref = reference(silu_and_mul_ref(gate_up), down, None)
+    y, _ = g.gemv(gate_up, down, None, g.SILU_MUL)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

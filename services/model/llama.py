@@ -44,8 +44,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [num_tokens, hidden] -> silu(gate) * up [num_tokens, intermediate] -> [num_tokens, hidden]
-        return self.down_proj(ops.gated_linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # [num_tokens, 2 * intermediate] -> silu(gate) * up [num_tokens, intermediate] -> [num_tokens, hidden]
+        return ops.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaAttention(nn.Module):
@@ -105,19 +108,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, residual, positions, cos_sin_cache, meta, pool):
-        # Each norm goes with the projection after it (ops.norm_linear), which can fuse them at batch 1 on a GPU.
+        # Each norm goes with the projection after it (ops.norm_linear): one kernel at batch 1 on a GPU.
         qkv, residual = self._norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
         x = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool)
         if isinstance(self.mlp, LlamaMLP):
-            norm, gate_up = self.post_attention_layernorm, self.mlp.gate_up_proj
-            act, residual = self._norm_linear(norm, x, residual, gate_up, gated=True)
-            return self.mlp.down_proj(act), residual
+            gate_up, residual = self._norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
+            return self.mlp.down(gate_up), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
     @staticmethod
-    def _norm_linear(norm: RMSNorm, x, residual, linear: nn.Linear, gated=False):
-        return ops.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias, gated)
+    def _norm_linear(norm: RMSNorm, x, residual, linear: nn.Linear):
+        return ops.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
 
 
 class LlamaModel(nn.Module):
