@@ -98,8 +98,8 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
 
 
 def setting_sweep(model, config: ModelConfig, spec, bw: float, batches, setting: str, block_size: int) -> None:
-    """Decode at 1k context for each value of a kernel module's setting, e.g. kernels.triton_gemv.PRELOAD=0,1 (read
-    at launch, so graphs captured again per value pick it up); written to bench/results/tune_settings.json, the
+    """Decode at 1k context for each value of a kernel module's setting, e.g. kernels.triton_rotary_store_kv.FUSED=0,1
+    (read at launch, so graphs captured again per value pick it up); written to bench/results/tune_settings.json, the
     setting restored afterwards. An A/B inside one process, on one warm GPU."""
     import importlib
 
