@@ -7,13 +7,12 @@ that takes part calls `wait()` before it reads anything, so it reads nothing bef
 induction, every kernel before that) has completed and its writes are visible.
 
 `trigger()` lets the next kernel's blocks be scheduled. The small single-wave kernels (norms, rotary, store_kv,
-attention, activation) start with `enter()`: wait, then trigger. With KVRELAY_PDL_EARLY=1 they trigger before their
-wait instead, so the chain of kernels after them launches at once and parks in its waits (safe: a kernel launches
-only once every block of its predecessor has triggered, i.e. is resident, so waiting blocks never hold resources a
-predecessor still needs); measured no faster (below), and prefetching the next GEMV's weights from those parked
-blocks was slower (kernels/triton_gemv.py), so it is off. The GEMVs trigger after their main loop: a multi-wave grid
-keeps its SMs until its last wave runs. Off on ROCm, on the CPU (the interpreter) and before sm_90; KVRELAY_PDL=0
-turns it off.
+attention, activation) start with `enter()`: wait, then trigger. Triggering before the wait instead (the chain of
+kernels after them launching at once and parking in their waits) measured no faster on an H200 (batch-1 decode,
+fraction of the floor, alternating in one process: 0.793 / 0.803 against 0.801 / 0.802), and prefetching the next
+GEMV's weights from such parked blocks was slower (kernels/triton_gemv.py), so it was dropped. The GEMVs trigger
+after their main loop: a multi-wave grid keeps its SMs until its last wave runs. Off on ROCm, on the CPU (the
+interpreter) and before sm_90; KVRELAY_PDL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -24,11 +23,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-# The small kernels' trigger before their wait (PDL constexpr 2) or right after it (1); read at launch, for A/B runs.
-# Off by default: no difference measured (H200, batch-1 decode at 1k context, fraction of the floor, alternating
-# within one process: late 0.801 / 0.802, early 0.793 / 0.803).
-EARLY_TRIGGER = os.environ.get("KVRELAY_PDL_EARLY", "0") == "1"
 
 
 @functools.cache
@@ -42,7 +36,7 @@ def launch_options(device: torch.device) -> dict:
     """Keyword arguments for a kernel launch: the PDL constexpr and, where enabled, launch_pdl."""
     if device.type != "cuda" or not _enabled(device.index if device.index is not None else torch.cuda.current_device()):
         return {"PDL": False}
-    return {"PDL": 2 if EARLY_TRIGGER else 1, "launch_pdl": True}
+    return {"PDL": True, "launch_pdl": True}
 
 
 @triton.jit
@@ -59,11 +53,6 @@ def trigger(PDL: tl.constexpr):
 
 @triton.jit
 def enter(PDL: tl.constexpr):
-    """A small kernel's first line: wait for the previous kernel, and let the next ones launch (before the wait when
-    PDL is 2, see above; right after it when 1)."""
-    if PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
+    """A small kernel's first line: wait for the previous kernel, then let the next one launch."""
+    wait(PDL)
+    trigger(PDL)

@@ -70,6 +70,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return rotated.to(x.dtype)
 
 
+def check_rotary_args(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor):
+    """The shape contract of the Triton rotary kernels (rotary, rotary_store_kv): ValueError saying what does not
+    fit. Returns rot_dim, the rotated dims of a head (the cache's width)."""
+    num_tokens, _, head_dim = query.shape
+    if key.dim() != 3 or key.shape[0] != num_tokens or key.shape[2] != head_dim:
+        raise ValueError(f"key must be [num_tokens={num_tokens}, num_kv_heads, {head_dim}], got {tuple(key.shape)}")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions must be [num_tokens={num_tokens}], got {tuple(positions.shape)}")
+    rot_dim = cos_sin_cache.shape[-1]
+    if rot_dim % 2 != 0 or rot_dim > head_dim:
+        raise ValueError(f"cos_sin_cache rot_dim {rot_dim} must be even and <= head_dim {head_dim}")
+    return rot_dim
+
+
 def rotary_ref(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
+from kernels.rotary import check_rotary_args
 
 
 @triton.jit
@@ -99,13 +100,7 @@ def rotary(
     query and key may be strided views (e.g. slices of a fused qkv projection) as long as head_dim is contiguous.
     """
     num_tokens, num_heads, head_dim = query.shape
-    if key.dim() != 3 or key.shape[0] != num_tokens or key.shape[2] != head_dim:
-        raise ValueError(f"key must be [num_tokens={num_tokens}, num_kv_heads, {head_dim}], got {tuple(key.shape)}")
-    if positions.shape != (num_tokens,):
-        raise ValueError(f"positions must be [num_tokens={num_tokens}], got {tuple(positions.shape)}")
-    rot_dim = cos_sin_cache.shape[-1]
-    if rot_dim % 2 != 0 or rot_dim > head_dim:
-        raise ValueError(f"cos_sin_cache rot_dim {rot_dim} must be even and <= head_dim {head_dim}")
+    rot_dim = check_rotary_args(positions, query, key, cos_sin_cache)
     if query.stride(-1) != 1:
         query = query.contiguous()
     if key.stride(-1) != 1:

@@ -12,7 +12,7 @@ Same bits as the two kernels in sequence:
   fuses x1 * cos in the first and x1 * sin in the second (read off its PTX); this kernel writes that choice out with
   `tl.fma`, so its bits do not hang on the compiler's. The interpreter's `tl.fma` rounds the product and the sum
   separately, as the torch reference does.
-- Quantization is store_kv's own code (`_quantize_store`) on the same float32 values.
+- Quantization is store_kv's own code (`_store_at_slot`) on the same float32 values.
 
 Grid (num_tokens, 2): program (t, 0) rotates token t's query heads, program (t, 1) rotates its key heads and stores
 its K and V. The two halves of a decode step's work run side by side instead of one after the other.
@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
+from kernels.rotary import check_rotary_args
 from kernels.store_kv import check_store_kv_args
-from kernels.triton_store_kv import _fp8_grid, _inv_qmax, _mode, _quantize_store, _round_to_bf16
-from kvstore.formats import KVFormat
+from kernels.triton_store_kv import _round_to_bf16, _store_at_slot, quantize_constexprs, scale_args
 from kvstore.pool import LayerKV
 
 # Read by kernels/ops.py at each call: False sends rotary_store_kv to the rotary and store_kv kernels in sequence, an
@@ -172,26 +172,12 @@ def _rotary_store_kv_kernel(
         key = _rotated_rows(k_ptr + token * stride_kt, stride_kh, kv_heads, num_kv_heads, offs_d, lo, c_lo, c_hi,
                             2 * HALF, HALF, HEAD_DIM)  # fmt: skip
         # A padding token's key is rotated too, but nothing of it is stored: every store is masked by `valid`.
-        k_data_ptrs = (
-            k_cache_ptr
-            + block * stride_kc_b
-            + offset * stride_kc_s
-            + kv_heads[:, None] * stride_kc_h
-            + offs_d[None, :] * stride_kc_d
-        )
-        k_scale_ptrs = k_scale_ptr + block * stride_ks_b + offset * stride_ks_s + kv_heads * stride_ks_h
-        _quantize_store(key, mask, head_mask, k_data_ptrs, k_scale_ptrs, K_MODE, K_QMAX, K_INV_QMAX, RECIPROCAL,
-                        FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
-        v_data_ptrs = (
-            v_cache_ptr
-            + block * stride_vc_b
-            + offset * stride_vc_s
-            + kv_heads[:, None] * stride_vc_h
-            + offs_d[None, :] * stride_vc_d
-        )
-        v_scale_ptrs = v_scale_ptr + block * stride_vs_b + offset * stride_vs_s + kv_heads * stride_vs_h
-        _quantize_store(value, mask, head_mask, v_data_ptrs, v_scale_ptrs, V_MODE, V_QMAX, V_INV_QMAX, RECIPROCAL,
-                        FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+        _store_at_slot(key, mask, head_mask, k_cache_ptr, k_scale_ptr, block, offset, kv_heads, offs_d, stride_kc_b,
+                       stride_kc_s, stride_kc_h, stride_kc_d, stride_ks_b, stride_ks_s, stride_ks_h, K_MODE, K_QMAX,
+                       K_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+        _store_at_slot(value, mask, head_mask, v_cache_ptr, v_scale_ptr, block, offset, kv_heads, offs_d, stride_vc_b,
+                       stride_vc_s, stride_vc_h, stride_vc_d, stride_vs_b, stride_vs_s, stride_vs_h, V_MODE, V_QMAX,
+                       V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -215,13 +201,7 @@ def rotary_store_kv(
     """
     check_store_kv_args(key, value, layer, slot_mapping)
     num_tokens, num_heads, head_dim = query.shape
-    if key.shape[0] != num_tokens or key.shape[2] != head_dim:
-        raise ValueError(f"key must be [num_tokens={num_tokens}, num_kv_heads, {head_dim}], got {tuple(key.shape)}")
-    if positions.shape != (num_tokens,):
-        raise ValueError(f"positions must be [num_tokens={num_tokens}], got {tuple(positions.shape)}")
-    rot_dim = cos_sin_cache.shape[-1]
-    if rot_dim % 2 != 0 or rot_dim > head_dim:
-        raise ValueError(f"cos_sin_cache rot_dim {rot_dim} must be even and <= head_dim {head_dim}")
+    rot_dim = check_rotary_args(positions, query, key, cos_sin_cache)
     for t in (query, key):
         if t.dtype not in _DTYPES:
             raise ValueError(f"query and key must be float32, float16 or bfloat16, got {t.dtype}")
@@ -232,12 +212,7 @@ def rotary_store_kv(
         return q_out
 
     num_kv_heads = key.shape[1]
-    # Unscaled formats have no scale tensor; the kernel never touches the pointer then, any tensor will do.
-    k_scale = layer.k_scale if layer.k_scale is not None else layer.k_cache
-    v_scale = layer.v_scale if layer.v_scale is not None else layer.v_cache
-    k_scale_strides = layer.k_scale.stride() if layer.k_scale is not None else (0, 0, 0)
-    v_scale_strides = layer.v_scale.stride() if layer.v_scale is not None else (0, 0, 0)
-    fp8_min_normal_exp, fp8_mantissa_bits = _fp8_grid(KVFormat.FP8.storage_dtype)
+    k_scale, v_scale, k_scale_strides, v_scale_strides = scale_args(layer)
     block_h = triton.next_power_of_2(num_heads)
     dim_pad = triton.next_power_of_2(head_dim)
 
@@ -275,16 +250,7 @@ def rotary_store_kv(
         BLOCK_H=block_h,
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         # The rotated key is already rounded to key.dtype: store_kv's conversion from that dtype.
-        K_MODE=_mode(layer.k_format, key.dtype),
-        V_MODE=_mode(layer.v_format, value.dtype),
-        K_QMAX=layer.k_format.qmax if layer.k_format.has_scale else 1.0,
-        V_QMAX=layer.v_format.qmax if layer.v_format.has_scale else 1.0,
-        K_INV_QMAX=_inv_qmax(layer.k_format),
-        V_INV_QMAX=_inv_qmax(layer.v_format),
-        # What torch's `amax / qmax` does on this device (kernels/triton_store_kv.py's docstring).
-        RECIPROCAL=key.device.type != "cpu",
-        FP8_MIN_NORMAL_EXP=fp8_min_normal_exp,
-        FP8_MANTISSA_BITS=fp8_mantissa_bits,
+        **quantize_constexprs(layer, key.dtype, value.dtype, key.device),
         # The query program's tile sets the size: ~8 float32 values per thread, as the rotary kernel.
         num_warps=max(1, min(8, block_h * dim_pad // 512)),
         **pdl.launch_options(query.device),

@@ -109,6 +109,40 @@ def _quantize_store(
 
 
 @triton.jit
+def _store_at_slot(
+    x,  # [HEADS_PAD, DIM_PAD] float32: one token's K or V, 0 where masked
+    mask,  # [HEADS_PAD, DIM_PAD]
+    head_mask,  # [HEADS_PAD]
+    cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    scale_ptr,  # [num_blocks, block_size, num_kv_heads] float32 (unused for unscaled modes)
+    block,
+    offset,  # the token's slot: block id and offset in it
+    heads,  # [HEADS_PAD]
+    offs_d,  # [DIM_PAD]
+    stride_b,
+    stride_s,
+    stride_h,
+    stride_d,
+    stride_sb,
+    stride_ss,
+    stride_sh,
+    MODE: tl.constexpr,
+    QMAX: tl.constexpr,
+    INV_QMAX: tl.constexpr,
+    RECIPROCAL: tl.constexpr,
+    FP8_MIN_NORMAL_EXP: tl.constexpr,
+    FP8_MANTISSA_BITS: tl.constexpr,
+):
+    """Quantize one token's K or V and write it (and its scales) at its slot."""
+    data_ptrs = (
+        cache_ptr + block * stride_b + offset * stride_s + heads[:, None] * stride_h + offs_d[None, :] * stride_d
+    )
+    scale_ptrs = scale_ptr + block * stride_sb + offset * stride_ss + heads * stride_sh
+    _quantize_store(x, mask, head_mask, data_ptrs, scale_ptrs, MODE, QMAX, INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP,
+                    FP8_MANTISSA_BITS)  # fmt: skip
+
+
+@triton.jit
 def _store_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]
     value_ptr,
@@ -172,32 +206,18 @@ def _store_kv_kernel(
         mask=mask,
         other=0.0,
     ).to(tl.float32)
-    k_data_ptrs = (
-        k_cache_ptr
-        + block * stride_kc_b
-        + offset * stride_kc_s
-        + offs_h[:, None] * stride_kc_h
-        + offs_d[None, :] * stride_kc_d
-    )
-    k_scale_ptrs = k_scale_ptr + block * stride_ks_b + offset * stride_ks_s + offs_h * stride_ks_h
-    _quantize_store(key, mask, head_mask, k_data_ptrs, k_scale_ptrs, K_MODE, K_QMAX, K_INV_QMAX, RECIPROCAL,
-                    FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+    _store_at_slot(key, mask, head_mask, k_cache_ptr, k_scale_ptr, block, offset, offs_h, offs_d, stride_kc_b,
+                   stride_kc_s, stride_kc_h, stride_kc_d, stride_ks_b, stride_ks_s, stride_ks_h, K_MODE, K_QMAX,
+                   K_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
 
     value = tl.load(
         value_ptr + token * stride_value_t + offs_h[:, None] * stride_value_h + offs_d[None, :] * stride_value_d,
         mask=mask,
         other=0.0,
     ).to(tl.float32)
-    v_data_ptrs = (
-        v_cache_ptr
-        + block * stride_vc_b
-        + offset * stride_vc_s
-        + offs_h[:, None] * stride_vc_h
-        + offs_d[None, :] * stride_vc_d
-    )
-    v_scale_ptrs = v_scale_ptr + block * stride_vs_b + offset * stride_vs_s + offs_h * stride_vs_h
-    _quantize_store(value, mask, head_mask, v_data_ptrs, v_scale_ptrs, V_MODE, V_QMAX, V_INV_QMAX, RECIPROCAL,
-                    FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+    _store_at_slot(value, mask, head_mask, v_cache_ptr, v_scale_ptr, block, offset, offs_h, offs_d, stride_vc_b,
+                   stride_vc_s, stride_vc_h, stride_vc_d, stride_vs_b, stride_vs_s, stride_vs_h, V_MODE, V_QMAX,
+                   V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
 
 
 def _mode(fmt: KVFormat, input_dtype: torch.dtype) -> int:
@@ -223,6 +243,33 @@ def _fp8_grid(dtype: torch.dtype) -> tuple[int, int]:
     return round(math.log2(finfo.smallest_normal)), round(-math.log2(finfo.eps))
 
 
+def scale_args(layer: LayerKV) -> tuple:
+    """(k_scale, v_scale, k_scale strides, v_scale strides) to launch with. Unscaled formats have no scale tensor;
+    the kernel never touches the pointer then, any tensor will do."""
+    k_scale = layer.k_scale if layer.k_scale is not None else layer.k_cache
+    v_scale = layer.v_scale if layer.v_scale is not None else layer.v_cache
+    k_scale_strides = layer.k_scale.stride() if layer.k_scale is not None else (0, 0, 0)
+    v_scale_strides = layer.v_scale.stride() if layer.v_scale is not None else (0, 0, 0)
+    return k_scale, v_scale, k_scale_strides, v_scale_strides
+
+
+def quantize_constexprs(layer: LayerKV, key_dtype: torch.dtype, value_dtype: torch.dtype, device) -> dict:
+    """The K_*/V_* quantization constexprs of a kernel that stores K and V with `_store_at_slot`."""
+    fp8_min_normal_exp, fp8_mantissa_bits = _fp8_grid(KVFormat.FP8.storage_dtype)
+    return {
+        "K_MODE": _mode(layer.k_format, key_dtype),
+        "V_MODE": _mode(layer.v_format, value_dtype),
+        "K_QMAX": layer.k_format.qmax if layer.k_format.has_scale else 1.0,
+        "V_QMAX": layer.v_format.qmax if layer.v_format.has_scale else 1.0,
+        "K_INV_QMAX": _inv_qmax(layer.k_format),
+        "V_INV_QMAX": _inv_qmax(layer.v_format),
+        # What torch's `amax / qmax` does on this device (see the module docstring).
+        "RECIPROCAL": device.type != "cpu",
+        "FP8_MIN_NORMAL_EXP": fp8_min_normal_exp,
+        "FP8_MANTISSA_BITS": fp8_mantissa_bits,
+    }
+
+
 def store_kv(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mapping: torch.Tensor) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_dim] into `layer` at slot_mapping [num_tokens] int64.
 
@@ -234,14 +281,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mappin
     if num_tokens == 0:
         return
 
-    # Unscaled formats have no scale tensor; the kernel never touches the pointer then, any tensor will do.
-    k_scale = layer.k_scale if layer.k_scale is not None else layer.k_cache
-    v_scale = layer.v_scale if layer.v_scale is not None else layer.v_cache
-    k_scale_strides = layer.k_scale.stride() if layer.k_scale is not None else (0, 0, 0)
-    v_scale_strides = layer.v_scale.stride() if layer.v_scale is not None else (0, 0, 0)
-    fp8_min_normal_exp, fp8_mantissa_bits = _fp8_grid(KVFormat.FP8.storage_dtype)
-    k_qmax = layer.k_format.qmax if layer.k_format.has_scale else 1.0
-    v_qmax = layer.v_format.qmax if layer.v_format.has_scale else 1.0
+    k_scale, v_scale, k_scale_strides, v_scale_strides = scale_args(layer)
 
     _store_kv_kernel[(num_tokens,)](
         key,
@@ -260,16 +300,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, layer: LayerKV, slot_mappin
         *layer.v_cache.stride(),
         *k_scale_strides,
         *v_scale_strides,
-        K_MODE=_mode(layer.k_format, key.dtype),
-        V_MODE=_mode(layer.v_format, value.dtype),
-        K_QMAX=k_qmax,
-        V_QMAX=v_qmax,
-        K_INV_QMAX=_inv_qmax(layer.k_format),
-        V_INV_QMAX=_inv_qmax(layer.v_format),
-        # What torch's `amax / qmax` does on this device (see the module docstring).
-        RECIPROCAL=key.device.type != "cpu",
-        FP8_MIN_NORMAL_EXP=fp8_min_normal_exp,
-        FP8_MANTISSA_BITS=fp8_mantissa_bits,
+        **quantize_constexprs(layer, key.dtype, value.dtype, key.device),
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         DIM_PAD=triton.next_power_of_2(head_dim),
         **pdl.launch_options(key.device),

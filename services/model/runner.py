@@ -49,6 +49,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
         """Logits [num_seqs, vocab] for each sequence's last new token, or [num_tokens, vocab] with all_logits."""
+        is_decode = all(len(c.token_ids) == 1 for c in chunks)
+        if self.graphs is not None and is_decode and not all_logits and self.graphs.bucket(len(chunks)):
+            return self.decode(
+                [c.token_ids[0] for c in chunks], [c.num_cached for c in chunks], [c.block_table for c in chunks]
+            )
         input_ids, positions, slots, lens = [], [], [], [0]
         for chunk in chunks:
             end = chunk.num_cached + len(chunk.token_ids)
@@ -59,11 +64,6 @@ class ModelRunner:
             slots.extend(slot_mapping(list(chunk.block_table), chunk.num_cached, end, self.block_size))
             lens.append(lens[-1] + len(chunk.token_ids))
         device = self.device
-        is_decode = all(len(c.token_ids) == 1 for c in chunks)
-        if self.graphs is not None and is_decode and not all_logits and self.graphs.bucket(len(chunks)):
-            return self.decode(
-                [c.token_ids[0] for c in chunks], [c.num_cached for c in chunks], [c.block_table for c in chunks]
-            )
         cu_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
         meta = AttentionMetadata(
             is_prefill=not is_decode,

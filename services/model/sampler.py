@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from services.model.sampling_params import SamplingParams
-from services.model.transfer import to_device
+from services.model.transfer import to_device, to_host
 
 # 2**64: torch.Generator.manual_seed takes an unsigned 64-bit seed; a client's negative or larger seed wraps into it.
 _SEED_MODULUS = 1 << 64
@@ -98,7 +98,7 @@ class PendingSample:
         device = token_ids.device
         # Copied to pinned host memory on the stream, so waiting for them does not wait for work queued later (the
         # next step); a blocking .tolist() here would.
-        self._host = [_to_host(t) for t in (token_ids, chosen, top_values, top_ids)]
+        self._host = [to_host(t) for t in (token_ids, chosen, top_values, top_ids)]
         self._ready = None
         if device.type == "cuda":
             self._ready = torch.cuda.Event()
@@ -116,13 +116,6 @@ class PendingSample:
             logprobs[i] = chosen[j]
             top[i] = list(zip(top_ids[j][:n], top_values[j][:n], strict=True)) if n else []
         return SampleOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
-
-
-def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 class Sampler:

@@ -1,4 +1,4 @@
-"""Host values to the device without stalling the host.
+"""Host values to the device, and device results to the host, without stalling the host.
 
 `torch.tensor(values, device="cuda")` copies from pageable memory, which PyTorch follows with a stream synchronize:
 the host then waits for every kernel already queued, so nothing can be prepared while the GPU works. A copy from
@@ -20,3 +20,12 @@ def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.dev
     else:
         host = torch.tensor(values, dtype=dtype, pin_memory=on_gpu)
     return host.to(device, non_blocking=True) if on_gpu else host
+
+
+def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A device tensor copied into pinned host memory in stream order; waiting for it (an event recorded after the
+    copy) does not wait for work queued later, as a blocking .tolist() would. Host tensors and None pass through."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
