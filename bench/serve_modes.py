@@ -2,10 +2,14 @@
 
     python bench/serve_modes.py --model DIR --modes colocated,disaggregated,mps [--multiturn]
 
-For each mode: decode ITL p99 with no prefill traffic (short prompts, closed loop), then the same under Poisson
-arrivals of 2k-8k-token prompts with 256-token outputs (`kvrelay bench serve`), goodput at the given SLOs. Records
-`interference_itl_p99_ratio` (best disaggregated mode), `..._colocated`, `goodput_ratio_vs_colocated`, and with
---multiturn `multiturn_ttft_ratio` (TTFT of turn 10 over a 4k-token history: recompute / reuse).
+For each mode: Poisson arrivals of 2k-8k-token prompts with 256-token outputs (`kvrelay bench serve`), goodput at
+the given SLOs, and decode's ITL p99 while some prefill was running over its ITL p99 while none was, in the same run
+(same batch, same contexts: only the prefill traffic differs). Also, as before, the loaded ITL p99 over that of a
+quiet run (8 closed-loop streams of 64-token prompts): that ratio also counts the loaded run's larger batch and
+40-130x longer contexts (more attention bytes a step), so it is not interference alone; it goes with the records.
+Records `interference_itl_p99_ratio` and `goodput_ratio_vs_colocated` (the disaggregated mode with the most goodput,
+for both), `interference_itl_p99_ratio_colocated`, and with --multiturn `multiturn_ttft_ratio` (TTFT of turn 10
+over a 4k-token history: recompute / reuse).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def mode_flags(mode: str, args) -> list[str]:
         return ["--mode", "disaggregated", "--mps", "--decode-sm-pct", decode_pct or "100", "--prefill-sm-pct", pct]
     raise SystemExit(f"unknown mode {mode!r}: colocated, disaggregated, mps, mpsNN or mpsNNdDD")
 
+
+# Fewest gaps on each side of the split for its p99 to mean something (10 samples above it).
+MIN_GAPS = 1000
 
 # Per-token SLOs (mean ITL of a request, ms) at which goodput is also reported, beside the one given as a flag.
 ITL_SLO_GRID = (10, 15, 20, 30, 40)
@@ -136,20 +143,28 @@ def run_mode(model: str, mode: str, args) -> dict:
         multiturn = measure_multiturn(d.address) if args.multiturn and name != "colocated" else None
     finally:
         d.stop()
+    during, outside = loaded["itl_ms_prefill_running"], loaded["itl_ms_no_prefill"]
     out = {
         "rate": args.rate,
         "quiet_itl_p99": quiet["itl_ms"]["p99"],
         "load_itl_p99": loaded["itl_ms"]["p99"],
-        "ratio": loaded["itl_ms"]["p99"] / quiet["itl_ms"]["p99"],
+        "ratio_vs_quiet_run": loaded["itl_ms"]["p99"] / quiet["itl_ms"]["p99"],
+        "itl_p99_prefill_running": during["p99"],
+        "itl_p99_no_prefill": outside["p99"],
+        "gaps_prefill_running": during["count"],
+        "gaps_no_prefill": outside["count"],
+        # None when either side has too few gaps for a p99 (prefill never idle, or never running)
+        "ratio": during["p99"] / outside["p99"] if min(during["count"], outside["count"]) >= MIN_GAPS else None,
         "goodput": loaded["goodput"]["requests_per_s"],
         "goodput_by_itl_slo": goodput_by_itl_slo(f"{label}_load", args.slo_ttft_ms),
         "load": loaded,
         "multiturn": multiturn,
     }
     print(
-        f"{mode}: ITL p99 quiet {out['quiet_itl_p99']:.1f} ms, loaded {out['load_itl_p99']:.1f} ms "
-        f"(ratio {out['ratio']:.2f}); goodput {out['goodput']:.2f} req/s; server prefill p50 "
-        f"{loaded['server_ms']['prefill_ms']['p50']:.0f} ms"
+        f"{mode}: ITL p99 loaded {out['load_itl_p99']:.1f} ms: prefill running {during['p99']} ms ({during['count']} "
+        f"gaps), none {outside['p99']} ms ({outside['count']} gaps), ratio {out['ratio']}; quiet run "
+        f"{out['quiet_itl_p99']:.1f} ms (ratio {out['ratio_vs_quiet_run']:.2f}); goodput {out['goodput']:.2f} "
+        f"req/s; server prefill p50 {loaded['server_ms']['prefill_ms']['p50']:.0f} ms"
     )
     return out
 
@@ -204,37 +219,49 @@ def main() -> None:
     args = parser.parse_args()
     # --merge FILE: modes measured by an earlier call (a GPU machine's calls are time-limited), rewritten with these.
     results = json.loads(Path(args.merge).read_text()) if args.merge and Path(args.merge).exists() else {}
+    for r in results.values():  # measured before the in-run split: their "ratio" was the one against the quiet run
+        if "ratio_vs_quiet_run" not in r:
+            r["ratio_vs_quiet_run"], r["ratio"] = r["ratio"], None
     results |= {mode: run_mode(args.model, mode, args) for mode in args.modes.split(",") if mode}
     results = {m: {k: v for k, v in r.items() if k != "load"} for m, r in results.items()}
     (RESULTS / "serve_modes.json").write_text(json.dumps(results, indent=2))
     if args.merge:
         Path(args.merge).write_text(json.dumps(results, indent=2))
-    # Each side at its best setting: colocated runs (any chunk) against disaggregated ones.
+    # Each side at its best setting: colocated runs (any chunk) against disaggregated ones; the disaggregated mode with
+    # the most goodput gives both of its records (a mode that falls behind the load decodes a smaller batch).
     coloc = [m for m in results if split_mode(m, args)[0] == "colocated"]
     disagg = [m for m in results if m not in coloc]
-    if coloc:
-        c = min(coloc, key=lambda m: results[m]["ratio"])
-        record("interference_itl_p99_ratio_colocated", results[c]["ratio"], "x", 1.25, 1.25 / results[c]["ratio"],
-               COMMAND, mode=c)  # fmt: skip
+    ratio = {m: results[m].get("ratio") for m in results}
+    if coloc and any(ratio[m] for m in coloc):
+        c = min((m for m in coloc if ratio[m]), key=ratio.get)
+        record("interference_itl_p99_ratio_colocated", ratio[c], "x", 1.25, 1.25 / ratio[c], COMMAND, mode=c,
+               ratio_vs_quiet_run=results[c].get("ratio_vs_quiet_run"))  # fmt: skip
     if disagg:
-        best = min(disagg, key=lambda m: results[m]["ratio"])
-        name, chunk = split_mode(best, args)
+        top = max(disagg, key=lambda m: results[m]["goodput"])
+        name, chunk = split_mode(top, args)
         setting = " ".join(mode_flags(name, args)) + f" --max-batch-tokens {chunk}"
-        record(
-            "interference_itl_p99_ratio",
-            results[best]["ratio"],
-            "x",
-            1.25,
-            1.25 / results[best]["ratio"],
-            COMMAND,
-            mode=setting,
-            quiet_itl_p99_ms=results[best]["quiet_itl_p99"],
-            load_itl_p99_ms=results[best]["load_itl_p99"],
-        )
+        r = results[top]
+        if r.get("ratio"):
+            record(
+                "interference_itl_p99_ratio",
+                r["ratio"],
+                "x",
+                1.25,
+                1.25 / r["ratio"],
+                COMMAND,
+                mode=setting,
+                rate=r["rate"],
+                definition="ITL p99 of gaps with a prefill running / without, same run",
+                itl_p99_prefill_running_ms=r["itl_p99_prefill_running"],
+                itl_p99_no_prefill_ms=r["itl_p99_no_prefill"],
+                ratio_vs_quiet_run=r.get("ratio_vs_quiet_run"),
+                quiet_itl_p99_ms=r["quiet_itl_p99"],
+                load_itl_p99_ms=r["load_itl_p99"],
+                ratio_by_mode={m: ratio[m] and round(ratio[m], 3) for m in results},
+            )
         base = max(coloc, key=lambda m: results[m]["goodput"], default=None)
         if base is not None and results[base]["goodput"] > 0:
-            top = max(disagg, key=lambda m: results[m]["goodput"])
-            g = results[top]["goodput"] / results[base]["goodput"]
+            g = r["goodput"] / results[base]["goodput"]
             by_slo = {
                 slo: max(results[m]["goodput_by_itl_slo"][str(slo)] for m in disagg)
                 / max(max(results[m]["goodput_by_itl_slo"][str(slo)] for m in coloc), 1e-9)
@@ -248,6 +275,7 @@ def main() -> None:
                 g / 1.5,
                 COMMAND,
                 slo=f"TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms",
+                rate=r["rate"],
                 modes=f"{top} over {base}",
                 ratio_by_itl_slo_ms={str(k): round(v, 3) for k, v in by_slo.items()},
             )

@@ -12,6 +12,11 @@ gateway/loadgen.py produces the load and the records; this file only reads them.
 - E2E: request sent -> the stream's status received.
 - Measured requests: those sent at or after the warm-up's end. Latency percentiles use the ones that ended OK.
 - Elapsed: warm-up end -> the last measured request ended. Both throughputs and goodput divide by it.
+- Prefill running: from a request's first forward pass in the prefill worker to its reply, placed on the client's
+  clock by the first token's arrival minus the server's hand-off and prefill times (Finish.timings); a request
+  without a Finish counts from sent to first token. ITL is also reported split by whether any prefill was running
+  during the gap: the same run, batch and contexts, with and without prefill traffic: what a long prompt does to
+  everyone else's tokens.
 - Goodput: measured requests that ended OK with TTFT <= slo_ttft_ms AND mean ITL <= slo_itl_ms, per second.
   The per-token SLO is judged on the request's mean ITL ((last - first token) / (tokens - 1)), DistServe's TPOT: the
   rate a reader of that stream perceives. One long stall (another request's prefill) barely moves a mean; stalls show
@@ -21,6 +26,7 @@ gateway/loadgen.py produces the load and the records; this file only reads them.
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -178,6 +184,8 @@ class Summary:
     max_in_flight: int  # most requests open at once, warm-up included
     ttft_ms: LatencyStats
     itl_ms: LatencyStats
+    itl_ms_prefill_running: LatencyStats  # the gaps during which some prefill was running
+    itl_ms_no_prefill: LatencyStats  # the others
     e2e_ms: LatencyStats
     goodput: Goodput
     server_ms: dict[str, LatencyStats]  # Finish.timings of the measured OK requests, by field
@@ -191,6 +199,7 @@ def summarize(records: Sequence[RequestRecord], warmup_s: float, slo: Slo, max_i
     per_s = 1.0 / elapsed if elapsed > 0 else 0.0
     good = sum(slo.met_by(r) for r in measured)
     finishes = [r.finish for r in ok if r.finish is not None]
+    during, outside = itl_by_prefill(records)
     return Summary(
         num_requests=len(measured),
         num_warmup=len(records) - len(measured),
@@ -202,6 +211,8 @@ def summarize(records: Sequence[RequestRecord], warmup_s: float, slo: Slo, max_i
         max_in_flight=max_in_flight,
         ttft_ms=LatencyStats.of([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         itl_ms=LatencyStats.of([gap for r in ok for gap in r.itls_ms]),
+        itl_ms_prefill_running=LatencyStats.of(during),
+        itl_ms_no_prefill=LatencyStats.of(outside),
         e2e_ms=LatencyStats.of([r.e2e_ms for r in ok]),
         goodput=Goodput(
             slo_ttft_ms=slo.ttft_ms,
@@ -231,7 +242,8 @@ def format_table(summary: Summary, title: str, slo: Slo) -> str:
         "",
         f"{'ms':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'count':>9}",
     ]
-    rows = [("TTFT", s.ttft_ms), ("ITL", s.itl_ms), ("E2E", s.e2e_ms)]
+    rows = [("TTFT", s.ttft_ms), ("ITL", s.itl_ms), ("ITL, prefill running", s.itl_ms_prefill_running),
+            ("ITL, no prefill", s.itl_ms_no_prefill), ("E2E", s.e2e_ms)]  # fmt: skip
     rows += [(f"server {name.removesuffix('_ms')}", stats) for name, stats in s.server_ms.items()]
     for name, st in rows:
         lines.append(f"{name:<22}{_ms(st.mean):>10}{_ms(st.p50):>10}{_ms(st.p90):>10}{_ms(st.p99):>10}{st.count:>9}")
@@ -260,6 +272,39 @@ def merge_spans(spans: Sequence[tuple[float, float]]) -> list[tuple[float, float
         else:
             merged.append((start, end))
     return merged
+
+
+def prefill_spans(records: Sequence[RequestRecord]) -> list[tuple[float, float]]:
+    """When some prefill was running (seconds since the start, merged): each request's [first forward pass, reply],
+    as the module docstring defines it; warm-up requests included, since their prefills run beside measured decodes."""
+    spans = []
+    for r in records:
+        if r.ttft_ms is None:
+            continue
+        first_token = r.start_s + r.ttft_ms / 1e3
+        if r.finish is not None and r.finish.prefill_ms > 0:
+            reply = first_token - r.finish.handoff_ms / 1e3
+            spans.append((reply - r.finish.prefill_ms / 1e3, reply))
+        else:
+            spans.append((r.start_s, first_token))
+    return merge_spans(spans)
+
+
+def itl_by_prefill(records: Sequence[RequestRecord]) -> tuple[list[float], list[float]]:
+    """The gaps of the measured OK requests (ms), split: (those overlapping a prefill span, the others)."""
+    spans = prefill_spans(records)
+    starts = [start for start, _ in spans]
+    during: list[float] = []
+    outside: list[float] = []
+    for r in records:
+        if r.warmup or not r.ok:
+            continue
+        times = r.token_times_ms
+        for a, b in zip(times, times[1:], strict=False):
+            begin, end = r.start_s + a / 1e3, r.start_s + b / 1e3
+            i = bisect.bisect_left(starts, end) - 1  # the last span starting before the gap ends
+            (during if i >= 0 and spans[i][1] > begin else outside).append(b - a)
+    return during, outside
 
 
 def _log_axis(axis, set_scale) -> None:
@@ -313,7 +358,7 @@ def write_plots(out_dir: Path, label: str, records: Sequence[RequestRecord], war
         for a, b in zip(times, times[1:], strict=False):
             xs.append(r.start_s + b / 1e3)
             ys.append(b - a)
-    prefills = merge_spans([(r.start_s, r.start_s + r.ttft_ms / 1e3) for r in records if r.ttft_ms is not None])
+    prefills = prefill_spans(records)
     if prefills:
         ax.broken_barh(
             [(start, end - start) for start, end in prefills],
@@ -321,7 +366,7 @@ def write_plots(out_dir: Path, label: str, records: Sequence[RequestRecord], war
             transform=ax.get_xaxis_transform(),  # full height whatever the y range
             facecolor="tab:orange",
             alpha=0.2,
-            label="a prefill in progress (sent -> first token)",
+            label="a prefill running",
         )
     ax.scatter(xs, ys, s=2, color="tab:blue", label="token gap", rasterized=True)
     if ys and min(ys) > 0:

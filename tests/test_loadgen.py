@@ -29,7 +29,16 @@ from gateway.loadgen import (
     poisson_arrivals,
     run_serve,
 )
-from gateway.loadgen_report import Slo, merge_spans, spread_token_times, summarize
+from gateway.loadgen_report import (
+    RequestRecord,
+    ServerFinish,
+    Slo,
+    itl_by_prefill,
+    merge_spans,
+    prefill_spans,
+    spread_token_times,
+    summarize,
+)
 from kvrelay.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.grpc_server import set_serving, start_server
 
@@ -341,6 +350,37 @@ def test_spread_token_times():
 
 def test_merge_spans():
     assert merge_spans([(3, 4), (0, 1), (0.5, 2), (2, 2.5)]) == [(0, 2.5), (3, 4)]
+
+
+def _record(index, start_s, ttft_ms, token_times_ms, prefill_ms=None, handoff_ms=0.0, warmup=False, status="OK"):
+    finish = None
+    if prefill_ms is not None:
+        finish = ServerFinish("LENGTH", 100, len(token_times_ms), 0, f"r{index}", 0.0, prefill_ms, handoff_ms, 0.0,
+                              ttft_ms, 0.0)  # fmt: skip
+    return RequestRecord(index, warmup, start_s, start_s, 100, len(token_times_ms), status, "", ttft_ms, 0.0,
+                         tuple(token_times_ms), finish)  # fmt: skip
+
+
+def test_itl_split_by_prefill_running():
+    # A decoding request (sent at 0, tokens every 10 ms from 105 ms to 505 ms) and two others whose prefills run
+    # [0.2, 0.25] s (server timings: first token at 0.26 s, hand-off 10 ms, prefill 50 ms) and [0.4, 0.42] s (no
+    # Finish: failed after its first token, counted from sent to first token).
+    decoding = _record(0, 0.0, 105.0, [105.0 + 10 * k for k in range(41)], prefill_ms=90.0)
+    other = _record(1, 0.2, 60.0, [60.0, 70.0], prefill_ms=50.0, handoff_ms=10.0, warmup=True)
+    failed = _record(2, 0.4, 20.0, [20.0], status="INTERNAL")
+    spans = prefill_spans([decoding, other, failed])
+    # the first span is request 0's own prefill, over before its first gap
+    assert [t for span in spans for t in span] == pytest.approx([0.015, 0.105, 0.2, 0.25, 0.4, 0.42])
+    during, outside = itl_by_prefill([decoding, other, failed])
+    # Gaps of request 0 only (1 is warm-up, 2 failed): [0.2, 0.25] overlaps 6 of them, [0.4, 0.42] 3.
+    assert len(during) == 9 and len(outside) == 31
+    assert all(g == pytest.approx(10.0) for g in during + outside)
+    # A stall inside a prefill lands in `during`; a gap that only touches a span's end is outside (exact binary
+    # fractions: the span ends at 0.25 s, the next gap starts there).
+    stalled = _record(3, 0.0, 125.0, [125.0, 250.0, 500.0], prefill_ms=62.5)
+    other = _record(4, 0.125, 125.0, [125.0], prefill_ms=62.5)
+    during, outside = itl_by_prefill([stalled, other])
+    assert during == [125.0] and outside == [250.0]
 
 
 def test_poisson_statistics():
