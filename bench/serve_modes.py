@@ -106,6 +106,8 @@ def run_mode(model: str, mode: str, args) -> dict:
         *mode_flags(name, args),
     )
     try:
+        if args.multiturn_only:  # A/B of the reuse path alone: no load runs, no records
+            return {"multiturn": measure_multiturn(d.address)}
         quiet = loadgen(
             d.address,
             f"{label}_quiet",
@@ -214,6 +216,7 @@ def main() -> None:
     # every mode; both are in the record's ratio_by_itl_slo_ms.)
     parser.add_argument("--slo-itl-ms", type=float, default=20)
     parser.add_argument("--multiturn", action="store_true")
+    parser.add_argument("--multiturn-only", action="store_true", help="only the multi-turn TTFTs, printed")
     parser.add_argument("--merge", help="JSON of modes measured earlier: read, extended, written back")
     parser.add_argument("--prefill-sm-pct", type=int, default=60, help="mps mode: prefill's share of the SMs")
     args = parser.parse_args()
@@ -222,6 +225,10 @@ def main() -> None:
     for r in results.values():  # measured before the in-run split: their "ratio" was the one against the quiet run
         if "ratio_vs_quiet_run" not in r:
             r["ratio_vs_quiet_run"], r["ratio"] = r["ratio"], None
+    if args.multiturn_only:
+        for mode in args.modes.split(","):
+            print(mode, json.dumps(run_mode(args.model, mode, args)))
+        return
     results |= {mode: run_mode(args.model, mode, args) for mode in args.modes.split(",") if mode}
     results = {m: {k: v for k, v in r.items() if k != "load"} for m, r in results.items()}
     (RESULTS / "serve_modes.json").write_text(json.dumps(results, indent=2))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
 from importlib import resources
@@ -100,6 +100,12 @@ class SessionRecord:
     updated_ms: int
     lease_expires_ms: int | None
     block_table: tuple[int, ...]
+    # the `tokens` field as stored (update(tokens=...)), parsed only on demand by token_ids(): the hand-off adopts
+    # a session without needing them, the next turn's prefill compares them with its prompt
+    tokens_raw: str = field(default="", repr=False)
+
+    def token_ids(self) -> list[int]:
+        return [int(t) for t in self.tokens_raw.split(",")] if self.tokens_raw else []
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,7 @@ def _record(session_id: str, fields: dict[str, str], blocks: str | list[str]) ->
         updated_ms=int(fields.get("updated_ms") or 0),
         lease_expires_ms=_opt_int(fields.get("lease_expires_ms")),
         block_table=tuple(_block_ids(blocks)),
+        tokens_raw=fields.get("tokens") or "",
     )
 
 

@@ -53,6 +53,7 @@ async def serve(args) -> None:
         for worker in (prefill, decode):
             worker.attached, worker.gpu, worker.store = attached, gpu, store
         await asyncio.to_thread(gpu.run, decode.prepare)
+        await asyncio.to_thread(gpu.run, prefill.prepare)
         for worker in (prefill, decode):
             await store.register_worker(worker.worker_id, worker.role, worker.address, WORKER_TTL_MS, {"colocated": 1})
             tasks.append(asyncio.create_task(worker.heartbeat_loop()))

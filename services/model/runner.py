@@ -36,6 +36,7 @@ class ModelRunner:
         self.block_size = pool.geometry.block_size
         self.device = model.lm_head.weight.device
         self.graphs = None
+        self.prefill_graphs = None
 
     def enable_cuda_graphs(self, max_batch: int, max_context_len: int) -> None:
         """Capture decode steps for batch-size buckets up to max_batch (GPU only; the CPU path stays eager)."""
@@ -46,6 +47,17 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.pool, max_batch, max_context_len)
         self.graphs.capture()
 
+    def enable_prefill_graphs(self, max_tokens: int, max_context_len: int) -> None:
+        """Capture one-sequence prefill chunks of up to max_tokens new tokens (GPU only; 0 turns them off)."""
+        from services.model.prefill_graphs import PrefillGraphs
+
+        if self.device.type != "cuda" or max_tokens <= 0:
+            return
+        graphs = PrefillGraphs(self.model, self.pool, max_tokens, max_context_len)
+        if graphs.buckets:
+            graphs.capture()
+            self.prefill_graphs = graphs
+
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
         """Logits [num_seqs, vocab] for each sequence's last new token, or [num_tokens, vocab] with all_logits."""
@@ -54,6 +66,12 @@ class ModelRunner:
             return self.decode(
                 [c.token_ids[0] for c in chunks], [c.num_cached for c in chunks], [c.block_table for c in chunks]
             )
+        if self.prefill_graphs is not None and len(chunks) == 1 and not all_logits:
+            c = chunks[0]
+            end = c.num_cached + len(c.token_ids)
+            if self.prefill_graphs.bucket(len(c.token_ids)) and len(c.block_table) <= self.prefill_graphs.max_blocks:
+                slots = slot_mapping(list(c.block_table), c.num_cached, end, self.block_size)  # checks the table
+                return self.prefill_graphs.replay(c.token_ids, c.num_cached, slots, c.block_table)
         input_ids, positions, slots, lens = [], [], [], [0]
         for chunk in chunks:
             end = chunk.num_cached + len(chunk.token_ids)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
 
     def load(self) -> dict:
         return {"active": len(self.ready), "queued": len(self.waiting)}
+
+    def prepare(self) -> None:
+        self.attached.runner.enable_prefill_graphs(self.args.prefill_graph_tokens, self.attached.max_model_len)
 
     async def Prefill(self, request, context):  # noqa: N802
         if self.attached is None:
@@ -131,7 +135,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         record = await self.store.adopt(
             job.session_id, self.worker_id, LEASE_MS, expected_state=SessionState.IDLE, state=SessionState.PREFILLING
         )
-        cached = (await self.store.get_tokens(job.session_id))[: record.num_tokens]
+        cached = record.token_ids()[: record.num_tokens]  # adopt's reply holds them: no round trip
         reuse = 0
         limit = min(len(cached), len(job.token_ids) - 1)  # at least the last prompt token is computed (its logits)
         while reuse < limit and cached[reuse] == job.token_ids[reuse]:
@@ -267,6 +271,12 @@ def main() -> None:
 
 
 def add_prefill_args(parser) -> None:
+    parser.add_argument(
+        "--prefill-graph-tokens",
+        type=int,
+        default=int(os.environ.get("KVRELAY_PREFILL_GRAPH_TOKENS", "256")),
+        help="one-sequence chunks of up to this many new tokens replay a CUDA graph (0: always eager)",
+    )
     parser.add_argument(
         "--block-wait-s",
         type=float,
