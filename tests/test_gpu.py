@@ -146,34 +146,26 @@ def test_overlapped_decode_steps_equal_the_engine(default_model_dir):
         torch.testing.assert_close(logprobs[row], r.logprobs[1:], atol=1e-3, rtol=0)
 
 
-def test_prefill_graphs_keep_greedy_generations_on_default_model(default_model_dir):
-    """Short one-sequence prefills replayed from CUDA graphs (padded to a token bucket) write the K/V and give the
-    first tokens of the eager path: float32 greedy generations are unchanged. (In bf16 the padded GEMMs round
-    differently; there the logits are compared with a tolerance, below.)"""
-    tok = Tokenizer.from_dir(default_model_dir)
-    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    cfg = EngineConfig(model_dir=default_model_dir, dtype="float32", device="cuda", num_blocks=64)
-    engine = Engine(cfg, progress=False)
-    eager = [engine.generate([p], params)[0].token_ids for p in prompts]
-    engine.runner.enable_prefill_graphs(256, 1024)
-    assert engine.runner.prefill_graphs is not None and engine.runner.prefill_graphs.buckets == [16, 32, 64, 128, 256]
-    assert [engine.generate([p], params)[0].token_ids for p in prompts] == eager
-
-
-@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
-def test_prefill_graphs_equal_eager_logits_on_default_model(default_model_dir, kv_dtype):
-    """bf16: chunks of 1..256 new tokens over a cached prefix, replayed from the graphs, against the eager path."""
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_prefill_graphs_equal_eager_on_default_model(default_model_dir, kv_dtype):
+    """Short one-sequence prefill chunks replayed from CUDA graphs (padded to a token bucket) against the eager path,
+    in float32 (in bf16 the padded GEMMs round differently from the eager ones, and a greedy run drifts apart after
+    ~20 tokens on this model): the same greedy generations (the graphs write the prompt's K/V), and the same logits
+    for chunks of 1..256 new tokens over a cached prefix, at the bucket edges."""
     from services.model.runner import SeqChunk
 
     tok = Tokenizer.from_dir(default_model_dir)
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    cfg = EngineConfig(model_dir=default_model_dir, dtype="bfloat16", kv_dtype=kv_dtype, device="cuda", num_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    cfg = EngineConfig(model_dir=default_model_dir, dtype="float32", kv_dtype=kv_dtype, device="cuda", num_blocks=64)
     engine = Engine(cfg, progress=False)
-    engine.generate([prompts[0]], SamplingParams(max_tokens=1))  # builds the pool and the runner
+    eager = [engine.generate([p], params)[0].token_ids for p in prompts]
     runner = engine.runner
     runner.enable_prefill_graphs(256, 1024)
     graphs = runner.prefill_graphs
+    assert graphs is not None and graphs.buckets == [16, 32, 64, 128, 256]
+    assert [engine.generate([p], params)[0].token_ids for p in prompts] == eager
+
     ids = [t for p in prompts for t in p] * 8
     table = tuple(range(1, 1 + -(-(150 + 256) // cfg.block_size)))
     runner.forward([SeqChunk(tuple(ids[:150]), 0, table)])  # the cached prefix
@@ -184,4 +176,4 @@ def test_prefill_graphs_equal_eager_logits_on_default_model(default_model_dir, k
         runner.prefill_graphs = graphs
         got = runner.forward([chunk])
         assert got.shape == want.shape == (1, want.shape[-1])
-        assert _rel(got, want) < 2e-2 and got.argmax() == want.argmax(), t
+        assert _rel(got, want) < (1e-3 if kv_dtype == "auto" else 1e-2) and got.argmax() == want.argmax(), t
