@@ -8,10 +8,7 @@ Same function as `paged_decode_attention_ref` (kernels/decode_attention.py). Two
    the matrix units do the work and each K/V byte is read once per KV head, not once per query head. Online softmax in
    float32; it writes its unnormalized partial output, running max and sum to a workspace.
 2. `_decode_reduce_kernel`, grid (num_seqs, num_heads), combines the splits. With one split the first kernel writes
-   the output directly and this one is not launched. With few splits (FOLD_REDUCE) it is not launched either: the
-   last split program of each (sequence, KV head) to finish combines them, found with an atomic counter per
-   (sequence, KV head) that it resets for the next launch. That saves a kernel boundary per layer, which at batch 1
-   costs more than the reduction itself.
+   the output directly and this one is not launched.
 
 Quantized K/V are dequantized exactly and cheaply: the int8/fp8 values convert exactly to the dot's 16-bit input type,
 and the per token-head scales are applied to the [GROUP_PAD, BLOCK_N] scores (K) and folded into the probabilities
@@ -57,11 +54,6 @@ TILE_TOKENS = 128
 # copy bandwidth). Capped at 128 registers it does not spill (ptxas -v) and 4 programs fit; 2 programs an SM worth of
 # splits and 2 stages was then best (0.70 / 0.68). bf16 KV reads twice the bytes per tile and keeps the defaults.
 QUANTIZED_NVIDIA_TUNING = {"num_stages": 2, "maxnreg": 128, "programs_per_sm": 2}
-
-# The split kernel combines the splits itself (see the module docstring) when group x splits x head_dim fits this
-# many float32 values (the partial outputs it reads at once: 4 x 16 x 128 = 32 KB in registers at 4 warps).
-FOLD_REDUCE_MAX_ELEMENTS = 8192
-FOLD_REDUCE = True  # off: always the separate reduce kernel (A/B: bench/model_bench.py --sweep)
 
 _LOG2E = 1.4426950408889634
 
@@ -117,7 +109,6 @@ def _decode_split_kernel(
     ws_acc_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32: unnormalized partial outputs
     ws_max_ptr,  # [num_seqs, num_heads, num_splits] float32: running max of the scores, log2 domain
     ws_sum_ptr,  # [num_seqs, num_heads, num_splits] float32: sum of exp2(score - max)
-    counter_ptr,  # [>= num_seqs * num_kv_heads] int32, all 0 between launches: splits done (FOLD_REDUCE)
     qk_scale,  # softmax scale * log2(e)
     num_heads,
     num_splits,
@@ -155,9 +146,6 @@ def _decode_split_kernel(
     INPUT_PRECISION: tl.constexpr,
     NUM_SPLITS_IS_ONE: tl.constexpr,
     CONVERT: tl.constexpr,
-    FOLD_REDUCE: tl.constexpr,
-    GROUP_P2: tl.constexpr,  # next power of 2 of GROUP (the folded reduction's rows)
-    SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
@@ -261,57 +249,6 @@ def _decode_split_kernel(
         tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_gd)
         tl.store(ws_max_ptr + row, m_i, mask=mask_g)
         tl.store(ws_sum_ptr + row, l_i, mask=mask_g)
-        if FOLD_REDUCE:
-            # Every thread's stores are issued before the one atomic (bar.sync), and the atomic releases them at GPU
-            # scope; the program that takes the count to num_splits acquires every other program's partials.
-            tl.debug_barrier()
-            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # 0 again for the next launch
-                _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, kv_head * GROUP, num_heads,
-                                num_splits, stride_o_s, stride_o_h, stride_o_d, GROUP, GROUP_P2, HEAD_DIM,
-                                HEAD_DIM_PAD, SPLITS_PAD)  # fmt: skip
-
-
-@triton.jit
-def _combine_splits(
-    out_ptr,
-    ws_acc_ptr,
-    ws_max_ptr,
-    ws_sum_ptr,
-    seq,
-    first_head,
-    num_heads,
-    num_splits,
-    stride_o_s,
-    stride_o_h,
-    stride_o_d,
-    GROUP: tl.constexpr,
-    GROUP_P2: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-):
-    """The output of query heads first_head .. + GROUP - 1 from their splits' partials: as `_decode_reduce_kernel`,
-    for a group of heads at once. Loads go through L2 only (.cg): the partials were written by other programs."""
-    offs_g = tl.arange(0, GROUP_P2)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    heads = first_head + offs_g
-    mask_gs = (offs_g < GROUP)[:, None] & (offs_s < num_splits)[None, :]
-    rows = (seq * num_heads + heads[:, None]) * num_splits + offs_s[None, :]  # [GROUP_P2, SPLITS_PAD]
-    m = tl.load(ws_max_ptr + rows, mask=mask_gs, other=float("-inf"), cache_modifier=".cg")
-    l_split = tl.load(ws_sum_ptr + rows, mask=mask_gs, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, axis=1)
-    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty: any finite reference point
-    weights = tl.exp2(m - m_ref[:, None])  # [GROUP_P2, SPLITS_PAD]; 0 for empty and padded splits
-    total = tl.sum(l_split * weights, axis=1)
-    mask_d = offs_d < HEAD_DIM
-    acc = tl.load(ws_acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                  mask=mask_gs[:, :, None] & mask_d[None, None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
-    out = tl.sum(acc * weights[:, :, None], axis=1) / tl.where(total > 0.0, total, 1.0)[:, None]
-    out_ptrs = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h + offs_d[None, :] * stride_o_d
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_g < GROUP)[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -353,28 +290,6 @@ def _decode_reduce_kernel(
     out = tl.sum(acc * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + offs_d * stride_o_d, out.to(out_ptr.dtype.element_ty),
              mask=mask_d)  # fmt: skip
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def folds_reduce(group: int, num_splits: int, head_dim: int) -> bool:
-    """Whether the split kernel combines the splits itself (FOLD_REDUCE on) for this shape."""
-    elements = triton.next_power_of_2(group) * triton.next_power_of_2(num_splits) * triton.next_power_of_2(head_dim)
-    return num_splits > 1 and elements <= FOLD_REDUCE_MAX_ELEMENTS
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n counters for FOLD_REDUCE, one per device, allocated once: every launch
-    leaves its counters at 0 again, so the same buffer serves every layer and every graph replay (kernels on one
-    device's decode path run one after another)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode attention's split counters must be allocated before graph capture")
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
 
 
 @functools.cache
@@ -442,7 +357,7 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), programs_per_sm, num_splits, fold_reduce
+                     num_stages, maxnreg, convert (see `_to_dot`), programs_per_sm, num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
     """
     num_seqs, num_heads, head_dim = query.shape
@@ -484,10 +399,6 @@ def paged_decode_attention(
     extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
-    group_p2 = triton.next_power_of_2(group)
-    splits_pad = triton.next_power_of_2(num_splits)
-    fold = tuning.get("fold_reduce", FOLD_REDUCE) and folds_reduce(group, num_splits, head_dim)
-    counters = _split_counters(query.device, num_seqs * num_kv_heads) if fold else out
     if num_splits == 1:
         # Not read: the split kernel writes `out` directly.
         ws_acc = ws_max = ws_sum = out
@@ -513,7 +424,6 @@ def paged_decode_attention(
         ws_acc,
         ws_max,
         ws_sum,
-        counters,
         scale * _LOG2E,
         num_heads,
         num_splits,
@@ -537,14 +447,11 @@ def paged_decode_attention(
         INPUT_PRECISION=input_precision,
         NUM_SPLITS_IS_ONE=num_splits == 1,
         CONVERT=tuning.get("convert", 2 if on_nvidia else 1),
-        FOLD_REDUCE=fold,
-        GROUP_P2=group_p2,
-        SPLITS_PAD=splits_pad,
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),
     )
-    if num_splits > 1 and not fold:
+    if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out,
             ws_acc,
@@ -555,7 +462,7 @@ def paged_decode_attention(
             *out.stride(),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=splits_pad,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
             **pdl.launch_options(query.device),
         )

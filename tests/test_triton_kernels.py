@@ -219,30 +219,6 @@ def test_decode_attention_auto_splits(max_context_len: int | None) -> None:
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("num_splits", [2, 3, 8, 32, 64])
-def test_decode_attention_folded_reduce(num_splits: int) -> None:
-    """Splits combined by the last split program to finish (an atomic counter per sequence and KV head) against the
-    separate reduce kernel and the reference; three launches in a row on the same counters, which every launch must
-    leave at 0. 64 splits of group 3 exceed FOLD_REDUCE_MAX_ELEMENTS: there the reduce kernel runs."""
-    from kernels import triton_decode_attention as tda
-
-    assert tda.folds_reduce(3, num_splits, 40) == (num_splits < 64)
-
-    layer, block_tables, lens = _stored_batch(KVSpec(KVFormat.INT8, KVFormat.INT8), CONTEXT_LENS, 2, 40, 16,
-                                              max_blocks=16)  # fmt: skip
-    query = torch.randn(len(CONTEXT_LENS), 6, 40, generator=torch.Generator().manual_seed(7)).to(DEVICE)
-    expected = paged_decode_attention_ref(query, layer, block_tables, lens, 0.3)
-    separate = paged_decode_attention(query, layer, block_tables, lens, 0.3, num_splits=num_splits,
-                                      tuning={"fold_reduce": False})  # fmt: skip
-    for _ in range(3):
-        folded = paged_decode_attention(query, layer, block_tables, lens, 0.3, num_splits=num_splits)
-        torch.testing.assert_close(folded, expected, atol=2e-5, rtol=2e-5)
-        torch.testing.assert_close(folded, separate, atol=1e-6, rtol=1e-6)
-        counters = tda._COUNTERS.get(torch.device(DEVICE))
-        if tda.folds_reduce(3, num_splits, 40):
-            assert counters is not None and counters.eq(0).all()
-
-
 def test_decode_num_splits_heuristic() -> None:
     sms = 132
     # A small batch with a long context is split to fill the GPU; a short context is not split.
