@@ -31,6 +31,9 @@ except ImportError:
 # once launches are overlapped (kernels/pdl.py).
 TRITON_GEMV = os.environ.get("KVRELAY_TRITON_GEMV", "1") != "0"
 FUSE = set(os.environ.get("KVRELAY_FUSE", "").split(","))
+# The MLP's activation as the epilogue of the batch-1 gate_up GEMV (kernels/triton_gemv.py SILU_MUL_OUT), read per
+# call: A/B with bench/model_bench.py --sweep kernels.ops.GATE_UP_SILU=1,0
+GATE_UP_SILU = os.environ.get("KVRELAY_GATE_UP_SILU", "1") != "0"
 
 
 def _gpu(t: torch.Tensor) -> bool:
@@ -144,6 +147,23 @@ def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         return linear(rms_norm(x, norm_weight, eps), weight, bias), x
     normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
     return linear(normed, weight, bias), new_residual
+
+
+def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_weight, down_bias):
+    """The MLP after its norm: down(silu_and_mul(gate_up(rms_norm(x [+ residual])))), and the new residual (as
+    norm_linear). At batch 1 on a GPU with GATE_UP_SILU, the activation is the gate_up GEMV's epilogue."""
+    if GATE_UP_SILU and gate_up_bias is None and "norm" not in FUSE and _gemv_ok(x, gate_up_weight):
+        from kernels import triton_gemv as g
+
+        if residual is None:
+            normed, new_residual = rms_norm(x, norm_weight, eps), x
+        else:
+            normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+        out = g.gemv(normed, gate_up_weight, epilogue=g.SILU_MUL_OUT)
+        if out is not None:
+            return linear(out[0], down_weight, down_bias), new_residual
+    gate_up, new_residual = norm_linear(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias)
+    return silu_mul_linear(gate_up, down_weight, down_bias), new_residual
 
 
 def silu_mul_linear(gate_up, weight, bias=None):

@@ -27,6 +27,9 @@ from kernels import pdl
 # the projection after them). Fused, a batch-1 decode layer is 5 kernels fewer (H200, bench/profile_decode.py: the
 # norm and activation kernels took 180 us of a 4.3 ms step).
 PLAIN, SILU_MUL, NORM, ADD_NORM = 0, 1, 2, 3
+# What the kernel writes (EPILOGUE): y itself, or silu(gate) * up of y = [gate, up] (the MLP's activation after
+# gate_up, so that the activation kernel goes): each program then reads BLOCK_N rows of each half.
+OUT, SILU_MUL_OUT = 0, 1
 
 
 @triton.jit
@@ -53,8 +56,8 @@ def _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, offs, K, inv_rms, WRITE_RE
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, N, K, stride_wn, eps,
-                 HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):  # fmt: skip
+                 HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,15 +76,26 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, N, K,
         inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(squares, axis=0), K.to(tl.float32)) + eps))
     # Row offsets in int64 ([BLOCK_N] only): an lm_head's N * K exceeds 2^31.
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    up_ptrs = w_ptrs + N * stride_wn  # SILU_MUL_OUT: the same rows of the up half (N = rows of each half)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (`gemv_config`)
         w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
+        if EPILOGUE == 1:
+            w_up = tl.load(up_ptrs + k0, mask=mask_n[:, None], other=0.0)
         x = _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, k0 + offs_k, K, inv_rms, pid == 0, PROLOGUE)
         acc += w.to(tl.float32) * x[None, :]
+        if EPILOGUE == 1:
+            acc_up += w_up.to(tl.float32) * x[None, :]
     pdl.trigger(PDL)  # after the loop: a multi-wave grid keeps its SMs until then
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if EPILOGUE == 1:
+        # rounded where the unfused kernels round: gate and up as stored by the GEMV, then kernels/activation.py
+        gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        up = tl.sum(acc_up, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -114,20 +128,27 @@ def gemv(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     tuning: dict | None = None,
+    epilogue: int = OUT,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(y, new_residual) with y = prologue(x) W^T (+ bias), [1, N] in x's dtype; None if the shape has no config (the
     caller falls back to torch).
 
     x: [1, K] contiguous; for SILU_MUL [1, 2K] = cat(gate, up). NORM: rms_norm(x) * norm_weight. ADD_NORM: the same of
     x + residual, which is also returned as new_residual (written once, by the first program), as
-    kernels/norm.py's fused_add_rms_norm_ref does. tuning: launch overrides for bench/tune_gemv.py (block_n, block_k,
-    num_warps, num_stages).
+    kernels/norm.py's fused_add_rms_norm_ref does. SILU_MUL_OUT: weight [2N, K] = cat(gate, up), y = [1, N]
+    silu(gate) * up (no bias). tuning: launch overrides for bench/tune_gemv.py (block_n, block_k, num_warps,
+    num_stages).
     """
     n, k = weight.shape
     tuning = tuning or {}
     config = gemv_config(n, k)
     if config is None or weight.stride(1) != 1 or not x.is_contiguous():
         return None
+    if epilogue == SILU_MUL_OUT:
+        if n % 2 or bias is not None:
+            return None
+        n //= 2
+        config = (max(1, config[0] // 2), *config[1:])  # each program reads as many rows as without the epilogue
     config = (tuning.get("block_n", config[0]), tuning.get("block_k", config[1]), tuning.get("num_warps", config[2]))
     if prologue == ADD_NORM and not residual.is_contiguous():
         return None
@@ -148,6 +169,7 @@ def gemv(
         eps,
         HAS_BIAS=bias is not None,
         PROLOGUE=prologue,
+        EPILOGUE=epilogue,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

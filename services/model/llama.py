@@ -112,8 +112,9 @@ class LlamaDecoderLayer(nn.Module):
         qkv, residual = self._norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
         x = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool)
         if isinstance(self.mlp, LlamaMLP):
-            gate_up, residual = self._norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
-            return self.mlp.down(gate_up), residual
+            norm, mlp = self.post_attention_layernorm, self.mlp
+            up, down = mlp.gate_up_proj, mlp.down_proj
+            return ops.norm_mlp(x, residual, norm.weight, norm.eps, up.weight, up.bias, down.weight, down.bias)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
