@@ -177,3 +177,27 @@ def test_prefill_graphs_equal_eager_on_default_model(default_model_dir, kv_dtype
         got = runner.forward([chunk])
         assert got.shape == want.shape == (1, want.shape[-1])
         assert _rel(got, want) < (1e-3 if kv_dtype == "auto" else 1e-2) and got.argmax() == want.argmax(), t
+
+
+def test_gate_up_epilogue_matches_separate_activation_on_default_model(default_model_dir, monkeypatch):
+    """bf16 batch-1 decode steps with the MLP's activation as the gate_up GEMV's epilogue against the separate
+    activation kernel: the same logits up to bf16 rounding, the same greedy token."""
+    from kernels import ops
+    from services.model.runner import SeqChunk
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+    cfg = EngineConfig(model_dir=default_model_dir, dtype="bfloat16", device="cuda", num_blocks=64)
+    engine = Engine(cfg, progress=False)
+    engine.generate([prompt], SamplingParams(max_tokens=1))  # builds the pool and the runner
+    runner = engine.runner
+    table = tuple(range(1, 1 + -(-(len(prompt) + 8) // cfg.block_size)))
+    token = runner.forward([SeqChunk(tuple(prompt), 0, table)]).argmax(-1).item()
+    for step in range(4):
+        logits = {}
+        for on in (True, False):
+            monkeypatch.setattr(ops, "GATE_UP_SILU", on)
+            logits[on] = runner.decode([token], [len(prompt) + step], [table]).clone()
+        assert _rel(logits[True], logits[False]) < 1e-2
+        assert logits[True].argmax() == logits[False].argmax()
+        token = logits[True].argmax(-1).item()
