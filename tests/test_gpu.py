@@ -180,24 +180,30 @@ def test_prefill_graphs_equal_eager_on_default_model(default_model_dir, kv_dtype
 
 
 def test_gate_up_epilogue_matches_separate_activation_on_default_model(default_model_dir, monkeypatch):
-    """bf16 batch-1 decode steps with the MLP's activation as the gate_up GEMV's epilogue against the separate
-    activation kernel: the same logits up to bf16 rounding, the same greedy token."""
+    """bf16 batch-1 decode steps with the MLP's activation as the gate_up GEMV's epilogue are as close to float32 as
+    with the separate activation kernel (on this model one bf16 rounding apart in every MLP moves the logits ~3%),
+    and pick the same greedy token."""
     from kernels import ops
     from services.model.runner import SeqChunk
 
     tok = Tokenizer.from_dir(default_model_dir)
     prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
-    cfg = EngineConfig(model_dir=default_model_dir, dtype="bfloat16", device="cuda", num_blocks=64)
-    engine = Engine(cfg, progress=False)
-    engine.generate([prompt], SamplingParams(max_tokens=1))  # builds the pool and the runner
-    runner = engine.runner
+    runners = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = EngineConfig(model_dir=default_model_dir, dtype=dtype, device="cuda", num_blocks=64)
+        engine = Engine(cfg, progress=False)
+        engine.generate([prompt], SamplingParams(max_tokens=1))  # builds the pool and the runner
+        runners[dtype] = engine.runner
     table = tuple(range(1, 1 + -(-(len(prompt) + 8) // cfg.block_size)))
-    token = runner.forward([SeqChunk(tuple(prompt), 0, table)]).argmax(-1).item()
-    for step in range(4):
-        logits = {}
+    for runner in runners.values():
+        runner.forward([SeqChunk(tuple(prompt), 0, table)])
+    tokens = [504, 3575, 282, 4649]  # any ids: each step runs on the same input in every variant
+    for step, token in enumerate(tokens):
+        position = [len(prompt) + step]
+        want = runners["float32"].decode([token], position, [table]).float()
+        got = {}
         for on in (True, False):
             monkeypatch.setattr(ops, "GATE_UP_SILU", on)
-            logits[on] = runner.decode([token], [len(prompt) + step], [table]).clone()
-        assert _rel(logits[True], logits[False]) < 1e-2
-        assert logits[True].argmax() == logits[False].argmax()
-        token = logits[True].argmax(-1).item()
+            got[on] = runners["bfloat16"].decode([token], position, [table]).float().clone()
+        assert _rel(got[True], want) < 1.5 * _rel(got[False], want) + 1e-2, step
+        assert got[True].argmax() == got[False].argmax() == want.argmax(), step
