@@ -179,31 +179,23 @@ def test_prefill_graphs_equal_eager_on_default_model(default_model_dir, kv_dtype
         assert _rel(got, want) < (1e-3 if kv_dtype == "auto" else 1e-2) and got.argmax() == want.argmax(), t
 
 
-def test_gate_up_epilogue_matches_separate_activation_on_default_model(default_model_dir, monkeypatch):
-    """bf16 batch-1 decode steps with the MLP's activation as the gate_up GEMV's epilogue are as close to float32 as
-    with the separate activation kernel (on this model one bf16 rounding apart in every MLP moves the logits ~3%),
-    and pick the same greedy token."""
+def test_gate_up_epilogue_matches_separate_activation_on_default_model(default_model_dir):
+    """The MLP's activation as the gate_up GEMV's epilogue, on every layer's real bf16 weights: the same values as
+    the GEMV followed by the activation kernel (all but a few elements bit for bit, the rest one rounding apart) and
+    the same error against float64. (Whole-model logits are no test here: this model in bf16 moves ~3% when a few
+    MLP elements round one ulp differently, a GEMM against a GEMV does the same.)"""
     from kernels import ops
-    from services.model.runner import SeqChunk
+    from kernels import triton_gemv as g
 
-    tok = Tokenizer.from_dir(default_model_dir)
-    prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
-    runners = {}
-    for dtype in ("float32", "bfloat16"):
-        cfg = EngineConfig(model_dir=default_model_dir, dtype=dtype, device="cuda", num_blocks=64)
-        engine = Engine(cfg, progress=False)
-        engine.generate([prompt], SamplingParams(max_tokens=1))  # builds the pool and the runner
-        runners[dtype] = engine.runner
-    table = tuple(range(1, 1 + -(-(len(prompt) + 8) // cfg.block_size)))
-    for runner in runners.values():
-        runner.forward([SeqChunk(tuple(prompt), 0, table)])
-    tokens = [504, 3575, 282, 4649]  # any ids: each step runs on the same input in every variant
-    for step, token in enumerate(tokens):
-        position = [len(prompt) + step]
-        want = runners["float32"].decode([token], position, [table]).float()
-        got = {}
-        for on in (True, False):
-            monkeypatch.setattr(ops, "GATE_UP_SILU", on)
-            got[on] = runners["bfloat16"].decode([token], position, [table]).float().clone()
-        assert _rel(got[True], want) < 1.5 * _rel(got[False], want) + 1e-2, step
-        assert got[True].argmax() == got[False].argmax(), step
+    cfg = EngineConfig(model_dir=default_model_dir, dtype="bfloat16", device="cuda", num_blocks=16)
+    engine = Engine(cfg, progress=False)
+    torch.manual_seed(0)
+    for layer in engine.model.model.layers:
+        w = layer.mlp.gate_up_proj.weight
+        x = torch.randn(1, w.shape[1], dtype=torch.bfloat16, device="cuda")
+        epilogue = g.gemv(x, w, epilogue=g.SILU_MUL_OUT)[0].double()
+        separate = ops.silu_and_mul(g.gemv(x, w)[0]).double()
+        gate, up = torch.nn.functional.linear(x.double(), w.double()).chunk(2, dim=-1)
+        exact = torch.nn.functional.silu(gate) * up
+        assert (epilogue == separate).float().mean() >= 0.99
+        assert _rel(epilogue, exact) <= 1.01 * _rel(separate, exact) + 1e-6
