@@ -26,7 +26,9 @@ def paged_prefill_attention_ref(
     returns:      [num_tokens, num_heads, head_dim] in query's dtype
 
     New token i of sequence b (q_len_b new tokens) is at position context_len_b - q_len_b + i and attends keys
-    0..that position. GQA as in decode: query head h reads kv head h // (num_heads // num_kv_heads).
+    0..that position. GQA as in decode: query head h reads kv head h // (num_heads // num_kv_heads). Rows past
+    cu_seqlens_q[-1] are padding (a CUDA graph's token bucket): no sequence reads them, their output is 0 here
+    (the Triton kernel leaves them unwritten).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = layer.num_kv_heads
@@ -37,7 +39,7 @@ def paged_prefill_attention_ref(
     group = num_heads // num_kv_heads
     cu = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
-    if len(cu) != len(lens) + 1 or cu[0] != 0 or cu[-1] != num_tokens:
+    if len(cu) != len(lens) + 1 or cu[0] != 0 or cu[-1] > num_tokens or cu != sorted(cu):
         raise ValueError(f"cu_seqlens_q {cu} does not split {num_tokens} tokens into {len(lens)} sequences")
     out = torch.zeros_like(query)
     for b, context_len in enumerate(lens):

@@ -267,8 +267,17 @@ def test_prefill_rejects_bad_cu_seqlens() -> None:
     pool = KVPool.allocate(PoolGeometry(1, 2, 4, 1, 8), KVSpec(KVFormat.BF16, KVFormat.BF16), "cpu")
     layer: LayerKV = pool.layer(0)
     tables = torch.zeros(1, 2, dtype=torch.int32)
-    with pytest.raises(ValueError, match="cu_seqlens_q"):
-        paged_prefill_attention_ref(torch.randn(3, 1, 8), layer, tables, torch.tensor([0, 2]), torch.tensor([3]), 1.0)
+    for cu in ([0, 4], [1, 3]):  # more rows than the query has, not starting at 0
+        with pytest.raises(ValueError, match="cu_seqlens_q"):
+            paged_prefill_attention_ref(torch.randn(3, 1, 8), layer, tables, torch.tensor(cu), torch.tensor([3]), 1.0)
+    tables2 = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):  # not increasing
+        paged_prefill_attention_ref(torch.randn(3, 1, 8), layer, tables2, torch.tensor([0, 2, 1]), torch.tensor([3, 3]),
+                                    1.0)  # fmt: skip
+    # Rows past the last sequence are padding (a prefill graph's bucket): they read nothing and come out 0.
+    layer.v_cache.copy_(torch.randn(layer.v_cache.shape))
+    out = paged_prefill_attention_ref(torch.randn(3, 1, 8), layer, tables, torch.tensor([0, 2]), torch.tensor([3]), 1.0)
+    assert out[2].eq(0).all() and out[:2].ne(0).any()
     with pytest.raises(ValueError, match="new tokens"):
         paged_prefill_attention_ref(torch.randn(3, 1, 8), layer, tables, torch.tensor([0, 3]), torch.tensor([2]), 1.0)
 

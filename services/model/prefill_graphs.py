@@ -30,9 +30,11 @@ class PrefillGraphs:
         # int64 rows: input ids, positions, slots. int32: cu_seqlens_q (2), context length, last row, block table.
         self.i64 = torch.zeros(3, n, dtype=torch.int64, device=device)
         self.i32 = torch.zeros(4 + self.max_blocks, dtype=torch.int32, device=device)
-        self.host_i64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
-        self.host_i32 = torch.zeros(4 + self.max_blocks, dtype=torch.int32, pin_memory=True)
-        self.copied = torch.cuda.Event()  # the device has read the host mirrors: they may be rewritten
+        # Without a GPU (tests) the same buffers and padding run eagerly: nothing is captured, nothing pinned.
+        on_gpu = device.type == "cuda"
+        self.host_i64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=on_gpu)
+        self.host_i32 = torch.zeros(4 + self.max_blocks, dtype=torch.int32, pin_memory=on_gpu)
+        self.copied = torch.cuda.Event() if on_gpu else None  # the device has read the host mirrors
         self.i64[2].fill_(-1)
         self.i32[2] = 1
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -74,7 +76,8 @@ class PrefillGraphs:
         b = self.bucket(t)
         if b is None or len(block_table) > self.max_blocks:
             raise ValueError(f"a chunk of {t} tokens over {len(block_table)} blocks does not fit the prefill graphs")
-        self.copied.synchronize()
+        if self.copied is not None:
+            self.copied.synchronize()
         ids, pos, slot = self.host_i64[:, :b]
         ids[:t] = torch.as_tensor(token_ids, dtype=torch.int64)
         ids[t:] = 0
@@ -86,6 +89,8 @@ class PrefillGraphs:
         self.host_i32[4 : 4 + len(block_table)] = torch.as_tensor(block_table, dtype=torch.int32)
         self.i64[:, :b].copy_(self.host_i64[:, :b], non_blocking=True)
         self.i32[: 4 + len(block_table)].copy_(self.host_i32[: 4 + len(block_table)], non_blocking=True)
+        if self.copied is None:
+            return self._run(b)  # not captured (no GPU): the same padded forward, eagerly
         self.copied.record()
         self.graphs[b].replay()
         return self.outputs[b]
