@@ -189,6 +189,10 @@ def test_open_loop_poisson_numbers_match_known_delays(fake_gateway, tmp_path):
             assert r["token_times_ms"][0] == pytest.approx(r["ttft_ms"], abs=0.01)
             assert r["e2e_ms"] >= r["token_times_ms"][-1] >= r["ttft_ms"] + 7 * 8
     assert summary["server_ms"]["handoff_ms"]["p50"] == 1.5
+    # The ITL split by prefill running: every gap lands on one side; at 40 req/s with 50 ms to the first token some
+    # request is almost always waiting for its first token (the fake reports no prefill_ms: sent -> first token).
+    split = (summary["itl_ms_prefill_running"], summary["itl_ms_no_prefill"])
+    assert split[0]["count"] + split[1]["count"] == summary["itl_ms"]["count"] and split[0]["count"] > 0
 
     # Errors by code, exactly as the fake decided them; partial streams keep the tokens they received.
     measured = [r for r in requests if not r["warmup"]]
