@@ -54,16 +54,16 @@ MIN_GAPS = 1000
 ITL_SLO_GRID = (10, 15, 20, 30, 40)
 
 
-def goodput_by_itl_slo(label: str, slo_ttft_ms: float) -> dict[str, float]:
+def goodput_by_itl_slo(data: dict, slo_ttft_ms: float) -> dict[str, float]:
     """Requests/s that met TTFT <= slo_ttft_ms and each per-token SLO of ITL_SLO_GRID, from the load generator's
-    per-request records (read once)."""
-    data = json.loads((RESULTS / f"serve_{label}.json").read_text())
+    per-request records (its JSON document)."""
     measured = [RequestRecord.from_json(r) for r in data["requests"] if not r["warmup"]]
     elapsed = data["summary"]["elapsed_s"]
     return {str(itl): sum(Slo(slo_ttft_ms, itl).met_by(r) for r in measured) / elapsed for itl in ITL_SLO_GRID}
 
 
 def loadgen(address: str, label: str, *flags: str) -> dict:
+    """Runs `kvrelay bench serve` and returns its JSON document (summary and per-request records)."""
     cmd = [
         sys.executable,
         "-m",
@@ -80,7 +80,7 @@ def loadgen(address: str, label: str, *flags: str) -> dict:
         *flags,
     ]
     subprocess.run(cmd, check=True)
-    return json.loads((RESULTS / f"serve_{label}.json").read_text())["summary"]
+    return json.loads((RESULTS / f"serve_{label}.json").read_text())
 
 
 def split_mode(mode: str, args) -> tuple[str, int]:
@@ -122,8 +122,8 @@ def run_mode(model: str, mode: str, args) -> dict:
             "5",
             "--duration",
             "15",
-        )
-        loaded = loadgen(
+        )["summary"]
+        loaded_run = loadgen(
             d.address,
             f"{label}_load",
             "--rate",
@@ -146,6 +146,7 @@ def run_mode(model: str, mode: str, args) -> dict:
         multiturn = measure_multiturn(d.address) if args.multiturn and name != "colocated" else None
     finally:
         d.stop()
+    loaded = loaded_run["summary"]
     during, outside = loaded["itl_ms_prefill_running"], loaded["itl_ms_no_prefill"]
     out = {
         "rate": args.rate,
@@ -159,7 +160,7 @@ def run_mode(model: str, mode: str, args) -> dict:
         # None when either side has too few gaps for a p99 (prefill never idle, or never running)
         "ratio": during["p99"] / outside["p99"] if min(during["count"], outside["count"]) >= MIN_GAPS else None,
         "goodput": loaded["goodput"]["requests_per_s"],
-        "goodput_by_itl_slo": goodput_by_itl_slo(f"{label}_load", args.slo_ttft_ms),
+        "goodput_by_itl_slo": goodput_by_itl_slo(loaded_run, args.slo_ttft_ms),
         "load": loaded,
         "multiturn": multiturn,
     }

@@ -143,10 +143,15 @@ def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         out = g.gemv(x, weight, bias, g.NORM if residual is None else g.ADD_NORM, residual, norm_weight, eps)
         if out is not None:
             return out[0], x if residual is None else out[1]
-    if residual is None:
-        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
-    normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    normed, new_residual = _norm(x, residual, norm_weight, eps)
     return linear(normed, weight, bias), new_residual
+
+
+def _norm(x, residual, norm_weight, eps):
+    """(rms_norm(x), x) with residual None, else (rms_norm(x + residual), x + residual)."""
+    if residual is None:
+        return rms_norm(x, norm_weight, eps), x
+    return fused_add_rms_norm(x, residual, norm_weight, eps)
 
 
 def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_weight, down_bias):
@@ -155,13 +160,12 @@ def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_w
     if GATE_UP_SILU and gate_up_bias is None and "norm" not in FUSE and _gemv_ok(x, gate_up_weight):
         from kernels import triton_gemv as g
 
-        if residual is None:
-            normed, new_residual = rms_norm(x, norm_weight, eps), x
-        else:
-            normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+        normed, new_residual = _norm(x, residual, norm_weight, eps)
         out = g.gemv(normed, gate_up_weight, epilogue=g.SILU_MUL_OUT)
         if out is not None:
             return linear(out[0], down_weight, down_bias), new_residual
+        # no GEMV config for this shape: the norm is done, the rest as below
+        return silu_mul_linear(linear(normed, gate_up_weight), down_weight, down_bias), new_residual
     gate_up, new_residual = norm_linear(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias)
     return silu_mul_linear(gate_up, down_weight, down_bias), new_residual
 

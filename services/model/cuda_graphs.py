@@ -22,6 +22,27 @@ from services.model.attention_metadata import AttentionMetadata
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
+def capture_buckets(buckets, run) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """One graph of run(b) per bucket b, largest first so that the smaller ones reuse its memory pool: returns
+    ({bucket: graph}, {bucket: its static output})."""
+    graphs, outputs, pool = {}, {}, None
+    for b in sorted(buckets, reverse=True):
+        run(b)  # warm-up: Triton compiles, cuBLAS picks algorithms, outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[b] = run(b)
+        pool = graph.pool()
+        graphs[b] = graph
+    torch.cuda.synchronize()
+    return graphs, outputs
+
+
+def smallest_bucket(buckets, n: int) -> int | None:
+    """The first bucket (ascending) that holds n, or None."""
+    return next((b for b in buckets if b >= n), None)
+
+
 class InputLayout:
     """Byte layout of the graph inputs: int64 input_ids, positions, slots, then int32 context_lens and block_tables
     [n, max_blocks]. Each section starts 256-byte aligned, like a tensor of its own. Block tables come last so that
@@ -108,7 +129,6 @@ class DecodeGraphs:
         self.next_host = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.pool_handle = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -125,19 +145,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Largest bucket first, so smaller graphs reuse its memory pool."""
-        for bs in reversed(self.buckets):
-            self._run(bs)  # warm-up: Triton compiles, cuBLAS picks algorithms, outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool_handle):
-                self.outputs[bs] = self._run(bs)
-            self.pool_handle = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.graphs, self.outputs = capture_buckets(self.buckets, self._run)
 
     def bucket(self, bs: int) -> int | None:
-        return next((b for b in self.buckets if b >= bs), None)
+        return smallest_bucket(self.buckets, bs)
 
     @torch.inference_mode()
     def replay_step(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from services.model.attention_metadata import AttentionMetadata
+from services.model.cuda_graphs import capture_buckets, smallest_bucket
 
 BUCKETS = (16, 32, 64, 128, 256)
 
@@ -54,20 +55,11 @@ class PrefillGraphs:
         return self.model.compute_logits(hidden.index_select(0, self.i32[3:4]))
 
     @torch.inference_mode()
-    def capture(self, pool_handle=None) -> None:
-        """Largest bucket first, so smaller graphs reuse its memory; pool_handle shares another set's pool."""
-        for t in reversed(self.buckets):
-            self._run(t)  # warm-up: Triton compiles, cuBLAS picks algorithms, outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool_handle):
-                self.outputs[t] = self._run(t)
-            pool_handle = graph.pool()
-            self.graphs[t] = graph
-        torch.cuda.synchronize()
+    def capture(self) -> None:
+        self.graphs, self.outputs = capture_buckets(self.buckets, self._run)
 
     def bucket(self, num_tokens: int) -> int | None:
-        return next((b for b in self.buckets if b >= num_tokens), None)
+        return smallest_bucket(self.buckets, num_tokens)
 
     @torch.inference_mode()
     def replay(self, token_ids, num_cached: int, slots, block_table) -> torch.Tensor:
