@@ -1,6 +1,6 @@
 """Sweep the int8 paged decode attention kernel's launch choices and int8 conversions on the GPU.
 
-    python bench/tune_decode_attention.py [--quick]
+    python bench/tune_decode_attention.py [--shapes 32x4096,64x1024] [--grid '{"pairs": [true, false], ...}']
 
 Each variant is checked against the torch reference before it is timed (a fast wrong kernel is not a result), timed
 inside a CUDA graph as the decode worker runs it, and reported as a fraction of the measured copy bandwidth. (Scales
@@ -53,7 +53,7 @@ def run_variant(layer, tables, lens, q, ctx, tuning, ref) -> tuple[float, float]
     return graph_time_ms(fn), err
 
 
-def tune_shape(bs: int, ctx: int, bw: float, grid: dict) -> list[dict]:
+def tune_shape(bs: int, ctx: int, bw: float, grid: dict, no_splits: bool = False) -> list[dict]:
     pool, layer, tables, lens, q, nbytes = setup(bs, ctx, "int8")
     ref = paged_decode_attention_ref(q.float(), layer, tables, lens, HEAD_DIM**-0.5).float()
     floor_ms = nbytes / bw * 1e3
@@ -73,12 +73,13 @@ def tune_shape(bs: int, ctx: int, bw: float, grid: dict) -> list[dict]:
     for combo in itertools.product(*g.values()):
         attempt(layer, "token_major", dict(zip(g, combo, strict=True)))
     # Stage 2: the three best, with other split policies.
-    top = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])[:3]
+    top = [] if no_splits else sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])[:3]
     for r in top:
         tuning = {k: r[k] for k in grid}
         for pps in (2, 4, 8, 16):
             attempt(layer, "token_major", tuning | {"programs_per_sm": pps})
-    if bs == 1:  # Stage 3: at batch 1 the split count (capped by MIN_TOKENS_PER_SPLIT) and the tile set the latency
+    # Stage 3: at batch 1 the split count (capped by MIN_TOKENS_PER_SPLIT) and the tile set the latency
+    if bs == 1 and not no_splits:
         for splits, block_n in itertools.product((4, 8, 16, 32), (32, 64, 128)):
             if ctx // splits >= block_n:
                 attempt(layer, "token_major", {"convert": 2, "block_n": block_n, "num_splits": splits})
@@ -91,7 +92,8 @@ def tune_shape(bs: int, ctx: int, bw: float, grid: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer variants")
+    parser.add_argument("--grid", default=None, help="JSON {tuning key: [values]} replacing the default grid")
+    parser.add_argument("--no-splits", action="store_true", help="skip the split-policy stage")
     parser.add_argument("--shapes", default="32x4096,64x1024,1x1024,1x8192", help="batch x context, comma-separated")
     args = parser.parse_args()
     bw = copy_bandwidth()
@@ -104,16 +106,21 @@ def main() -> None:
     # conversion pinned before shared memory (an impure asm block Triton cannot move), which cuts the loop from 1380
     # to 913 instructions a tile (sm_90 SASS: no more byte-wise LDS of V) but needs 75 KB of shared memory a program:
     # 0.54 at best. Not kept.
+    # Fifth (this one): int8 K biased by 1152 and V read as int16 pairs of dims (`pairs`, `biased`), 1380 -> 960
+    # instructions a tile; the grid around it again.
     grid = {
+        "pairs": (True, False),
         "convert": (2,),
         "block_n": (64, 128),
         "num_warps": (2, 4, 8),
         "num_stages": (2, 3, 4),
         "maxnreg": (0, 128),
     }
+    if args.grid:
+        grid = {k: tuple(v) for k, v in json.loads(args.grid).items()}
     results = []
     for bs, ctx in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")):
-        results += tune_shape(bs, ctx, bw, grid)
+        results += tune_shape(bs, ctx, bw, grid, args.no_splits)
         torch.cuda.empty_cache()
     errors = [r for r in results if "error" in r]
     print(f"{len(errors)} variants failed; first: {errors[:3]}")

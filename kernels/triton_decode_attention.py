@@ -55,20 +55,46 @@ TILE_TOKENS = 128
 # splits and 2 stages was then best (0.70 / 0.68). bf16 KV reads twice the bytes per tile and keeps the defaults.
 QUANTIZED_NVIDIA_TUNING = {"num_stages": 2, "maxnreg": 128, "programs_per_sm": 2}
 
+# int8 KV with 16-bit queries (`_to_dot`, `_pairs_to_dot`): K reaches the dot biased by 1152 (no subtraction per
+# value), V as int16 pairs of dims (one ldmatrix.trans per 8x8 tile instead of one byte load per value). sm_90 SASS of
+# the loop, 128-token tiles, 4 warps, 128 registers: 1380 -> 960 instructions a tile. Module switches for in-process
+# A/B (`model_bench --sweep kernels.triton_decode_attention.V_PAIRS=1,0`); tuning "pairs"/"biased" per call.
+K_BIASED = True
+V_PAIRS = True
+
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr):
+def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.constexpr = False):
     """A loaded K/V tile [BLOCK_N, HEAD_DIM_PAD] as the dot's input dtype; exact for int8 and e4m3.
 
     int8 -> fp16 without an integer-to-float conversion: x + 128 in 0..255 placed in the mantissa of 1024.0 (bits
     0x6400) is the fp16 1024 + x + 128 exactly; subtracting 1152 leaves x. CONVERT picks how:
     0: the plain cast (one I2F per element, a slow instruction); 1: the trick in Triton integer ops (portable: ROCm,
     the interpreter); 2: the trick in PTX on four packed bytes at once (CUDA only): one xor, two byte permutes and
-    two packed half subtractions per four values.
+    two packed half subtractions per four values. BIASED (int8 -> fp16 with CONVERT 1 or 2): return x + 1152 and let
+    the caller take 1152 * sum(other operand) off the dot's float32 result, a few values a tile instead of one
+    subtraction per two K/V values.
     """
-    if x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 2:
+    if x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 2 and BIASED:
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 t, e;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 e, 0x64646464;
+            prmt.b32 $0, t, e, 0x5150;
+            prmt.b32 $1, t, e, 0x5352;
+            }
+            """,
+            constraints="=r,=r,r",
+            args=[x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
+    elif x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 2:
         # (H200, batch 32 x 4k: 0.63 of copy bandwidth against 0.52 with 1 and 0.49 with 0)
         return tl.inline_asm_elementwise(
             asm="""
@@ -90,10 +116,44 @@ def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr):
             pack=4,
         )
     elif x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 1:
-        biased = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
-        return (biased | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+        biased = ((x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        return biased if BIASED else biased - 1152.0
     else:
         return x.to(DOT_DTYPE)
+
+
+@triton.jit
+def _pairs_to_dot(x, CONVERT: tl.constexpr):
+    """[BLOCK_N, HEAD_DIM_PAD // 2] int16 holding two int8 values of adjacent dims each (the even dim in the low byte)
+    -> two fp16 tiles of the same shape: the even dims and the odd dims, each value + 1152 (`_to_dot`'s BIASED).
+
+    Why pairs: P @ V reduces over tokens, so the dot wants V with tokens as its inner (k) dimension, while the pool
+    stores each token's dims contiguously. Moving int8 V into that layout through shared memory costs one byte load
+    per value (no 8-bit transposed ldmatrix on sm_80/sm_90); as 16-bit elements it is one ldmatrix.trans per 8x8 tile,
+    and the dot is split in two: P @ V[:, 0::2] and P @ V[:, 1::2]. Same bias trick as `_to_dot`.
+    """
+    if CONVERT == 2:
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 t, e;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 e, 0x64646464;
+            prmt.b32 $0, t, e, 0x4240;
+            prmt.b32 $1, t, e, 0x4341;
+            }
+            """,
+            constraints="=r,=r,r",
+            args=[x],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=2,
+        )
+    else:
+        u = x.to(tl.uint16, bitcast=True)
+        even = ((u & 0xFF) ^ 0x80) | 0x6400
+        odd = ((u >> 8) ^ 0x80) | 0x6400
+        return even.to(tl.float16, bitcast=True), odd.to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -146,6 +206,8 @@ def _decode_split_kernel(
     INPUT_PRECISION: tl.constexpr,
     NUM_SPLITS_IS_ONE: tl.constexpr,
     CONVERT: tl.constexpr,
+    K_BIASED: tl.constexpr,  # int8 K reaches the dot as k + 1152 (`_to_dot`)
+    V_PAIRS: tl.constexpr,  # v_cache_ptr is the int8 pool viewed as int16 (strides in int16 elements): `_pairs_to_dot`
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
@@ -179,6 +241,8 @@ def _decode_split_kernel(
         .to(tl.float32)
         .to(K_DOT_DTYPE)
     )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
+    # K_BIASED: q . (k + 1152) = q . k + 1152 * sum(q), the sum of the fp16 values the dot reads
+    q_bias = 1152.0 * tl.sum(q.to(tl.float32), axis=1)  # [GROUP_PAD]
 
     # A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE whole blocks, so token n of a tile is at
     # offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block. Addresses are built in the loop from [BLOCK_N]
@@ -194,9 +258,18 @@ def _decode_split_kernel(
     k_scale_in_block = kv_head * stride_ks_h + slot_in_block * stride_ks_s  # [BLOCK_N]
     v_scale_in_block = kv_head * stride_vs_h + slot_in_block * stride_vs_s
 
+    # V_PAIRS: column j of the int16 view holds dims 2j and 2j + 1
+    offs_h = tl.arange(0, HEAD_DIM_PAD // 2)
+    mask_h = offs_h < HEAD_DIM // 2
+    v_pair_col = offs_h * stride_vc_d
+
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    # V_PAIRS: the even and the odd dims of the output
+    acc_even = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], dtype=tl.float32)
+    acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], dtype=tl.float32)
+    p_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)  # V_PAIRS: sum of the fp16 probabilities, for the bias
 
     # Every tile holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
     for tile_start in range(start, end, BLOCK_N):
@@ -212,9 +285,12 @@ def _decode_split_kernel(
             ),
             K_DOT_DTYPE,
             CONVERT,
+            K_BIASED,
         )
         # [GROUP_PAD, BLOCK_N]
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if K_BIASED:
+            scores = scores - q_bias[:, None]
         if K_SCALED:
             k_scale = tl.load(k_scale_ptr + blocks * stride_ks_b + k_scale_in_block, mask=mask_n, other=0.0)
             scores = scores * k_scale[None, :]
@@ -225,28 +301,56 @@ def _decode_split_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        v = _to_dot(
-            tl.load(
-                v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None] + v_col[None, :], mask=mask_nd, other=0.0
-            ),
-            V_DOT_DTYPE,
-            CONVERT,
-        )
         if V_SCALED:
             v_scale = tl.load(v_scale_ptr + blocks * stride_vs_b + v_scale_in_block, mask=mask_n, other=0.0)
             p = p * v_scale[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
+        if V_PAIRS:
+            v_rows = v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None]
+            v_even, v_odd = _pairs_to_dot(
+                tl.load(v_rows + v_pair_col[None, :], mask=mask_n[:, None] & mask_h[None, :], other=0), CONVERT
+            )
+            p16 = p.to(tl.float16)
+            p_sum = p_sum * alpha + tl.sum(p16.to(tl.float32), axis=1)
+            acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
+        else:
+            v = _to_dot(
+                tl.load(
+                    v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None] + v_col[None, :],
+                    mask=mask_nd,
+                    other=0.0,
+                ),
+                V_DOT_DTYPE,
+                CONVERT,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
         m_i = m_new
 
+    if V_PAIRS:
+        # sum_n p_n (v_n + 1152) - 1152 * sum_n p_n
+        acc_even = acc_even - 1152.0 * p_sum[:, None]
+        acc_odd = acc_odd - 1152.0 * p_sum[:, None]
     if NUM_SPLITS_IS_ONE:
         # An empty sequence (batch padding, context_len 0) has l_i = 0 and acc = 0: its output is 0, as the reference.
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        out_ptrs = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h + offs_d[None, :] * stride_o_d
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_gd)
+        inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out_rows = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h
+        if V_PAIRS:
+            mask_gh = mask_g[:, None] & mask_h[None, :]
+            even_ptrs = out_rows + (2 * offs_h)[None, :] * stride_o_d
+            tl.store(even_ptrs, (acc_even * inv_l).to(out_ptr.dtype.element_ty), mask=mask_gh)
+            tl.store(even_ptrs + stride_o_d, (acc_odd * inv_l).to(out_ptr.dtype.element_ty), mask=mask_gh)
+        else:
+            tl.store(out_rows + offs_d[None, :] * stride_o_d, (acc * inv_l).to(out_ptr.dtype.element_ty), mask=mask_gd)
     else:
         # An empty split stores acc 0, max -inf, sum 0 (the initial values): the reduce gives it weight 0.
         row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
-        tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_gd)
+        if V_PAIRS:
+            mask_gh = mask_g[:, None] & mask_h[None, :]
+            even_ptrs = ws_acc_ptr + row[:, None] * HEAD_DIM + (2 * offs_h)[None, :]
+            tl.store(even_ptrs, acc_even, mask=mask_gh)
+            tl.store(even_ptrs + 1, acc_odd, mask=mask_gh)
+        else:
+            tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_gd)
         tl.store(ws_max_ptr + row, m_i, mask=mask_g)
         tl.store(ws_sum_ptr + row, l_i, mask=mask_g)
 
@@ -357,7 +461,7 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), programs_per_sm, num_splits
+                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
     """
     num_seqs, num_heads, head_dim = query.shape
@@ -407,6 +511,18 @@ def paged_decode_attention(
         ws_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
         ws_sum = torch.empty_like(ws_max)
 
+    convert = tuning.get("convert", 2 if on_nvidia else 1)
+    int8_to_fp16 = convert in (1, 2) and input_precision is None
+    k_biased = int8_to_fp16 and layer.k_format is KVFormat.INT8 and tuning.get("biased", K_BIASED)
+    v_pairs = (
+        int8_to_fp16
+        and layer.v_format is KVFormat.INT8
+        and head_dim % 2 == 0
+        and layer.v_cache.stride(-1) == 1
+        and tuning.get("pairs", V_PAIRS)
+    )
+    v_cache = layer.v_cache.view(torch.int16) if v_pairs else layer.v_cache
+
     k_scale = layer.k_scale if layer.k_scale is not None else layer.k_cache
     v_scale = layer.v_scale if layer.v_scale is not None else layer.v_cache
     k_scale_strides = layer.k_scale.stride() if layer.k_scale is not None else (0, 0, 0)
@@ -415,7 +531,7 @@ def paged_decode_attention(
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         layer.k_cache,
-        layer.v_cache,
+        v_cache,
         k_scale,
         v_scale,
         block_tables,
@@ -429,7 +545,7 @@ def paged_decode_attention(
         num_splits,
         *query.stride(),
         *layer.k_cache.stride(),
-        *layer.v_cache.stride(),
+        *v_cache.stride(),
         *k_scale_strides,
         *v_scale_strides,
         block_tables.stride(0),
@@ -446,7 +562,9 @@ def paged_decode_attention(
         V_DOT_DTYPE=v_dot_dtype,
         INPUT_PRECISION=input_precision,
         NUM_SPLITS_IS_ONE=num_splits == 1,
-        CONVERT=tuning.get("convert", 2 if on_nvidia else 1),
+        CONVERT=convert,
+        K_BIASED=k_biased,
+        V_PAIRS=v_pairs,
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),
