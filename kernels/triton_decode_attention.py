@@ -52,8 +52,10 @@ TILE_TOKENS = 128
 # Launch choices for int8/fp8 KV on NVIDIA GPUs (bench/tune_decode_attention.py, H200, batch 32 x 4k and 64 x 1k).
 # Left alone, ptxas gives the kernel 186-255 registers: 2 programs an SM, too few K/V bytes in flight (0.56 / 0.50 of
 # copy bandwidth). Capped at 128 registers it does not spill (ptxas -v) and 4 programs fit; 2 programs an SM worth of
-# splits and 2 stages was then best (0.70 / 0.68). bf16 KV reads twice the bytes per tile and keeps the defaults.
-QUANTIZED_NVIDIA_TUNING = {"num_stages": 2, "maxnreg": 128, "programs_per_sm": 2}
+# splits and 2 stages was then best (0.70 / 0.68). With the scales loaded beside the block ids (see the loop), 3
+# stages: 0.805 / 0.767 against 0.764 / 0.734 with 2 (2026-12-03). bf16 KV reads twice the bytes per tile and keeps
+# the defaults.
+QUANTIZED_NVIDIA_TUNING = {"num_stages": 3, "maxnreg": 128, "programs_per_sm": 2}
 
 # int8 KV with 16-bit queries (`_to_dot`, `_pairs_to_dot`): K reaches the dot biased by 1152 (no subtraction per
 # value), V as int16 pairs of dims (one ldmatrix.trans per 8x8 tile instead of one byte load per value). sm_90 SASS of
@@ -65,8 +67,6 @@ V_PAIRS = True
 # sequence's KV heads read the same token rows together (the heads of a token are adjacent in the pool: 8 x 128
 # bytes of int8 K), instead of 128-byte pieces of rows of different sequences.
 HEADS_FIRST = True
-# Scales loaded a tile ahead in registers (see the loop in `_decode_split_kernel`).
-PREFETCH = True
 
 _LOG2E = 1.4426950408889634
 
@@ -221,7 +221,6 @@ def _decode_split_kernel(
     NUM_SPLITS_IS_ONE: tl.constexpr,
     CONVERT: tl.constexpr,
     K_BIASED: tl.constexpr,  # int8 K reaches the dot as k + 1152 (`_to_dot`)
-    PREFETCH: tl.constexpr,  # scales loaded a tile ahead (see the loop)
     HEADS_FIRST: tl.constexpr,  # grid (num_kv_heads, num_seqs, num_splits): see HEADS_FIRST
     V_PAIRS: tl.constexpr,  # v_cache_ptr is the int8 pool viewed as int16 (strides in int16 elements): `_pairs_to_dot`
     PDL: tl.constexpr,
@@ -291,36 +290,17 @@ def _decode_split_kernel(
     acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], dtype=tl.float32)
     p_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)  # V_PAIRS: sum of the fp16 probabilities, for the bias
 
-    # PREFETCH: the scales of the next tile are loaded into registers while this tile computes (its block ids at the
-    # head of the iteration, its scales at the end). Triton pipelines only the K/V loads (they feed the dots, through
-    # shared memory); without this every tile waits a DRAM round trip for its scales (ncu, H200, int8 batch 32 x 4k:
-    # long-scoreboard stalls, 0.39 warps issued per scheduler, 62% of DRAM bandwidth). The block ids of the K/V
-    # loads stay in the loop: the pipeliner does not pipeline a load whose address is carried over from the last
-    # iteration.
-    k_scale_next = tl.zeros([BLOCK_N], dtype=tl.float32)
-    v_scale_next = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PREFETCH:
-        first_blocks = _tile_blocks(table_ptr, start, end, offs_n, block_of_token, BLOCK_SIZE)
-        if K_SCALED:
-            k_scale_next = tl.load(k_scale_ptr + first_blocks * stride_ks_b + k_scale_in_block,
-                                   mask=start + offs_n < end, other=0.0)  # fmt: skip
-        if V_SCALED:
-            v_scale_next = tl.load(v_scale_ptr + first_blocks * stride_vs_b + v_scale_in_block,
-                                   mask=start + offs_n < end, other=0.0)  # fmt: skip
-
     # Every tile holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
     for tile_start in range(start, end, BLOCK_N):
         mask_n = tile_start + offs_n < end
         blocks = _tile_blocks(table_ptr, tile_start, end, offs_n, block_of_token, BLOCK_SIZE)
-        if PREFETCH:
-            k_scale = k_scale_next
-            v_scale = v_scale_next
-            next_blocks = _tile_blocks(table_ptr, tile_start + BLOCK_N, end, offs_n, block_of_token, BLOCK_SIZE)
-        else:
-            if K_SCALED:
-                k_scale = tl.load(k_scale_ptr + blocks * stride_ks_b + k_scale_in_block, mask=mask_n, other=0.0)
-            if V_SCALED:
-                v_scale = tl.load(v_scale_ptr + blocks * stride_vs_b + v_scale_in_block, mask=mask_n, other=0.0)
+        # The scales are loaded with the block ids, before the dots. Loaded each just before its use, the same
+        # kernel read 0.70 of copy bandwidth at best (H200, int8, batch 32 x 4k, any stage count); loaded here,
+        # 0.805 with 3 stages (two calls on two H200s of one session).
+        if K_SCALED:
+            k_scale = tl.load(k_scale_ptr + blocks * stride_ks_b + k_scale_in_block, mask=mask_n, other=0.0)
+        if V_SCALED:
+            v_scale = tl.load(v_scale_ptr + blocks * stride_vs_b + v_scale_in_block, mask=mask_n, other=0.0)
         mask_nd = mask_n[:, None] & mask_d[None, :]
 
         # [BLOCK_N, HEAD_DIM_PAD]
@@ -368,14 +348,6 @@ def _decode_split_kernel(
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
         m_i = m_new
-        if PREFETCH:
-            mask_next = tile_start + BLOCK_N + offs_n < end
-            if K_SCALED:
-                k_scale_next = tl.load(k_scale_ptr + next_blocks * stride_ks_b + k_scale_in_block, mask=mask_next,
-                                       other=0.0)  # fmt: skip
-            if V_SCALED:
-                v_scale_next = tl.load(v_scale_ptr + next_blocks * stride_vs_b + v_scale_in_block, mask=mask_next,
-                                       other=0.0)  # fmt: skip
 
     if V_PAIRS:
         # sum_n p_n (v_n + 1152) - 1152 * sum_n p_n
@@ -512,7 +484,7 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, heads_first, prefetch,
+                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, heads_first,
                      programs_per_sm,
                      num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
@@ -620,7 +592,6 @@ def paged_decode_attention(
         CONVERT=convert,
         K_BIASED=k_biased,
         HEADS_FIRST=heads_first,
-        PREFETCH=tuning.get("prefetch", PREFETCH),
         V_PAIRS=v_pairs,
         num_warps=tuning.get("num_warps", 4),
         **extra,
