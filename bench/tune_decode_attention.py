@@ -106,8 +106,10 @@ def main() -> None:
     # conversion pinned before shared memory (an impure asm block Triton cannot move), which cuts the loop from 1380
     # to 913 instructions a tile (sm_90 SASS: no more byte-wise LDS of V) but needs 75 KB of shared memory a program:
     # 0.54 at best. Not kept.
-    # Fifth (this one): int8 K biased by 1152 and V read as int16 pairs of dims (`pairs`, `biased`), 1380 -> 960
-    # instructions a tile; the grid around it again.
+    # Fifth (2026-12-03): int8 K biased by 1152 and V read as int16 pairs of dims (`pairs`, `biased`), 1380 -> 960
+    # instructions a tile: no faster (0.69-0.70), nor the grid with the KV heads first. ncu: latency-bound (62% of
+    # DRAM bandwidth, long-scoreboard stalls). Then the scales loaded beside the block ids, at the head of the tile:
+    # 0.805 / 0.767 with 3 stages (0.764 / 0.734 with 2).
     grid = {
         "pairs": (True, False),
         "convert": (2,),
