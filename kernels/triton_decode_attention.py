@@ -2,7 +2,7 @@
 
 Same function as `paged_decode_attention_ref` (kernels/decode_attention.py). Two kernels:
 
-1. `_decode_split_kernel`, grid (num_kv_heads, num_seqs, num_splits). A program takes one sequence, one KV head and
+1. `_decode_split_kernel`, grid (num_seqs, num_kv_heads, num_splits). A program takes one sequence, one KV head and
    one contiguous share of that sequence's context. It handles all the query heads that read this KV head at once
    (GQA packing): a [GROUP_PAD, head_dim] tile of queries against [BLOCK_N, head_dim] tiles of K with `tl.dot`, so
    the matrix units do the work and each K/V byte is read once per KV head, not once per query head. Online softmax in
@@ -63,10 +63,6 @@ QUANTIZED_NVIDIA_TUNING = {"num_stages": 3, "maxnreg": 128, "programs_per_sm": 2
 # A/B (`model_bench --sweep kernels.triton_decode_attention.V_PAIRS=1,0`); tuning "pairs"/"biased" per call.
 K_BIASED = True
 V_PAIRS = True
-# Programs of neighbouring ids run at the same time. With the KV heads as the grid's first axis, the programs of one
-# sequence's KV heads read the same token rows together (the heads of a token are adjacent in the pool: 8 x 128
-# bytes of int8 K), instead of 128-byte pieces of rows of different sequences.
-HEADS_FIRST = True
 
 _LOG2E = 1.4426950408889634
 
@@ -221,17 +217,12 @@ def _decode_split_kernel(
     NUM_SPLITS_IS_ONE: tl.constexpr,
     CONVERT: tl.constexpr,
     K_BIASED: tl.constexpr,  # int8 K reaches the dot as k + 1152 (`_to_dot`)
-    HEADS_FIRST: tl.constexpr,  # grid (num_kv_heads, num_seqs, num_splits): see HEADS_FIRST
     V_PAIRS: tl.constexpr,  # v_cache_ptr is the int8 pool viewed as int16 (strides in int16 elements): `_pairs_to_dot`
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
-    if HEADS_FIRST:
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1)
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     # This split's share [start, end) of the sequence: equal shares, each a whole number of tiles, so that tiles start
@@ -484,7 +475,7 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, heads_first,
+                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs,
                      programs_per_sm,
                      num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
@@ -553,9 +544,7 @@ def paged_decode_attention(
     k_scale_strides = layer.k_scale.stride() if layer.k_scale is not None else (0, 0, 0)
     v_scale_strides = layer.v_scale.stride() if layer.v_scale is not None else (0, 0, 0)
 
-    heads_first = tuning.get("heads_first", HEADS_FIRST)
-    grid = (num_kv_heads, num_seqs, num_splits) if heads_first else (num_seqs, num_kv_heads, num_splits)
-    _decode_split_kernel[grid](
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         layer.k_cache,
         v_cache,
@@ -591,7 +580,6 @@ def paged_decode_attention(
         NUM_SPLITS_IS_ONE=num_splits == 1,
         CONVERT=convert,
         K_BIASED=k_biased,
-        HEADS_FIRST=heads_first,
         V_PAIRS=v_pairs,
         num_warps=tuning.get("num_warps", 4),
         **extra,
