@@ -181,7 +181,9 @@ DECODE_CASES = [
     ("int8", 2, 64, 16, 3, 2, torch.float16),  # 16-bit dots: int8 -> fp16 exactly, probabilities rounded to fp16
     ("fp8", 2, 40, 16, 4, 3, torch.bfloat16),  # a bf16 query with an 8-bit cache: the dots run in fp16
     # int8 with 16-bit queries: K biased by 1152 and V read as int16 pairs of dims (`_pairs_to_dot`); one split
-    # (the output written by the split kernel), padded head_dim (40 -> 64), V alone in int8, odd head_dim (no pairs)
+    # (the output written by the split kernel), padded head_dim (40 -> 64), V alone in int8, odd head_dim (no pairs).
+    # No bf16 dot here: Triton 3.6's interpreter computes bf16 tl.dot wrongly (errors of order 1e10 on random data;
+    # "k=bf16,v=int8" failed with the old kernel as with the new), so bf16 K/V with 16-bit queries run on the GPU only.
     ("int8", 1, 40, 4, 4, 1, torch.bfloat16),
     ("k=fp16,v=int8", 2, 64, 16, 2, 3, torch.float16),
     ("k=int8,v=fp8", 2, 64, 8, 3, 1, torch.float16),
