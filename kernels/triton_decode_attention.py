@@ -76,13 +76,16 @@ def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.conste
     int8 -> fp16 without an integer-to-float conversion: x + 128 in 0..255 placed in the mantissa of 1024.0 (bits
     0x6400) is the fp16 1024 + x + 128 exactly; subtracting 1152 leaves x. CONVERT picks how:
     0: the plain cast (one I2F per element, a slow instruction); 1: the trick in Triton integer ops (portable: ROCm,
-    the interpreter); 2: the trick in PTX on four packed bytes at once (CUDA only): one xor, two byte permutes and
-    two packed half subtractions per four values. BIASED (int8 -> fp16 with CONVERT 1 or 2): return x + 1152 and let
+    the interpreter); 2: the trick in PTX on four packed bytes at once (CUDA only): one xor and two byte permutes per
+    four values, then two packed half subtractions. BIASED (int8 -> fp16 with CONVERT 1 or 2): return x + 1152 and let
     the caller take 1152 * sum(other operand) off the dot's float32 result, a few values a tile instead of one
     subtraction per two K/V values.
     """
-    if x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 2 and BIASED:
-        return tl.inline_asm_elementwise(
+    if x.dtype != tl.int8 or DOT_DTYPE != tl.float16 or CONVERT == 0:
+        return x.to(DOT_DTYPE)
+    if CONVERT == 2:
+        # (H200, batch 32 x 4k: 0.63 of copy bandwidth against 0.52 with 1 and 0.49 with 0)
+        biased = tl.inline_asm_elementwise(
             asm="""
             {
             .reg .b32 t, e;
@@ -98,32 +101,9 @@ def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.conste
             is_pure=True,
             pack=4,
         )
-    elif x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 2:
-        # (H200, batch 32 x 4k: 0.63 of copy bandwidth against 0.52 with 1 and 0.49 with 0)
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 t, m, e;
-            xor.b32 t, $2, 0x80808080;
-            mov.b32 e, 0x64646464;
-            mov.b32 m, 0x64806480;
-            prmt.b32 $0, t, e, 0x5150;
-            prmt.b32 $1, t, e, 0x5352;
-            sub.f16x2 $0, $0, m;
-            sub.f16x2 $1, $1, m;
-            }
-            """,
-            constraints="=r,=r,r",
-            args=[x],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=4,
-        )
-    elif x.dtype == tl.int8 and DOT_DTYPE == tl.float16 and CONVERT == 1:
-        biased = ((x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        return biased if BIASED else biased - 1152.0
     else:
-        return x.to(DOT_DTYPE)
+        biased = ((x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return biased if BIASED else biased - 1152.0
 
 
 @triton.jit
@@ -161,11 +141,17 @@ def _pairs_to_dot(x, CONVERT: tl.constexpr):
 
 
 @triton.jit
-def _tile_blocks(table_ptr, tile_start, end, offs_n, block_of_token, BLOCK_SIZE: tl.constexpr):
-    """[BLOCK_N] block id of each token of the tile at tile_start (0 past `end`; repeats within a block, the loads
-    coalesce)."""
-    mask = tile_start + offs_n < end
-    return tl.load(table_ptr + tile_start // BLOCK_SIZE + block_of_token, mask=mask, other=0).to(tl.int64)
+def _store_head_rows(row_ptrs, stride_d, acc, acc_even, acc_odd, mask_g, offs_d, mask_d, offs_h, mask_h,
+                     V_PAIRS: tl.constexpr):  # fmt: skip
+    """Store [GROUP_PAD, head_dim] rows at row_ptrs + dim * stride_d (row_ptrs [GROUP_PAD, 1]): acc, or with V_PAIRS
+    its even dims (acc_even) and odd dims (acc_odd). tl.store casts to the destination's dtype."""
+    if V_PAIRS:
+        mask = mask_g[:, None] & mask_h[None, :]
+        even_ptrs = row_ptrs + (2 * offs_h)[None, :] * stride_d
+        tl.store(even_ptrs, acc_even, mask=mask)
+        tl.store(even_ptrs + stride_d, acc_odd, mask=mask)
+    else:
+        tl.store(row_ptrs + offs_d[None, :] * stride_d, acc, mask=mask_g[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -253,8 +239,9 @@ def _decode_split_kernel(
         .to(tl.float32)
         .to(K_DOT_DTYPE)
     )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
-    # K_BIASED: q . (k + 1152) = q . k + 1152 * sum(q), the sum of the fp16 values the dot reads
-    q_bias = 1152.0 * tl.sum(q.to(tl.float32), axis=1)  # [GROUP_PAD]
+    if K_BIASED:
+        # q . (k + 1152) = q . k + 1152 * sum(q), the sum of the fp16 values the dot reads
+        q_bias = 1152.0 * tl.sum(q.to(tl.float32), axis=1)  # [GROUP_PAD]
 
     # A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE whole blocks, so token n of a tile is at
     # offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block. Addresses are built in the loop from [BLOCK_N]
@@ -286,7 +273,8 @@ def _decode_split_kernel(
     # Every tile holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
     for tile_start in range(start, end, BLOCK_N):
         mask_n = tile_start + offs_n < end
-        blocks = _tile_blocks(table_ptr, tile_start, end, offs_n, block_of_token, BLOCK_SIZE)
+        # [BLOCK_N] block id of each token (repeats within a block; the loads coalesce)
+        blocks = tl.load(table_ptr + tile_start // BLOCK_SIZE + block_of_token, mask=mask_n, other=0).to(tl.int64)
         # The scales are loaded with the block ids, before the dots. Loaded each just before its use, the same
         # kernel read 0.70 of copy bandwidth at best (H200, int8, batch 32 x 4k, any stage count); loaded here,
         # 0.805 with 3 stages (two calls on two H200s of one session).
@@ -350,23 +338,13 @@ def _decode_split_kernel(
         # An empty sequence (batch padding, context_len 0) has l_i = 0 and acc = 0: its output is 0, as the reference.
         inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_rows = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h
-        if V_PAIRS:
-            mask_gh = mask_g[:, None] & mask_h[None, :]
-            even_ptrs = out_rows + (2 * offs_h)[None, :] * stride_o_d
-            tl.store(even_ptrs, (acc_even * inv_l).to(out_ptr.dtype.element_ty), mask=mask_gh)
-            tl.store(even_ptrs + stride_o_d, (acc_odd * inv_l).to(out_ptr.dtype.element_ty), mask=mask_gh)
-        else:
-            tl.store(out_rows + offs_d[None, :] * stride_o_d, (acc * inv_l).to(out_ptr.dtype.element_ty), mask=mask_gd)
+        _store_head_rows(out_rows, stride_o_d, acc * inv_l, acc_even * inv_l, acc_odd * inv_l, mask_g, offs_d, mask_d,
+                         offs_h, mask_h, V_PAIRS)  # fmt: skip
     else:
         # An empty split stores acc 0, max -inf, sum 0 (the initial values): the reduce gives it weight 0.
         row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
-        if V_PAIRS:
-            mask_gh = mask_g[:, None] & mask_h[None, :]
-            even_ptrs = ws_acc_ptr + row[:, None] * HEAD_DIM + (2 * offs_h)[None, :]
-            tl.store(even_ptrs, acc_even, mask=mask_gh)
-            tl.store(even_ptrs + 1, acc_odd, mask=mask_gh)
-        else:
-            tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_gd)
+        _store_head_rows(ws_acc_ptr + row[:, None] * HEAD_DIM, 1, acc, acc_even, acc_odd, mask_g, offs_d, mask_d,
+                         offs_h, mask_h, V_PAIRS)  # fmt: skip
         tl.store(ws_max_ptr + row, m_i, mask=mask_g)
         tl.store(ws_sum_ptr + row, l_i, mask=mask_g)
 
@@ -477,9 +455,7 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs,
-                     programs_per_sm,
-                     num_splits
+                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
     """
     num_seqs, num_heads, head_dim = query.shape
