@@ -34,6 +34,11 @@ FUSE = set(os.environ.get("KVRELAY_FUSE", "").split(","))
 # The MLP's activation as the epilogue of the batch-1 gate_up GEMV (kernels/triton_gemv.py SILU_MUL_OUT), read per
 # call: A/B with bench/model_bench.py --sweep kernels.ops.GATE_UP_SILU=1,0
 GATE_UP_SILU = os.environ.get("KVRELAY_GATE_UP_SILU", "1") != "0"
+# Linear layers of 2..128 rows (decode batches) through the Triton skinny GEMM (kernels/triton_skinny_gemm.py), the
+# MLP's activation as gate_up's epilogue; read per call: A/B with model_bench --sweep kernels.ops.SKINNY_GEMM=1,0
+SKINNY_GEMM = os.environ.get("KVRELAY_SKINNY_GEMM", "1") != "0"
+# Wider outputs (the lm_head) stay with cuBLAS, which reads them near the floor already.
+SKINNY_MAX_COLUMNS = 32768
 
 
 def _gpu(t: torch.Tensor) -> bool:
@@ -121,15 +126,38 @@ def _gemv_ok(x, weight) -> bool:
     )
 
 
+def _skinny_ok(x, weight, bias=None) -> bool:
+    """2..128 16-bit rows on a GPU, weight of their dtype, no bias: the Triton skinny GEMM's case."""
+    from kernels.triton_skinny_gemm import MAX_ROWS
+
+    return (
+        SKINNY_GEMM
+        and bias is None
+        and _gpu(x)
+        and x.dim() == 2
+        and 2 <= x.shape[0] <= MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.shape[0] <= SKINNY_MAX_COLUMNS
+    )
+
+
 def linear(x, weight, bias=None):
     """x [tokens, in] -> [tokens, out]. One 16-bit row on a GPU takes the Triton GEMV (faster weight streaming than
-    cuBLAS at batch 1); everything else is torch's (cuBLAS, or the CPU)."""
+    cuBLAS at batch 1), 2..128 rows the Triton skinny GEMM (SKINNY_GEMM); everything else is torch's (cuBLAS, or the
+    CPU)."""
     if _gemv_ok(x, weight):
         from kernels.triton_gemv import gemv
 
         out = gemv(x, weight, bias)
         if out is not None:
             return out[0]
+    elif _skinny_ok(x, weight, bias):
+        from kernels.triton_skinny_gemm import skinny_gemm
+
+        out = skinny_gemm(x, weight)
+        if out is not None:
+            return out
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -156,7 +184,8 @@ def _norm(x, residual, norm_weight, eps):
 
 def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_weight, down_bias):
     """The MLP after its norm: down(silu_and_mul(gate_up(rms_norm(x [+ residual])))), and the new residual (as
-    norm_linear). At batch 1 on a GPU with GATE_UP_SILU, the activation is the gate_up GEMV's epilogue."""
+    norm_linear). At batch 1 on a GPU with GATE_UP_SILU, the activation is the gate_up GEMV's epilogue; at 2..128 rows
+    with SKINNY_GEMM, the skinny GEMM's."""
     if GATE_UP_SILU and gate_up_bias is None and "norm" not in FUSE and _gemv_ok(x, gate_up_weight):
         from kernels import triton_gemv as g
 
@@ -165,6 +194,14 @@ def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_w
         if out is not None:
             return linear(out[0], down_weight, down_bias), new_residual
         # no GEMV config for this shape: the norm is done, the rest as below
+        return silu_mul_linear(linear(normed, gate_up_weight), down_weight, down_bias), new_residual
+    if _skinny_ok(x, gate_up_weight, gate_up_bias):
+        from kernels import triton_skinny_gemm as sg
+
+        normed, new_residual = _norm(x, residual, norm_weight, eps)
+        out = sg.skinny_gemm(normed, gate_up_weight, sg.SILU_MUL_OUT)
+        if out is not None:
+            return linear(out, down_weight, down_bias), new_residual
         return silu_mul_linear(linear(normed, gate_up_weight), down_weight, down_bias), new_residual
     gate_up, new_residual = norm_linear(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias)
     return silu_mul_linear(gate_up, down_weight, down_bias), new_residual

@@ -1,0 +1,127 @@
+"""Skinny GEMM, Triton: y = x W^T for the few rows of a decode batch (2..128), optionally with the MLP's activation
+as the epilogue. The reference is torch's linear (and kernels/activation.py's silu_and_mul_ref after it).
+
+Why not cuBLAS there: on an H200 at batch 64 (bench/results/profile_decode_bs64_ctx1024.txt) cuBLAS's qkv, o and
+down kernels read their weights at 0.71, 0.68 and 0.78 of the copy bandwidth, and they do not take part in
+programmatic dependent launch (kernels/pdl.py): the step spent ~330 us in launch gaps, most of them beside cuBLAS
+kernels. Here every program waits on the device for the previous kernel and lets the next one launch after its main
+loop, as the batch-1 GEMV does, and gate_up can write silu(gate) * up directly (no activation kernel).
+
+One program owns BLOCK_N output columns (with SILU_MUL_OUT, the same columns of the gate and the up half) and streams
+their weight rows once, in [BLOCK_K, BLOCK_N] tiles, against all the batch's rows of x: a [BLOCK_M, BLOCK_N] tl.dot
+per tile, float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import pdl
+
+# Rows of x this kernel takes; more go to cuBLAS (a real GEMM is compute-bound there, not bandwidth-bound).
+MAX_ROWS = 128
+# What the kernel writes: y itself, or silu(gate) * up of y = [gate, up] (weight [2N, K]).
+OUT, SILU_MUL_OUT = 0, 1
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] (SILU_MUL_OUT: [2N, K], gate rows then up rows)
+    y_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.wait(PDL)  # nothing is read before the previous kernel is done
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    # [BLOCK_K, BLOCK_N]; row offsets in int64: an lm_head's N * K exceeds 2^31
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    up_ptrs = w_ptrs + N * stride_wn  # SILU_MUL_OUT: the same columns of the up half
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (`skinny_config`)
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        acc = tl.dot(x, tl.load(w_ptrs + k0, mask=mask_n[None, :], other=0.0), acc)
+        if EPILOGUE == 1:
+            acc_up = tl.dot(x, tl.load(up_ptrs + k0, mask=mask_n[None, :], other=0.0), acc_up)
+    pdl.trigger(PDL)  # after the loop: a multi-wave grid keeps its SMs until then
+    y = acc
+    if EPILOGUE == 1:
+        # rounded where the unfused kernels round: gate and up as a GEMM stores them, then kernels/activation.py
+        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        up = acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def skinny_config(n: int, k: int) -> tuple[int, int, int, int] | None:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight (n output columns), or None (use cuBLAS).
+
+    Enough programs to fill the GPU many times over (32 columns: 128 programs for a 4096-wide output, 448 for gate_up's
+    halves), each streaming [128, 32] weight tiles with 4 stages in flight.
+    """
+    for block_k in (128, 64):
+        if k % block_k == 0:
+            return 32, block_k, 4, 4
+    return None
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuning: dict | None = None):
+    """y = x weight^T [M, N] in x's dtype (SILU_MUL_OUT: weight [2N, K] = cat(gate, up), y = silu(gate) * up
+    [M, N]); None when the shape has no config or the layout does not fit (the caller falls back to torch).
+
+    x: [M, K] with 1 <= M <= MAX_ROWS and unit stride along K; weight [N, K] of x's dtype, unit stride along K.
+    tuning: launch overrides (block_n, block_k, num_warps, num_stages).
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= m <= MAX_ROWS or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
+        return None
+    if epilogue == SILU_MUL_OUT:
+        if n % 2:
+            return None
+        n //= 2
+    config = skinny_config(n, k)
+    if config is None:
+        return None
+    tuning = tuning or {}
+    names = ("block_n", "block_k", "num_warps", "num_stages")
+    block_n, block_k, num_warps, num_stages = (tuning.get(key, v) for key, v in zip(names, config, strict=True))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        weight,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EPILOGUE=epilogue,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **pdl.launch_options(x.device),
+    )
+    return y

@@ -1,0 +1,113 @@
+"""The Triton skinny GEMM (kernels/triton_skinny_gemm.py) against torch's linear and silu_and_mul_ref.
+
+On the CPU under TRITON_INTERPRET=1 at small odd sizes in fp16 (Triton 3.6's interpreter computes bf16 dots wrongly:
+garbage of order 1e10 on random inputs, so bf16 is tested on the GPU only); on a GPU, the 8B projection shapes at
+decode batch sizes in bf16, replayed from a CUDA graph, and the MLP through kernels/ops.py with and without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): no Triton kernel to test")
+
+from kernels import ops  # noqa: E402
+from kernels.activation import silu_and_mul_ref  # noqa: E402
+from kernels.triton_skinny_gemm import MAX_ROWS, SILU_MUL_OUT, skinny_gemm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype).to(DEVICE)
+    return x, w
+
+
+def _expected(x: torch.Tensor, w: torch.Tensor, silu: bool) -> torch.Tensor:
+    """float32 products rounded once to x's dtype; with silu, the activation of that rounded [gate, up]."""
+    y = torch.nn.functional.linear(x.float(), w.float()).to(x.dtype)
+    return silu_and_mul_ref(y) if silu else y
+
+
+# (rows, output columns, K): one row, a few, 17 (odd, BLOCK_M 32), MAX_ROWS; N not a multiple of the 32-column tile;
+# K a multiple of 64 but not of 128.
+CPU_CASES = [(1, 40, 64), (5, 96, 128), (17, 70, 192), (MAX_ROWS, 33, 64)]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), CPU_CASES)
+@pytest.mark.parametrize("silu", [False, True])
+def test_skinny_gemm_matches_torch(m: int, n: int, k: int, silu: bool) -> None:
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    x, w = _inputs(m, 2 * n if silu else n, k, dtype, seed=m + n)
+    y = skinny_gemm(x, w, SILU_MUL_OUT if silu else 0)
+    assert y is not None and y.shape == (m, n) and y.dtype == dtype
+    tol = 2e-3 if dtype == torch.float16 else 2e-2  # one rounding of the output, accumulated in another order
+    torch.testing.assert_close(y.float(), _expected(x, w, silu).float(), atol=tol, rtol=tol)
+
+
+def test_skinny_gemm_declines_what_it_does_not_handle() -> None:
+    x, w = _inputs(4, 40, 64, torch.float16, seed=0)
+    assert skinny_gemm(torch.empty(0, 64, dtype=torch.float16, device=DEVICE), w) is None  # no rows
+    big, _ = _inputs(MAX_ROWS + 1, 8, 64, torch.float16, seed=1)
+    assert skinny_gemm(big, w) is None  # a real GEMM: cuBLAS
+    odd_k, w_odd_k = _inputs(4, 40, 72, torch.float16, seed=2)
+    assert skinny_gemm(odd_k, w_odd_k) is None  # no K tile fits
+    assert skinny_gemm(x, w[:39], SILU_MUL_OUT) is None  # odd gate_up rows
+    assert skinny_gemm(x[:, :32], w) is None  # K mismatch
+    assert skinny_gemm(x.t().contiguous().t(), w) is None  # x not unit-stride along K
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU, real sizes: the Llama-3-8B projections at decode batches.
+
+SHAPES_8B = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
+             ("down", 4096, 14336, False)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 8, 64, 128])
+@pytest.mark.parametrize(("name", "n", "k", "silu"), SHAPES_8B)
+def test_skinny_gemm_gpu_real_sizes(m: int, name: str, n: int, k: int, silu: bool) -> None:
+    x, w = _inputs(m, n, k, torch.bfloat16, seed=m)
+    y = skinny_gemm(x, w, SILU_MUL_OUT if silu else 0)
+    torch.testing.assert_close(y.float(), _expected(x, w, silu).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_skinny_gemm_cuda_graph() -> None:
+    """Captured once (PDL launches inside the graph), replayed after x changes in place."""
+    x, w = _inputs(64, 28672, 4096, torch.bfloat16, seed=3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        skinny_gemm(x, w, SILU_MUL_OUT)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = skinny_gemm(x, w, SILU_MUL_OUT)
+    for seed in (4, 5):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype))
+        graph.replay()
+        torch.testing.assert_close(y, skinny_gemm(x, w, SILU_MUL_OUT), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_mlp_through_ops_with_and_without_the_skinny_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.norm_mlp at batch 64 (8B MLP shapes): the skinny path (gate_up with the activation as its epilogue, then
+    down) against cuBLAS + the activation kernel."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 4096, generator=g).to(torch.bfloat16).cuda()
+    residual = torch.randn_like(x)
+    norm_w = (1 + 0.1 * torch.randn(4096, generator=g)).to(torch.bfloat16).cuda()
+    gate_up = (torch.randn(28672, 4096, generator=g) * 4096**-0.5).to(torch.bfloat16).cuda()
+    down = (torch.randn(4096, 14336, generator=g) * 14336**-0.5).to(torch.bfloat16).cuda()
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(ops, "SKINNY_GEMM", on)
+        outs[on] = ops.norm_mlp(x, residual, norm_w, 1e-5, gate_up, None, down, None)
+    torch.testing.assert_close(outs[True][1], outs[False][1], atol=0, rtol=0)  # the same new residual
+    rel = ((outs[True][0].float() - outs[False][0].float()).norm() / outs[False][0].float().norm()).item()
+    assert rel < 1e-2, rel
