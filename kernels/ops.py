@@ -39,6 +39,8 @@ GATE_UP_SILU = os.environ.get("KVRELAY_GATE_UP_SILU", "1") != "0"
 SKINNY_GEMM = os.environ.get("KVRELAY_SKINNY_GEMM", "1") != "0"
 # Wider outputs (the lm_head) stay with cuBLAS, which reads them near the floor already.
 SKINNY_MAX_COLUMNS = 32768
+# The row counts (decode batch buckets) routed to it, read per call (model_bench --sweep kernels.ops.SKINNY_ROWS=...)
+SKINNY_ROWS = (2, 128)
 
 
 def _gpu(t: torch.Tensor) -> bool:
@@ -135,7 +137,7 @@ def _skinny_ok(x, weight, bias=None) -> bool:
         and bias is None
         and _gpu(x)
         and x.dim() == 2
-        and 2 <= x.shape[0] <= MAX_ROWS
+        and max(2, SKINNY_ROWS[0]) <= x.shape[0] <= min(MAX_ROWS, SKINNY_ROWS[1])
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.shape[0] <= SKINNY_MAX_COLUMNS

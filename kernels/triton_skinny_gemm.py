@@ -24,6 +24,8 @@ from kernels import pdl
 MAX_ROWS = 128
 # What the kernel writes: y itself, or silu(gate) * up of y = [gate, up] (weight [2N, K]).
 OUT, SILU_MUL_OUT = 0, 1
+# Bytes of shared memory the pipeline stages may take (an H100/H200 SM has 227 KB for one program).
+SHARED_MEMORY_BUDGET = 200 * 1024
 
 
 @triton.jit
@@ -72,16 +74,30 @@ def _skinny_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def skinny_config(n: int, k: int) -> tuple[int, int, int, int] | None:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight (n output columns), or None (use cuBLAS).
+def skinny_config(n: int, k: int, m: int = 64) -> tuple[int, int, int, int] | None:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight (n output columns) and m rows, or None (use
+    cuBLAS).
 
-    Enough programs to fill the GPU many times over (32 columns: 128 programs for a 4096-wide output, 448 for gate_up's
-    halves), each streaming [128, 32] weight tiles with 4 stages in flight.
+    bench/tune_skinny_gemm.py at 64 rows on an H200 (us, fraction of the copy-bandwidth floor; cuBLAS in brackets):
+    qkv 64 columns x 128, 6 stages: 15.6 (15.7); o 32 x 128, 6 stages: 11.7 (12.0); gate_up 128 x 64, 3 stages: 59.2
+    (61.0); down 32 x 128, 6 stages: 33.0 (35.0). Deep pipelines, not split-K (which never won): a memory-bound tile
+    wants many bytes in flight. Stages are cut to what fits shared memory at m rows.
     """
-    for block_k in (128, 64):
-        if k % block_k == 0:
-            return 32, block_k, 4, 4
-    return None
+    if k >= 8192:
+        block_n, block_k, stages = 32, 128, 6
+    elif n >= 16384:
+        block_n, block_k, stages = 128, 64, 3
+    elif n > 4096:
+        block_n, block_k, stages = 64, 128, 6
+    else:
+        block_n, block_k, stages = 32, 128, 6
+    while k % block_k:
+        block_k //= 2
+        if block_k < 64:
+            return None
+    per_stage = (max(16, triton.next_power_of_2(m)) + block_n) * block_k * 2  # bytes of x and weight tiles
+    stages = max(2, min(stages, SHARED_MEMORY_BUDGET // per_stage))
+    return block_n, block_k, 4, stages
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuning: dict | None = None):
@@ -95,13 +111,14 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuni
     n = weight.shape[0]
     if not 1 <= m <= MAX_ROWS or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
         return None
+    config = skinny_config(n, k, m)  # of the whole weight: SILU_MUL_OUT reads BLOCK_N // 2 rows of each half
+    if config is None:
+        return None
     if epilogue == SILU_MUL_OUT:
         if n % 2:
             return None
         n //= 2
-    config = skinny_config(n, k)
-    if config is None:
-        return None
+        config = (max(16, config[0] // 2), *config[1:])
     tuning = tuning or {}
     names = ("block_n", "block_k", "num_warps", "num_stages")
     block_n, block_k, num_warps, num_stages = (tuning.get(key, v) for key, v in zip(names, config, strict=True))
