@@ -34,13 +34,15 @@ FUSE = set(os.environ.get("KVRELAY_FUSE", "").split(","))
 # The MLP's activation as the epilogue of the batch-1 gate_up GEMV (kernels/triton_gemv.py SILU_MUL_OUT), read per
 # call: A/B with bench/model_bench.py --sweep kernels.ops.GATE_UP_SILU=1,0
 GATE_UP_SILU = os.environ.get("KVRELAY_GATE_UP_SILU", "1") != "0"
-# Linear layers of 2..128 rows (decode batches) through the Triton skinny GEMM (kernels/triton_skinny_gemm.py), the
-# MLP's activation as gate_up's epilogue; read per call: A/B with model_bench --sweep kernels.ops.SKINNY_GEMM=1,0
+# Linear layers of 2..64 rows (decode batches) through the Triton skinny GEMM (kernels/triton_skinny_gemm.py), the
+# MLP's activation as gate_up's epilogue; read per call: A/B with model_bench --sweep kernels.ops.SKINNY_GEMM=1,0.
+# H200, 8B shape, int8 KV, 1k context, fraction of the decode floor, on / off alternating in one process: batch 16
+# 0.738 / 0.701, 64 0.766 / 0.734, 128 0.630 / 0.696 (so 128 rows stay with cuBLAS).
 SKINNY_GEMM = os.environ.get("KVRELAY_SKINNY_GEMM", "1") != "0"
 # Wider outputs (the lm_head) stay with cuBLAS, which reads them near the floor already.
 SKINNY_MAX_COLUMNS = 32768
-# The row counts (decode batch buckets) routed to it, read per call (model_bench --sweep kernels.ops.SKINNY_ROWS=...)
-SKINNY_ROWS = (2, 128)
+# The row counts (decode batch buckets) routed to it
+SKINNY_ROWS = (2, 64)
 
 
 def _gpu(t: torch.Tensor) -> bool:

@@ -7,6 +7,11 @@ programmatic dependent launch (kernels/pdl.py): the step spent ~330 us in launch
 kernels. Here every program waits on the device for the previous kernel and lets the next one launch after its main
 loop, as the batch-1 GEMV does, and gate_up can write silu(gate) * up directly (no activation kernel).
 
+Measured (H200, bench/model_bench.py --sweep kernels.ops.SKINNY_GEMM=1,0): batch-64 decode 0.766 of the floor against
+0.734 with cuBLAS, the step's launch gaps from ~330 us to ~60 us; batch 16 0.738 against 0.701. At 128 rows it is
+slower (0.630 against 0.696: the tiles tuned for 64 rows lose their stages to shared memory), so kernels/ops.py sends
+at most 64 rows here. An untuned first version (32 columns, 4 stages everywhere) lost at every batch: the tiles matter.
+
 One program owns BLOCK_N output columns (with SILU_MUL_OUT, the same columns of the gate and the up half) and streams
 their weight rows once, in [BLOCK_K, BLOCK_N] tiles, against all the batch's rows of x: a [BLOCK_M, BLOCK_N] tl.dot
 per tile, float32 accumulation.
