@@ -8,6 +8,7 @@ reference beside it for tests.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +44,18 @@ SKINNY_GEMM = os.environ.get("KVRELAY_SKINNY_GEMM", "1") != "0"
 SKINNY_MAX_COLUMNS = 32768
 # The row counts (decode batch buckets) routed to it
 SKINNY_ROWS = (2, 64)
+# Batch-1 layers without norm kernels (kernels/triton_gemv.py ADD_RES_SUMSQ / NORM_SUMSQ): o_proj and down_proj add
+# the residual themselves and leave partial sums of squares, with which the next projection normalizes its input.
+# Read per call: A/B with model_bench --sweep kernels.ops.SUMSQ_NORM=1,0
+SUMSQ_NORM = os.environ.get("KVRELAY_SUMSQ_NORM", "1") != "0"
+
+
+class Summed(NamedTuple):
+    """The residual stream as a projection that added the residual itself leaves it: `hidden` = its output + the old
+    residual (the new residual), `sumsq` the partial sums of hidden's squares (float32), for the next norm."""
+
+    hidden: torch.Tensor
+    sumsq: torch.Tensor
 
 
 def _gpu(t: torch.Tensor) -> bool:
@@ -165,10 +178,35 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def linear_add(x, weight, bias, residual) -> Summed | None:
+    """Summed(linear(x) + residual, its partial sums of squares) in one kernel, on the batch-1 GEMV path with
+    SUMSQ_NORM; None otherwise (the caller projects and lets the next norm add the residual)."""
+    if not (SUMSQ_NORM and residual is not None and _gemv_ok(x, weight)):
+        return None
+    from kernels import triton_gemv as g
+
+    out = g.gemv(x, weight, bias, residual=residual, epilogue=g.ADD_RES_SUMSQ)
+    return None if out is None else Summed(*out)
+
+
+def _summed_norm_gemv(x: Summed, norm_weight, eps, weight, bias=None, epilogue=0):
+    """y = rms_norm(x.hidden) * norm_weight projected (NORM_SUMSQ), or None if the GEMV declines the shape."""
+    from kernels import triton_gemv as g
+
+    out = g.gemv(x.hidden, weight, bias, g.NORM_SUMSQ, None, norm_weight, eps, epilogue=epilogue, sumsq=x.sumsq)
+    return None if out is None else out[0]
+
+
 def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
     """linear(rms_norm(x)) with residual None (new residual: x itself), else linear(rms_norm(x + residual)) and the
     new residual x + residual. One kernel on the GEMV path, the unfused kernels otherwise. Returns (y, new_residual).
+    x may be a `Summed` (residual None): the residual is already added and the sums of squares known.
     """
+    if isinstance(x, Summed):
+        y = _summed_norm_gemv(x, norm_weight, eps, weight, bias)
+        if y is None:
+            y = linear(rms_norm(x.hidden, norm_weight, eps), weight, bias)
+        return y, x.hidden
     if "norm" in FUSE and _gemv_ok(x, weight):
         from kernels import triton_gemv as g
 
@@ -189,7 +227,20 @@ def _norm(x, residual, norm_weight, eps):
 def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_weight, down_bias):
     """The MLP after its norm: down(silu_and_mul(gate_up(rms_norm(x [+ residual])))), and the new residual (as
     norm_linear). At batch 1 on a GPU with GATE_UP_SILU, the activation is the gate_up GEMV's epilogue; at 2..128 rows
-    with SKINNY_GEMM, the skinny GEMM's."""
+    with SKINNY_GEMM, the skinny GEMM's. x may be a `Summed` (residual None; see linear_add): then down_proj adds the
+    residual too where it can, and the result is (Summed, None)."""
+    if isinstance(x, Summed):
+        from kernels import triton_gemv as g
+
+        act = None if gate_up_bias is not None else _summed_norm_gemv(x, norm_weight, eps, gate_up_weight,
+                                                                      epilogue=g.SILU_MUL_OUT)  # fmt: skip
+        if act is None:
+            normed = rms_norm(x.hidden, norm_weight, eps)
+            act = silu_and_mul(linear(normed, gate_up_weight, gate_up_bias))
+        summed = linear_add(act, down_weight, down_bias, x.hidden)
+        if summed is not None:
+            return summed, None
+        return linear(act, down_weight, down_bias), x.hidden
     if GATE_UP_SILU and gate_up_bias is None and "norm" not in FUSE and _gemv_ok(x, gate_up_weight):
         from kernels import triton_gemv as g
 

@@ -27,9 +27,18 @@ from kernels import pdl
 # the projection after them). Fused, a batch-1 decode layer is 5 kernels fewer (H200, bench/profile_decode.py: the
 # norm and activation kernels took 180 us of a 4.3 ms step).
 PLAIN, SILU_MUL, NORM, ADD_NORM = 0, 1, 2, 3
+# NORM_SUMSQ: RMSNorm of a row whose sum of squares is already known, as partial sums written by the projection that
+# produced the row (ADD_RES_SUMSQ below). Nothing is computed before the weight stream: the loop reads norm_weight * x,
+# and 1 / rms multiplies the dot products at the end (a scalar factor commutes with the dot). The roundings differ from
+# the unfused norm's (it rounds x / rms, then the product with the weight, to x's dtype; here both stay float32).
+NORM_SUMSQ = 4
 # What the kernel writes (EPILOGUE): y itself, or silu(gate) * up of y = [gate, up] (the MLP's activation after
 # gate_up, so that the activation kernel goes): each program then reads BLOCK_N rows of each half.
 OUT, SILU_MUL_OUT = 0, 1
+# ADD_RES_SUMSQ: y + residual (the residual stream after o_proj or down_proj, rounded as kernels/norm.py's fused add
+# rounds it), and per program the sum of the squares of its rows of that sum, for the next projection's NORM_SUMSQ.
+# Between two projections of a batch-1 layer no norm kernel is left.
+ADD_RES_SUMSQ = 2
 
 
 @triton.jit
@@ -40,6 +49,8 @@ def _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, offs, K, inv_rms, WRITE_RE
         gate = tl.load(x_ptr + offs).to(tl.float32)
         up = tl.load(x_ptr + K + offs).to(tl.float32)
         x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    elif PROLOGUE == 4:
+        x = tl.load(x_ptr + offs).to(tl.float32) * tl.load(nw_ptr + offs).to(tl.float32)
     elif PROLOGUE >= 2:
         x = tl.load(x_ptr + offs).to(tl.float32)
         if PROLOGUE == 3:
@@ -55,16 +66,16 @@ def _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, offs, K, inv_rms, WRITE_RE
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, N, K, stride_wn, eps,
-                 HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, sumsq_ptr, sumsq_count, N, K, stride_wn,
+                 eps, HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SUMSQ_PAD: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     inv_rms = 0.0
-    if PROLOGUE >= 2:
+    if PROLOGUE == 2 or PROLOGUE == 3:
         # Every program needs the norm of the whole row: a first pass over it (8 KB at hidden 4096, from L2).
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -89,13 +100,27 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, N, K,
             acc_up += w_up.to(tl.float32) * x[None, :]
     pdl.trigger(PDL)  # after the loop: a multi-wave grid keeps its SMs until then
     y = tl.sum(acc, axis=1)
+    y_up = tl.sum(acc_up, axis=1)
+    if PROLOGUE == 4:
+        # the producer's partial sums of squares, read after the weight stream (off its critical path)
+        offs_s = tl.arange(0, SUMSQ_PAD)
+        squares = tl.load(sumsq_ptr + offs_s, mask=offs_s < sumsq_count, other=0.0)
+        inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(squares, axis=0), K.to(tl.float32)) + eps))
+        y = y * inv_rms
+        y_up = y_up * inv_rms
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if EPILOGUE == 1:
         # rounded where the unfused kernels round: gate and up as stored by the GEMV, then kernels/activation.py
         gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        up = tl.sum(acc_up, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
+        up = y_up.to(y_ptr.dtype.element_ty).to(tl.float32)
         y = gate / (1.0 + tl.exp(-gate)) * up
+    if EPILOGUE == 2:
+        # y rounded as stored, plus the residual in float32, rounded: kernels/norm.py's fused_add_rms_norm_ref
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = (y + tl.load(res_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)).to(y_ptr.dtype.element_ty)
+        y32 = tl.where(mask_n, y.to(tl.float32), 0.0)
+        tl.store(sumsq_ptr + pid, tl.sum(y32 * y32, axis=0))
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -129,16 +154,23 @@ def gemv(
     eps: float = 0.0,
     tuning: dict | None = None,
     epilogue: int = OUT,
+    sumsq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(y, new_residual) with y = prologue(x) W^T (+ bias), [1, N] in x's dtype; None if the shape has no config (the
     caller falls back to torch).
 
     x: [1, K] contiguous; for SILU_MUL [1, 2K] = cat(gate, up). NORM: rms_norm(x) * norm_weight. ADD_NORM: the same of
     x + residual, which is also returned as new_residual (written once, by the first program), as
-    kernels/norm.py's fused_add_rms_norm_ref does. SILU_MUL_OUT: weight [2N, K] = cat(gate, up), y = [1, N]
-    silu(gate) * up (no bias). tuning: launch overrides for bench/tune_gemv.py (block_n, block_k, num_warps,
-    num_stages).
+    kernels/norm.py's fused_add_rms_norm_ref does. NORM_SUMSQ: rms_norm(x) * norm_weight with x's sum of squares
+    given as partial sums (`sumsq`, float32, from an ADD_RES_SUMSQ call). SILU_MUL_OUT: weight [2N, K] = cat(gate,
+    up), y = [1, N] silu(gate) * up (no bias). ADD_RES_SUMSQ: y = that + residual, and the second value returned is
+    the partial sums of y's squares (one per program, float32) instead of a new residual. tuning: launch overrides
+    for bench/tune_gemv.py (block_n, block_k, num_warps, num_stages).
     """
+    if (prologue == NORM_SUMSQ) != (sumsq is not None) or (epilogue == ADD_RES_SUMSQ and residual is None):
+        raise ValueError("NORM_SUMSQ takes sumsq (and nothing else does); ADD_RES_SUMSQ takes a residual")
+    if prologue == NORM_SUMSQ and epilogue == ADD_RES_SUMSQ:
+        raise ValueError("NORM_SUMSQ and ADD_RES_SUMSQ share the sumsq argument: one of them per call")
     n, k = weight.shape
     tuning = tuning or {}
     config = gemv_config(n, k)
@@ -150,12 +182,15 @@ def gemv(
         n //= 2
         config = (max(1, config[0] // 2), *config[1:])  # each program reads as many rows as without the epilogue
     config = (tuning.get("block_n", config[0]), tuning.get("block_k", config[1]), tuning.get("num_warps", config[2]))
-    if prologue == ADD_NORM and not residual.is_contiguous():
+    if (prologue == ADD_NORM or epilogue == ADD_RES_SUMSQ) and not residual.is_contiguous():
         return None
     block_n, block_k, num_warps = config
+    programs = triton.cdiv(n, block_n)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty_like(residual) if prologue == ADD_NORM else None
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    if epilogue == ADD_RES_SUMSQ:
+        sumsq = new_residual = torch.empty(programs, dtype=torch.float32, device=x.device)
+    _gemv_kernel[(programs,)](
         x,
         weight,
         bias if bias is not None else weight,
@@ -163,6 +198,8 @@ def gemv(
         residual if residual is not None else x,
         norm_weight if norm_weight is not None else x,
         new_residual if new_residual is not None else y,
+        sumsq if sumsq is not None else y,
+        sumsq.numel() if sumsq is not None else 0,
         n,
         k,
         weight.stride(0),
@@ -172,6 +209,7 @@ def gemv(
         EPILOGUE=epilogue,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        SUMSQ_PAD=triton.next_power_of_2(sumsq.numel()) if prologue == NORM_SUMSQ else 1,
         num_warps=num_warps,
         **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}),
         **pdl.launch_options(x.device),

@@ -75,8 +75,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         return self.attend(self.qkv_proj(x), positions, cos_sin_cache, meta, pool)
 
-    def attend(self, qkv, positions, cos_sin_cache, meta: AttentionMetadata, pool: KVPool) -> torch.Tensor:
-        """Everything after the qkv projection: rotary, the K/V store, attention, o_proj."""
+    def attend(self, qkv, positions, cos_sin_cache, meta: AttentionMetadata, pool: KVPool, project: bool = True):
+        """Everything after the qkv projection: rotary, the K/V store, attention, o_proj (unless not `project`)."""
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # strided views into the fused output: the kernels take strides, so no copies
@@ -96,7 +96,8 @@ class LlamaAttention(nn.Module):
             out = ops.paged_decode_attention(
                 q, layer, meta.block_tables, meta.context_lens, self.scale, meta.max_context_len
             )
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        out = out.reshape(num_tokens, self.num_heads * self.head_dim)
+        return self.o_proj(out) if project else out
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -109,13 +110,18 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, cos_sin_cache, meta, pool):
         # Each norm goes with the projection after it (ops.norm_linear): one kernel at batch 1 on a GPU.
+        # x may be an ops.Summed (residual None): the previous layer's down_proj added the residual itself.
         qkv, residual = self._norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
-        x = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool)
+        out = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool, project=False)
+        o_proj = self.self_attn.o_proj
         if isinstance(self.mlp, LlamaMLP):
             norm, mlp = self.post_attention_layernorm, self.mlp
             up, down = mlp.gate_up_proj, mlp.down_proj
+            # batch 1 on a GPU: o_proj adds the residual and sums the squares, so no norm kernel runs (ops.Summed)
+            summed = ops.linear_add(out, o_proj.weight, o_proj.bias, residual)
+            x, residual = (summed, None) if summed is not None else (o_proj(out), residual)
             return ops.norm_mlp(x, residual, norm.weight, norm.eps, up.weight, up.bias, down.weight, down.bias)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(o_proj(out), residual)
         return self.mlp(x), residual
 
     @staticmethod
@@ -152,7 +158,10 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, self.cos_sin_cache, meta, pool)
-        x, _ = self.model.norm(x, residual)
+        if isinstance(x, ops.Summed):
+            x, residual = x.hidden, None
+        x = self.model.norm(x, residual)
+        x = x[0] if isinstance(x, tuple) else x
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
