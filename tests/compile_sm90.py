@@ -1,0 +1,176 @@
+"""Compiles the Triton kernels' variants for sm_90 (Hopper) and prints {variant: "ok ..." or the error} as JSON.
+
+Run by tests/test_triton_compile.py in a child process without TRITON_INTERPRET (under it @triton.jit gives
+interpreter functions, which do not compile). Needs no GPU: Triton ships its own ptxas.
+"""
+
+import itertools
+import json
+import time
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import triton_decode_attention as da
+from kernels import triton_gemv as gv
+from kernels import triton_skinny_gemm as sg
+from kernels.triton_decode_attention import _to_dot
+
+SM90 = GPUTarget("cuda", 90, 32)
+FLOATS = {"qk_scale", "eps"}
+
+
+def sig(fn, pointers, constants):
+    s = {}
+    for name in fn.arg_names:
+        if name in constants:
+            s[name] = "constexpr"
+        elif name in pointers:
+            s[name] = pointers[name]
+        elif name in FLOATS:
+            s[name] = "fp32"
+        else:
+            s[name] = "i32"
+    return s
+
+
+def compile_one(fn, pointers, constants, options=None):
+    t = time.time()
+    triton.compile(ASTSource(fn, sig(fn, pointers, constants), constants), target=SM90, options=options or {})
+    return time.time() - t
+
+
+results = {}
+
+
+def attempt(name, *a, **k):
+    try:
+        results[name] = f"ok {compile_one(*a, **k):.1f}s"
+    except Exception as exc:
+        results[name] = f"{type(exc).__name__}: {str(exc)[-300:]}"
+
+
+base = dict(
+    GROUP=4, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=128, INPUT_PRECISION=None, PDL=True
+)
+kv = {
+    "bf16": (
+        {"k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16"},
+        dict(
+            K_SCALED=False,
+            V_SCALED=False,
+            K_DOT_DTYPE=tl.bfloat16,
+            V_DOT_DTYPE=tl.bfloat16,
+            CONVERT=2,
+            K_BIASED=False,
+            V_PAIRS=False,
+        ),
+    ),
+    "int8_pairs": (
+        {"k_cache_ptr": "*i8", "v_cache_ptr": "*i16"},
+        dict(
+            K_SCALED=True,
+            V_SCALED=True,
+            K_DOT_DTYPE=tl.float16,
+            V_DOT_DTYPE=tl.float16,
+            CONVERT=2,
+            K_BIASED=True,
+            V_PAIRS=True,
+        ),
+    ),
+    "int8_plain": (
+        {"k_cache_ptr": "*i8", "v_cache_ptr": "*i8"},
+        dict(
+            K_SCALED=True,
+            V_SCALED=True,
+            K_DOT_DTYPE=tl.float16,
+            V_DOT_DTYPE=tl.float16,
+            CONVERT=1,
+            K_BIASED=False,
+            V_PAIRS=False,
+        ),
+    ),
+    "fp8": (
+        {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"},
+        dict(
+            K_SCALED=True,
+            V_SCALED=True,
+            K_DOT_DTYPE=tl.float16,
+            V_DOT_DTYPE=tl.float16,
+            CONVERT=2,
+            K_BIASED=False,
+            V_PAIRS=False,
+        ),
+    ),
+}
+common_ptrs = {
+    "q_ptr": "*bf16",
+    "k_scale_ptr": "*fp32",
+    "v_scale_ptr": "*fp32",
+    "block_tables_ptr": "*i32",
+    "context_lens_ptr": "*i32",
+    "out_ptr": "*bf16",
+    "ws_acc_ptr": "*fp32",
+    "ws_max_ptr": "*fp32",
+    "ws_sum_ptr": "*fp32",
+}
+for (name, (ptrs, consts)), one in itertools.product(kv.items(), (True, False)):
+    attempt(
+        f"decode_split {name} one_split={one}",
+        da._decode_split_kernel,
+        common_ptrs | ptrs,
+        base | consts | {"NUM_SPLITS_IS_ONE": one},
+        {"num_stages": 3, "maxnreg": 128},
+    )
+attempt(
+    "decode_reduce",
+    da._decode_reduce_kernel,
+    {"out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32"},
+    dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=8, PDL=True),
+)
+gemv_ptrs = {
+    "x_ptr": "*bf16",
+    "w_ptr": "*bf16",
+    "b_ptr": "*bf16",
+    "y_ptr": "*bf16",
+    "res_ptr": "*bf16",
+    "nw_ptr": "*bf16",
+    "new_res_ptr": "*bf16",
+    "sumsq_ptr": "*fp32",
+}
+for pro, epi in ((0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (0, 1), (0, 2)):
+    attempt(
+        f"gemv prologue={pro} epilogue={epi}",
+        gv._gemv_kernel,
+        gemv_ptrs,
+        dict(HAS_BIAS=False, PROLOGUE=pro, EPILOGUE=epi, BLOCK_N=8, BLOCK_K=1024, SUMSQ_PAD=512, PDL=True),
+    )
+for epi in (0, 1):
+    attempt(
+        f"skinny epilogue={epi}",
+        sg._skinny_kernel,
+        {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
+        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, EPILOGUE=epi, PDL=True),
+        {"num_stages": 6},
+    )
+
+
+@triton.jit
+def to_dot_kernel(x_ptr, y_ptr, DOT: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.constexpr):
+    offs = tl.arange(0, 16)
+    x = tl.load(x_ptr + offs[:, None] * 16 + offs[None, :])
+    tl.store(y_ptr + offs[:, None] * 16 + offs[None, :], _to_dot(x, DOT, CONVERT, BIASED))
+
+
+pairs = [("*bf16", "bf16"), ("*fp16", "fp16"), ("*i8", "fp16"), ("*fp8e4nv", "fp16")]
+for (x_type, dot), convert, biased in itertools.product(pairs, (0, 1, 2), (False, True)):
+    dot_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16}[dot]
+    attempt(
+        f"_to_dot {x_type} {dot} convert={convert} biased={biased}",
+        to_dot_kernel,
+        {"x_ptr": x_type, "y_ptr": "*" + dot},
+        {"DOT": dot_dtype, "CONVERT": convert, "BIASED": biased},
+    )
+print(json.dumps(results))
