@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark and test suite in stages, for a machine with the devkit (Redis, gguf) set up:
 #   source .devkit/setup.sh && bash bench/run_gpu.sh ckpt tests kernels model serve
+# The default model's GPU tests need its GGUF, too big for one call: scripts/split_default_gguf.sh (gguf-a, gguf-b).
 # Results land in bench/results/ (and $OUT when set). The 8B-shape random checkpoint goes to $CKPT (.ckpt/llama3-8b).
 set -uo pipefail
 export CKPT=${CKPT:-$PWD/.ckpt/llama3-8b}
@@ -14,6 +15,19 @@ fi
 log() { echo "=== $(date +%T) $*"; }
 for stage in "$@"; do
   case $stage in
+    gguf-a)
+      # first of two calls carrying the default model's GGUF in halves (scripts/split_default_gguf.sh)
+      log "default model, half a"
+      mkdir -p /tmp/kvrelay-gguf && cp .gguf_a/part /tmp/kvrelay-gguf/part_a ;;
+    gguf-b)
+      log "default model, half b"
+      name=$(cat .gguf_b/name)
+      cat /tmp/kvrelay-gguf/part_a .gguf_b/part > "/tmp/kvrelay-gguf/$name"
+      if [ "$(sha256sum "/tmp/kvrelay-gguf/$name" | cut -d' ' -f1)" = "$(cat .gguf_b/sha256)" ]; then
+        export KVRELAY_DEFAULT_GGUF=/tmp/kvrelay-gguf/$name
+      else
+        echo "default model GGUF: sha256 mismatch (was half a stashed on this machine?); its tests will skip"
+      fi ;;
     ckpt)
       log "checkpoint"
       [ -f "$CKPT/config.json" ] || python -m gateway.cli make-checkpoint --preset llama3-8b --out "$CKPT" --device cuda ;;
