@@ -144,15 +144,14 @@ def _gemv_ok(x, weight) -> bool:
 
 
 def _skinny_ok(x, weight, bias=None) -> bool:
-    """2..128 16-bit rows on a GPU, weight of their dtype, no bias: the Triton skinny GEMM's case."""
-    from kernels.triton_skinny_gemm import MAX_ROWS
-
+    """SKINNY_ROWS 16-bit rows on a GPU, weight of their dtype, no bias: the Triton skinny GEMM's case (it declines
+    more rows than it handles itself)."""
     return (
         SKINNY_GEMM
         and bias is None
         and _gpu(x)
         and x.dim() == 2
-        and max(2, SKINNY_ROWS[0]) <= x.shape[0] <= min(MAX_ROWS, SKINNY_ROWS[1])
+        and max(2, SKINNY_ROWS[0]) <= x.shape[0] <= SKINNY_ROWS[1]
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.shape[0] <= SKINNY_MAX_COLUMNS
@@ -161,8 +160,8 @@ def _skinny_ok(x, weight, bias=None) -> bool:
 
 def linear(x, weight, bias=None):
     """x [tokens, in] -> [tokens, out]. One 16-bit row on a GPU takes the Triton GEMV (faster weight streaming than
-    cuBLAS at batch 1), 2..128 rows the Triton skinny GEMM (SKINNY_GEMM); everything else is torch's (cuBLAS, or the
-    CPU)."""
+    cuBLAS at batch 1), SKINNY_ROWS rows the Triton skinny GEMM (SKINNY_GEMM); everything else is torch's (cuBLAS,
+    or the CPU)."""
     if _gemv_ok(x, weight):
         from kernels.triton_gemv import gemv
 
@@ -226,9 +225,9 @@ def _norm(x, residual, norm_weight, eps):
 
 def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_weight, down_bias):
     """The MLP after its norm: down(silu_and_mul(gate_up(rms_norm(x [+ residual])))), and the new residual (as
-    norm_linear). At batch 1 on a GPU with GATE_UP_SILU, the activation is the gate_up GEMV's epilogue; at 2..128 rows
-    with SKINNY_GEMM, the skinny GEMM's. x may be a `Summed` (residual None; see linear_add): then down_proj adds the
-    residual too where it can, and the result is (Summed, None)."""
+    norm_linear). At batch 1 on a GPU with GATE_UP_SILU, the activation is the gate_up GEMV's epilogue; at
+    SKINNY_ROWS rows with SKINNY_GEMM, the skinny GEMM's. x may be a `Summed` (residual None; see linear_add): then
+    down_proj adds the residual too where it can, and the result is (Summed, None)."""
     if isinstance(x, Summed):
         from kernels import triton_gemv as g
 
@@ -241,25 +240,29 @@ def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_w
         if summed is not None:
             return summed, None
         return linear(act, down_weight, down_bias), x.hidden
-    if GATE_UP_SILU and gate_up_bias is None and "norm" not in FUSE and _gemv_ok(x, gate_up_weight):
-        from kernels import triton_gemv as g
-
+    gemv_epilogue = GATE_UP_SILU and gate_up_bias is None and "norm" not in FUSE and _gemv_ok(x, gate_up_weight)
+    if gemv_epilogue or _skinny_ok(x, gate_up_weight, gate_up_bias):
         normed, new_residual = _norm(x, residual, norm_weight, eps)
-        out = g.gemv(normed, gate_up_weight, epilogue=g.SILU_MUL_OUT)
-        if out is not None:
-            return linear(out[0], down_weight, down_bias), new_residual
-        # no GEMV config for this shape: the norm is done, the rest as below
-        return silu_mul_linear(linear(normed, gate_up_weight), down_weight, down_bias), new_residual
-    if _skinny_ok(x, gate_up_weight, gate_up_bias):
-        from kernels import triton_skinny_gemm as sg
-
-        normed, new_residual = _norm(x, residual, norm_weight, eps)
-        out = sg.skinny_gemm(normed, gate_up_weight, sg.SILU_MUL_OUT)
-        if out is not None:
-            return linear(out, down_weight, down_bias), new_residual
+        act = _gate_up_silu(normed, gate_up_weight, gemv_epilogue)
+        if act is not None:
+            return linear(act, down_weight, down_bias), new_residual
+        # no kernel config for this shape: the norm is done, the rest as below
         return silu_mul_linear(linear(normed, gate_up_weight), down_weight, down_bias), new_residual
     gate_up, new_residual = norm_linear(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias)
     return silu_mul_linear(gate_up, down_weight, down_bias), new_residual
+
+
+def _gate_up_silu(x, gate_up_weight, gemv: bool):
+    """silu(gate) * up of x's gate_up projection in one kernel: the batch-1 GEMV's epilogue (gemv) or the skinny
+    GEMM's; None if the kernel has no config for the shape."""
+    if gemv:
+        from kernels import triton_gemv as g
+
+        out = g.gemv(x, gate_up_weight, epilogue=g.SILU_MUL_OUT)
+        return None if out is None else out[0]
+    from kernels import triton_skinny_gemm as sg
+
+    return sg.skinny_gemm(x, gate_up_weight, sg.SILU_MUL_OUT)
 
 
 def silu_mul_linear(gate_up, weight, bias=None):

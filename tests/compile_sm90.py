@@ -55,55 +55,19 @@ def attempt(name, *a, **k):
 base = dict(
     GROUP=4, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=128, INPUT_PRECISION=None, PDL=True
 )
+
+
+def kv_variant(k_type, v_type, dot, convert, scaled=True, biased=False, pairs=False):
+    """Pointer dtypes and constexprs of one KV format, as paged_decode_attention launches it."""
+    consts = dict(K_SCALED=scaled, V_SCALED=scaled, K_DOT_DTYPE=dot, V_DOT_DTYPE=dot, CONVERT=convert)
+    return {"k_cache_ptr": k_type, "v_cache_ptr": v_type}, consts | dict(K_BIASED=biased, V_PAIRS=pairs)
+
+
 kv = {
-    "bf16": (
-        {"k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16"},
-        dict(
-            K_SCALED=False,
-            V_SCALED=False,
-            K_DOT_DTYPE=tl.bfloat16,
-            V_DOT_DTYPE=tl.bfloat16,
-            CONVERT=2,
-            K_BIASED=False,
-            V_PAIRS=False,
-        ),
-    ),
-    "int8_pairs": (
-        {"k_cache_ptr": "*i8", "v_cache_ptr": "*i16"},
-        dict(
-            K_SCALED=True,
-            V_SCALED=True,
-            K_DOT_DTYPE=tl.float16,
-            V_DOT_DTYPE=tl.float16,
-            CONVERT=2,
-            K_BIASED=True,
-            V_PAIRS=True,
-        ),
-    ),
-    "int8_plain": (
-        {"k_cache_ptr": "*i8", "v_cache_ptr": "*i8"},
-        dict(
-            K_SCALED=True,
-            V_SCALED=True,
-            K_DOT_DTYPE=tl.float16,
-            V_DOT_DTYPE=tl.float16,
-            CONVERT=1,
-            K_BIASED=False,
-            V_PAIRS=False,
-        ),
-    ),
-    "fp8": (
-        {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"},
-        dict(
-            K_SCALED=True,
-            V_SCALED=True,
-            K_DOT_DTYPE=tl.float16,
-            V_DOT_DTYPE=tl.float16,
-            CONVERT=2,
-            K_BIASED=False,
-            V_PAIRS=False,
-        ),
-    ),
+    "bf16": kv_variant("*bf16", "*bf16", tl.bfloat16, 2, scaled=False),
+    "int8_pairs": kv_variant("*i8", "*i16", tl.float16, 2, biased=True, pairs=True),
+    "int8_plain": kv_variant("*i8", "*i8", tl.float16, 1),
+    "fp8": kv_variant("*fp8e4nv", "*fp8e4nv", tl.float16, 2),
 }
 common_ptrs = {
     "q_ptr": "*bf16",

@@ -158,10 +158,9 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, self.cos_sin_cache, meta, pool)
-        if isinstance(x, ops.Summed):
-            x, residual = x.hidden, None
-        x = self.model.norm(x, residual)
-        x = x[0] if isinstance(x, tuple) else x
+        if isinstance(x, ops.Summed):  # the last down_proj added the residual itself
+            return self.model.norm(x.hidden)
+        x, _ = self.model.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
