@@ -4,12 +4,15 @@ the hand-off's added latency (prefill reply -> decode's first token, minus one d
     python bench/serve_latency.py --model DIR [--kv-dtype int8] [--max-model-len 4096] [--no-decode-overlap]
 
 --no-decode-overlap runs the decode loop that waits for every step (records named *_no_overlap), for comparison.
+--trace logs the hand-off's timeline in every process (KVRELAY_TRACE_HANDOFF=1) and prints its medians relative to
+prefill's offer; records are not written then (the marks cost a little on the path they time).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -23,6 +26,7 @@ from bench.common import copy_bandwidth, record, write_benchmarks_md  # noqa: E4
 from bench.model_bench import weight_bytes  # noqa: E402
 from gateway.client import AsyncClient  # noqa: E402
 from kvstore.formats import bytes_per_token, parse_kv_dtype  # noqa: E402
+from services.common import trace  # noqa: E402
 from services.model.config import ModelConfig  # noqa: E402
 from services.model.llama import LlamaForCausalLM  # noqa: E402
 from tests.deployment import Deployment  # noqa: E402
@@ -75,6 +79,13 @@ async def measure(address: str, vocab: int, ctx: int, n_tokens: int, n_handoff: 
         return itl, ttft, statistics.median(handoffs), statistics.median(decode_side), finish
 
 
+def print_timeline(text: str, itl: float, ttft: dict, handoff: float) -> None:
+    print(f"ITL {itl:.3f} ms, TTFT median {ttft['median']:.3f} ms (prefill {ttft['prefill_median']:.3f} ms), "
+          f"hand-off p50 {handoff:.3f} ms; medians over the requests, ms after prefill's offer in Redis:")  # fmt: skip
+    for event, ms, n in trace.median_offsets(text, "pf_offered"):
+        print(f"  {event:<18} {ms:+9.3f}  ({n} requests)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -82,7 +93,10 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--no-decode-overlap", action="store_true", help="decode waits for each step's tokens")
+    parser.add_argument("--trace", action="store_true", help="print the hand-off timeline; write no records")
     args = parser.parse_args()
+    if args.trace:
+        os.environ["KVRELAY_TRACE_HANDOFF"] = "1"  # inherited by every process of the deployment
     suffix, command = ("_no_overlap", COMMAND + " --no-decode-overlap") if args.no_decode_overlap else ("", COMMAND)
     bw = copy_bandwidth()
     torch.cuda.empty_cache()
@@ -104,6 +118,9 @@ def main() -> None:
         itl, ttft, handoff, decode_side, finish = asyncio.run(measure(d.address, vocab, args.ctx, 128, N_HANDOFF))
     finally:
         d.stop()
+    if args.trace:
+        print_timeline(d.log.read_text(), itl, ttft, handoff)
+        return
     floor = floor_ms(args.model, args.kv_dtype, args.ctx + 64, bw)
     record("client_itl_bs1_ctx1k" + suffix, itl, "ms", floor, floor / itl, command)
     record("client_ttft_ctx1k" + suffix, ttft["median"], "ms", 0.0, 0.0, command,

@@ -31,6 +31,7 @@ from kvrelay.v1 import (
     prefill_pb2_grpc,
 )
 from kvstore.sessions import SessionState, SessionStore, WrongState
+from services.common import trace
 from services.common.attach import fetch_layout
 from services.common.convert import params_to_proto
 from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
@@ -258,6 +259,8 @@ class _Stream:
     async def messages(self, context):
         reply = await self._prefill(context)
         t_prefilled = time.perf_counter()
+        trace.mark(self.session_id, "gw_start", self.start)
+        trace.mark(self.session_id, "gw_prefill_reply", t_prefilled)
         self.timings.queue_ms, self.timings.prefill_ms = reply.queue_ms, reply.prefill_ms
         self.cached_tokens = reply.cached_tokens
         self.timings.ttft_ms = (t_prefilled - self.start) * 1e3
@@ -273,6 +276,7 @@ class _Stream:
             async for d in self.decode_call:
                 if t_decode is None:
                     t_decode = time.perf_counter()
+                    trace.mark(self.session_id, "gw_decode_first", t_decode)
                     self.handed_off = True
                     self.timings.handoff_ms = (t_decode - t_prefilled) * 1e3
                     self.timings.handoff_decode_ms = d.first_step_ms

@@ -17,6 +17,7 @@ import grpc
 
 from kvrelay.v1 import common_pb2, decode_pb2_grpc
 from kvstore.sessions import SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
+from services.common import trace
 from services.common.convert import params_from_proto
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.decode.step_loop import RunningSeq, StepLoop
@@ -66,11 +67,15 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
                 f"token_ids has {len(history)} tokens; the pool holds {record.num_tokens} (+1 pending expected)",
             )
         seq = self._join(request, params, history, num_generated, record, received)
+        first = True
         try:
             while True:
                 message = await seq.out.get()
                 if isinstance(message, grpc.StatusCode):
                     await context.abort(message, "no KV blocks left to continue this sequence")
+                if first:
+                    trace.mark(seq.session_id, "dc_yield")
+                    first = False
                 yield message
                 if message.finish != common_pb2.FINISH_REASON_UNSPECIFIED:
                     return
@@ -95,6 +100,7 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         )
         self.running.append(seq)
         self.wakeup.set()
+        trace.mark(seq.session_id, "dc_joined")
         return seq
 
     async def _adopt(self, request, history: list[int], **guards) -> SessionRecord:
@@ -136,6 +142,8 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
                     record = await self._adopt(
                         request, history, expected_state=SessionState.PREFILLED, expected_request=request.request_id
                     )
+                    trace.mark(sid, "dc_adopt_sent", offered)
+                    trace.mark(sid, "dc_adopted")
                     return record, offered
                 except (WrongState, SessionNotFound):
                     pass  # not offered yet: still being prefilled, or not even admitted
@@ -152,6 +160,7 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         while True:
             try:
                 async for sid in self.store.prefilled_sessions():
+                    trace.mark(sid, "dc_notice")
                     for notice in self.awaiting.get(sid, ()):
                         notice.set()
             except Exception:  # Redis hiccup: the waiting calls poll meanwhile; subscribe again

@@ -32,6 +32,7 @@ from kvrelay.v1 import common_pb2, decode_pb2
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
 from kvstore.sessions import SessionError
+from services.common import trace
 from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import LEASE_MS, sync_device
 from services.model.sampler import PendingSample, SampleOutput, finish_reason
@@ -95,6 +96,7 @@ class StepLoop:
     async def _start_from_host(self) -> None:
         """Queue a step over every sequence that can grow, with input ids from the host (nothing is in flight)."""
         batch, paused = [], []
+        self._mark_new(self.running, "dc_loop")
         for seq in list(self.running):
             (batch if await self._grow(seq) else paused).append(seq)
         if paused and not batch:
@@ -162,12 +164,23 @@ class StepLoop:
         # With prev, the host has not seen the tokens of the step before: every position is one further.
         ahead = 0 if prev is None else 1
         tokens = prev.token_ids if prev is not None else [s.history[-1] for s in batch]
+        self._mark_new(batch, "dc_launch")
         logits = self.attached.runner.decode(
             tokens, [s.num_cached + ahead for s in batch], [s.block_table for s in batch]
         )
-        return self.sampler.launch(
+        pending = self.sampler.launch(
             logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch]
         )
+        self._mark_new(batch, "dc_queued")
+        return pending
+
+    @staticmethod
+    def _mark_new(batch: list[RunningSeq], event: str) -> None:
+        """Hand-off trace (KVRELAY_TRACE_HANDOFF=1): marks for sequences whose first token is not out yet."""
+        if trace.ENABLED:
+            for seq in batch:
+                if not seq.first_sent:
+                    trace.mark(seq.session_id, event)
 
     async def _finish(self, step: Step, out: SampleOutput, nxt: Step | None) -> None:
         """Stream the tokens of a completed step. `nxt`, when queued, still writes into the blocks of the sequences
@@ -177,6 +190,7 @@ class StepLoop:
             await self._release(seq)
             if msg is not None:
                 seq.out.put_nowait(msg)
+        self._mark_new(step.batch, "dc_read")
         queued = nxt.batch if nxt is not None else []
         eos = self.attached.config.eos_token_ids
         limit = self.attached.max_model_len

@@ -18,6 +18,7 @@ from kvrelay.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
 from kvstore.sessions import SessionError, SessionState
+from services.common import trace
 from services.common.convert import FINISH, logprob_to_proto, params_from_proto
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
 from services.model.runner import SeqChunk
@@ -223,6 +224,9 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         eos = self.attached.config.eos_token_ids
         for row, job in enumerate(jobs):
             self.ready.remove(job)
+            trace.mark(job.session_id, "pf_arrived", job.arrived)
+            trace.mark(job.session_id, "pf_started", job.started)
+            trace.mark(job.session_id, "pf_computed")
             token = out.token_ids[row]
             full = len(job.token_ids) + 1 >= self.attached.max_model_len
             reason = finish_reason(token, 1, job.params, eos, full)
@@ -240,6 +244,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                     first_token=token,
                     request_id=job.request_id,
                 )
+                trace.mark(job.session_id, "pf_offered")
             if job.future.done():
                 continue
             now = time.perf_counter()
@@ -255,6 +260,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             if lp is not None:
                 response.logprob.CopyFrom(lp)
             job.future.set_result(response)
+            trace.mark(job.session_id, "pf_replied")
 
     def main_sync(self) -> None:
         asyncio.run(
