@@ -33,7 +33,7 @@ for stage in "$@"; do
       [ -f "$CKPT/config.json" ] || python -m gateway.cli make-checkpoint --preset llama3-8b --out "$CKPT" --device cuda ;;
     tests)
       log "GPU tests"
-      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py tests/test_triton_gemv.py 2>&1 | tail -40 ;;
+      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py tests/test_triton_gemv.py tests/test_triton_skinny_gemm.py tests/test_triton_fused_decode.py 2>&1 | tail -40 ;;
     kernels)
       log "kernel benchmarks"
       python bench/kernel_bench.py ;;

@@ -6,9 +6,32 @@ sequences (not tokens) keeps this clear; the Triton kernel does the same math wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from kernels.rotary_store_kv import rotary_store_kv_ref
 from kvstore.pool import LayerKV
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """A decode step's new token per sequence, for attention that also rotates and stores it: its unrotated key and
+    value [num_seqs, num_kv_heads, head_dim], positions [num_seqs], the rotary cos/sin cache [max_positions, rot_dim]
+    and the slots [num_seqs] it goes to (-1: batch padding, not stored)."""
+
+    positions: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+def rotary_store_decode_attention_ref(query, layer, block_tables, context_lens, scale, new: NewToken) -> torch.Tensor:
+    """rotary_store_kv_ref of the new token (query unrotated), then paged_decode_attention_ref: what the Triton
+    decode kernel does in one launch when given `new`."""
+    query = rotary_store_kv_ref(new.positions, query, new.key, new.value, new.cos_sin_cache, layer, new.slot_mapping)
+    return paged_decode_attention_ref(query, layer, block_tables, context_lens, scale)
 
 
 def paged_decode_attention_ref(

@@ -110,6 +110,24 @@ def rotary(positions, query, key, cos_sin_cache):
     return rotary_ref_mod.rotary_ref(positions, query, key, cos_sin_cache)
 
 
+def rotary_store_decode_attention(positions, query, key, value, cos_sin_cache, layer, slot_mapping, block_tables,
+                                  context_lens, scale, max_context_len=None):  # fmt: skip
+    """A decode step's attention from the qkv projection's output: rotary, the new K/V into the pool, attention over
+    the pool. One kernel on a GPU (kernels.triton_decode_attention.FUSED_ROTARY; off: rotary_store_kv's kernel, then
+    the attention kernel); the references in sequence on the CPU."""
+    new = decode_attention.NewToken(positions, key, value, cos_sin_cache, slot_mapping)
+    if _gpu(query):
+        from kernels import triton_decode_attention as kernel
+
+        if kernel.FUSED_ROTARY:
+            return kernel.paged_decode_attention(
+                query, layer, block_tables, context_lens, scale, max_context_len=max_context_len, new=new
+            )
+        query = rotary_store_kv(positions, query, key, value, cos_sin_cache, layer, slot_mapping)
+        return kernel.paged_decode_attention(query, layer, block_tables, context_lens, scale, max_context_len)
+    return decode_attention.rotary_store_decode_attention_ref(query, layer, block_tables, context_lens, scale, new)
+
+
 def rotary_store_kv(positions, query, key, value, cos_sin_cache, layer, slot_mapping):
     """rotary, then store_kv of the rotated key and the value; returns the rotated query. One kernel on a GPU (two
     with kernels.triton_rotary_store_kv.FUSED off, for an A/B); the references in sequence on the CPU."""

@@ -29,6 +29,11 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
+from kernels.decode_attention import NewToken
+from kernels.rotary import check_rotary_args
+from kernels.store_kv import check_store_kv_args
+from kernels.triton_rotary_store_kv import _rope_factors, _rotate_store_token, _rotated_rows
+from kernels.triton_store_kv import quantize_constexprs
 from kvstore.formats import KVFormat
 from kvstore.pool import LayerKV
 
@@ -65,6 +70,15 @@ QUANTIZED_NVIDIA_TUNING = {"num_stages": 3, "maxnreg": 128, "programs_per_sm": 2
 # (`model_bench --sweep kernels.triton_decode_attention.V_PAIRS=1,0`); tuning "pairs"/"biased" per call.
 K_BIASED = True
 V_PAIRS = True
+
+# One launch per layer instead of three at batch 1 (module switches, read at each call, for in-process A/B:
+# `model_bench --sweep kernels.triton_decode_attention.FUSED_REDUCE=1,0`):
+# - FUSED_ROTARY: given the new token (`NewToken`), the kernel rotates the query and the key and stores K/V itself
+#   (kernels/ops.py's rotary_store_decode_attention), instead of the rotary_store_kv kernel before it;
+# - FUSED_REDUCE: the last split program of each (sequence, kv head) to finish combines the splits, instead of the
+#   reduce kernel after it.
+FUSED_ROTARY = True
+FUSED_REDUCE = True
 
 _LOG2E = 1.4426950408889634
 
@@ -195,6 +209,28 @@ def _decode_split_kernel(
     stride_o_s,
     stride_o_h,
     stride_o_d,
+    # ROTARY (the new token's rotary and K/V store done here, `NewToken`): query_ptr holds the unrotated query
+    positions_ptr,  # [num_seqs]
+    k_new_ptr,  # [num_seqs, num_kv_heads, head_dim] the new token's unrotated key
+    v_new_ptr,
+    cos_sin_ptr,  # [max_positions, rot_dim] = cat(cos, sin)
+    slot_mapping_ptr,  # [num_seqs] int64, -1 for batch padding
+    k_pool_ptr,  # the pool as stored (v_cache_ptr may be its int16 view), for the store
+    v_pool_ptr,
+    stride_kn_s,
+    stride_kn_h,
+    stride_vn_s,
+    stride_vn_h,
+    stride_cache,
+    stride_kp_b,
+    stride_kp_s,
+    stride_kp_h,
+    stride_kp_d,
+    stride_vp_b,
+    stride_vp_s,
+    stride_vp_h,
+    stride_vp_d,
+    counters_ptr,  # FUSED_REDUCE: [num_seqs * num_kv_heads] int32, 0 between calls
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -210,6 +246,19 @@ def _decode_split_kernel(
     CONVERT: tl.constexpr,
     K_BIASED: tl.constexpr,  # int8 K reaches the dot as k + 1152 (`_to_dot`)
     V_PAIRS: tl.constexpr,  # v_cache_ptr is the int8 pool viewed as int16 (strides in int16 elements): `_pairs_to_dot`
+    ROTARY: tl.constexpr,
+    HALF: tl.constexpr,  # ROTARY: half the rotated dims
+    K_MODE: tl.constexpr,  # ROTARY: the store's quantization (kernels/triton_store_kv.py, quantize_constexprs)
+    V_MODE: tl.constexpr,
+    K_QMAX: tl.constexpr,
+    V_QMAX: tl.constexpr,
+    K_INV_QMAX: tl.constexpr,
+    V_INV_QMAX: tl.constexpr,
+    RECIPROCAL: tl.constexpr,
+    FP8_MIN_NORMAL_EXP: tl.constexpr,
+    FP8_MANTISSA_BITS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,  # the last split of a (sequence, kv head) to finish combines them (no reduce kernel)
+    SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
@@ -234,15 +283,33 @@ def _decode_split_kernel(
     mask_gd = mask_g[:, None] & mask_d[None, :]
 
     # [GROUP_PAD, HEAD_DIM_PAD]; padded rows and columns are 0.
-    q = (
-        tl.load(
-            q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d,
-            mask=mask_gd,
-            other=0.0,
-        )
-        .to(tl.float32)
-        .to(K_DOT_DTYPE)
-    )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
+    if ROTARY:
+        # Every program rotates its query heads (a few hundred values); the one whose share holds the new token
+        # rotates its key and stores it and the value, with store_kv's quantization, before its loop reads them back.
+        lo, c_lo, c_hi = _rope_factors(positions_ptr, seq, cos_sin_ptr, stride_cache, offs_d, HALF)
+        q = _rotated_rows(q_ptr + seq * stride_q_s, stride_q_h, tl.where(mask_g, heads, num_heads), num_heads, offs_d,
+                          lo, c_lo, c_hi, 2 * HALF, HALF, HEAD_DIM).to(K_DOT_DTYPE)  # fmt: skip
+        if (context_len - 1 >= start) & (context_len - 1 < end):
+            # kv heads [kv_head, kv_head + 1), as a 2-wide vector (the second masked off)
+            _rotate_store_token(k_new_ptr + seq * stride_kn_s, v_new_ptr + seq * stride_vn_s, stride_kn_h,
+                                stride_vn_h, tl.load(slot_mapping_ptr + seq).to(tl.int64), kv_head + tl.arange(0, 2),
+                                kv_head + 1, BLOCK_SIZE, offs_d, lo, c_lo, c_hi, k_pool_ptr, v_pool_ptr, k_scale_ptr,
+                                v_scale_ptr, stride_kp_b, stride_kp_s, stride_kp_h, stride_kp_d, stride_vp_b,
+                                stride_vp_s, stride_vp_h, stride_vp_d, stride_ks_b, stride_ks_s, stride_ks_h,
+                                stride_vs_b, stride_vs_s, stride_vs_h, HALF, HEAD_DIM, K_MODE, V_MODE, K_QMAX, V_QMAX,
+                                K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+        # The threads that stored are not the ones that load: the CTA's stores are visible to it after a barrier.
+        tl.debug_barrier()
+    else:
+        q = (
+            tl.load(
+                q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d,
+                mask=mask_gd,
+                other=0.0,
+            )
+            .to(tl.float32)
+            .to(K_DOT_DTYPE)
+        )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
     if K_BIASED:
         # q . (k + 1152) = q . k + 1152 * sum(q), the sum of the fp16 values the dot reads
         q_bias = 1152.0 * tl.sum(q.to(tl.float32), axis=1)  # [GROUP_PAD]
@@ -351,6 +418,18 @@ def _decode_split_kernel(
                          offs_h, mask_h, V_PAIRS)  # fmt: skip
         tl.store(ws_max_ptr + row, m_i, mask=mask_g)
         tl.store(ws_sum_ptr + row, l_i, mask=mask_g)
+        if FUSED_REDUCE:
+            # CUTLASS's semaphore pattern: a CTA barrier, then one thread's release (the scalar atomic) publishes the
+            # whole CTA's partial; the program that counts last acquires, and after the broadcast's barrier all its
+            # threads read every split's partial. It sets the counter back to 0 for the next call (graph-safe).
+            tl.debug_barrier()
+            counter = counters_ptr + seq * (num_heads // GROUP) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                for g in tl.static_range(GROUP):
+                    _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, kv_head * GROUP + g, num_heads,
+                                    num_splits, stride_o_s, stride_o_h, stride_o_d, HEAD_DIM, HEAD_DIM_PAD,
+                                    SPLITS_PAD, True)  # fmt: skip
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -370,16 +449,26 @@ def _decode_reduce_kernel(
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+    seq, head = tl.program_id(0), tl.program_id(1)
+    _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, head, num_heads, num_splits, stride_o_s,
+                    stride_o_h, stride_o_d, HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, False)  # fmt: skip
+
+
+@triton.jit
+def _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, head, num_heads, num_splits, stride_o_s,
+                    stride_o_h, stride_o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    SPLITS_PAD: tl.constexpr, FROM_L2: tl.constexpr):  # fmt: skip
+    """One head's output from its splits' partials. FROM_L2: the partials were written by other programs of the same
+    kernel, read around L1 (which is not coherent across SMs)."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_s = offs_s < num_splits
     mask_d = offs_d < HEAD_DIM
     rows = (seq * num_heads + head) * num_splits + offs_s  # [SPLITS_PAD]
+    cache: tl.constexpr = ".cg" if FROM_L2 else ""
 
-    m = tl.load(ws_max_ptr + rows, mask=mask_s, other=float("-inf"))
-    l_split = tl.load(ws_sum_ptr + rows, mask=mask_s, other=0.0)
+    m = tl.load(ws_max_ptr + rows, mask=mask_s, other=float("-inf"), cache_modifier=cache)
+    l_split = tl.load(ws_sum_ptr + rows, mask=mask_s, other=0.0, cache_modifier=cache)
     m_max = tl.max(m, axis=0)
     # All splits empty (context_len 0): any finite reference point; every weight is then exp2(-inf) = 0.
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
@@ -388,7 +477,7 @@ def _decode_reduce_kernel(
 
     # [SPLITS_PAD, HEAD_DIM_PAD]
     acc = tl.load(ws_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
-                  other=0.0)  # fmt: skip
+                  other=0.0, cache_modifier=cache)  # fmt: skip
     out = tl.sum(acc * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + offs_d * stride_o_d, out.to(out_ptr.dtype.element_ty),
              mask=mask_d)  # fmt: skip
@@ -447,9 +536,12 @@ def paged_decode_attention(
     num_splits: int | None = None,
     max_context_len: int | None = None,
     tuning: dict | None = None,
+    new: NewToken | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's query over its first context_lens[b] cached tokens (which include the query's own
-    K/V, stored beforehand). Same contract as `paged_decode_attention_ref`.
+    K/V, stored beforehand). Same contract as `paged_decode_attention_ref`; with `new`, as
+    `rotary_store_decode_attention_ref`: the query is unrotated, and the new token's K/V are rotated and stored by
+    this kernel (the same bits as kernels/triton_rotary_store_kv.py) before it reads them.
 
     query:           [num_seqs, num_heads, head_dim]; num_heads a multiple of num_kv_heads (query head h reads kv
                      head h // (num_heads // num_kv_heads))
@@ -459,7 +551,8 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits
+                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits,
+                     fused_reduce
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
     """
     num_seqs, num_heads, head_dim = query.shape
@@ -479,7 +572,15 @@ def paged_decode_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
-    out = torch.empty_like(query)
+    rot_dim = 0
+    if new is not None:
+        check_store_kv_args(new.key, new.value, layer, new.slot_mapping)
+        rot_dim = check_rotary_args(new.positions, query, new.key, new.cos_sin_cache)
+        if query.stride(-1) != 1:
+            query = query.contiguous()
+        new = NewToken(new.positions, *(t if t.stride(-1) == 1 else t.contiguous() for t in (new.key, new.value)),
+                       new.cos_sin_cache.contiguous(), new.slot_mapping)  # fmt: skip
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
         return out
 
@@ -501,6 +602,8 @@ def paged_decode_attention(
     extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
+    fused_reduce = num_splits > 1 and tuning.get("fused_reduce", FUSED_REDUCE)
+    counters = _counters(query.device, num_seqs * num_kv_heads) if fused_reduce else out
     if num_splits == 1:
         # Not read: the split kernel writes `out` directly.
         ws_acc = ws_max = ws_sum = out
@@ -548,6 +651,8 @@ def paged_decode_attention(
         *v_scale_strides,
         block_tables.stride(0),
         *out.stride(),
+        *_new_token_args(new, query, layer),
+        counters,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -563,11 +668,17 @@ def paged_decode_attention(
         CONVERT=convert,
         K_BIASED=k_biased,
         V_PAIRS=v_pairs,
+        ROTARY=new is not None,
+        HALF=rot_dim // 2,
+        # the rotated key is rounded to its dtype before it is quantized, as the rotary_store_kv kernel does
+        **quantize_constexprs(layer, *((new.key.dtype, new.value.dtype) if new else (query.dtype,) * 2), query.device),
+        FUSED_REDUCE=fused_reduce,
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out,
             ws_acc,
@@ -583,3 +694,39 @@ def paged_decode_attention(
             **pdl.launch_options(query.device),
         )
     return out
+
+
+def _new_token_args(new: NewToken | None, query: torch.Tensor, layer: LayerKV) -> list:
+    """The kernel's ROTARY arguments (any tensors and zero strides without `new`: never touched then)."""
+    if new is None:
+        return [query] * 7 + [0] * 13
+    return [
+        new.positions,
+        new.key,
+        new.value,
+        new.cos_sin_cache,
+        new.slot_mapping,
+        layer.k_cache,
+        layer.v_cache,
+        *new.key.stride()[:2],
+        *new.value.stride()[:2],
+        new.cos_sin_cache.stride(0),
+        *layer.k_cache.stride(),
+        *layer.v_cache.stride(),
+    ]
+
+
+# FUSED_REDUCE's arrival counters, one int32 per (sequence, kv head), per device and stream: each call's last program
+# sets its counters back to 0, so one zeroed buffer serves every call (and every CUDA graph) on that stream.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Allocated during a capture, memory of the graph's own pool: that graph's alone, never cached.
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf

@@ -78,6 +78,83 @@ def _rotated_rows(
 
 
 @triton.jit
+def _rope_factors(positions_ptr, token, cache_ptr, stride_cache, offs_d, HALF: tl.constexpr):
+    """(lo, c_lo, c_hi) of `_rotated_rows` for the token at positions[token]: its cos/sin laid out over a head's dims
+    (frequency d mod HALF)."""
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    first = offs_d < HALF
+    second = (offs_d >= HALF) & (offs_d < 2 * HALF)
+    lo = tl.where(second, offs_d - HALF, offs_d)
+    cache_row = cache_ptr + position * stride_cache
+    cos = tl.load(cache_row + lo, mask=first | second, other=0.0).to(tl.float32)
+    sin = tl.load(cache_row + HALF + lo, mask=first | second, other=0.0).to(tl.float32)
+    return lo, tl.where(first, cos, sin), tl.where(first, -sin, cos)
+
+
+@triton.jit
+def _rotate_store_token(
+    k_row_ptr,  # the token's [num_kv_heads, head_dim] key rows
+    v_row_ptr,
+    stride_kh,
+    stride_vh,
+    slot,  # int64; -1: a padding token, nothing is stored
+    kv_heads,  # [BLOCK_KH] the heads to store; those >= num_kv_heads are masked off
+    num_kv_heads,
+    block_size,
+    offs_d,
+    lo,
+    c_lo,
+    c_hi,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    stride_kc_b,
+    stride_kc_s,
+    stride_kc_h,
+    stride_kc_d,
+    stride_vc_b,
+    stride_vc_s,
+    stride_vc_h,
+    stride_vc_d,
+    stride_ks_b,
+    stride_ks_s,
+    stride_ks_h,
+    stride_vs_b,
+    stride_vs_s,
+    stride_vs_h,
+    HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K_MODE: tl.constexpr,
+    V_MODE: tl.constexpr,
+    K_QMAX: tl.constexpr,
+    V_QMAX: tl.constexpr,
+    K_INV_QMAX: tl.constexpr,
+    V_INV_QMAX: tl.constexpr,
+    RECIPROCAL: tl.constexpr,
+    FP8_MIN_NORMAL_EXP: tl.constexpr,
+    FP8_MANTISSA_BITS: tl.constexpr,
+):
+    """One token's key rotated and, with its value, quantized into the pool at `slot` (kv_heads of it)."""
+    valid = slot >= 0
+    block = slot // block_size
+    offset = slot % block_size
+    head_mask = (kv_heads < num_kv_heads) & valid
+    mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    # The value's load is issued before the key's arithmetic: both are in flight together.
+    value = tl.load(v_row_ptr + kv_heads[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    # A padding token's key is rotated too, but nothing of it is stored: every store is masked by `valid`.
+    key = _rotated_rows(k_row_ptr, stride_kh, kv_heads, num_kv_heads, offs_d, lo, c_lo, c_hi, 2 * HALF, HALF,
+                        HEAD_DIM)  # fmt: skip
+    _store_at_slot(key, mask, head_mask, k_cache_ptr, k_scale_ptr, block, offset, kv_heads, offs_d, stride_kc_b,
+                   stride_kc_s, stride_kc_h, stride_kc_d, stride_ks_b, stride_ks_s, stride_ks_h, K_MODE, K_QMAX,
+                   K_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+    _store_at_slot(value, mask, head_mask, v_cache_ptr, v_scale_ptr, block, offset, kv_heads, offs_d, stride_vc_b,
+                   stride_vc_s, stride_vc_h, stride_vc_d, stride_vs_b, stride_vs_s, stride_vs_h, V_MODE, V_QMAX,
+                   V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+
+
+@triton.jit
 def _rotary_store_kv_kernel(
     positions_ptr,  # [num_tokens] int
     q_ptr,  # [num_tokens, num_heads, head_dim]
@@ -136,17 +213,8 @@ def _rotary_store_kv_kernel(
     token = tl.program_id(0).to(tl.int64)
     role = tl.program_id(1)  # 0: the query heads; 1: the key heads, then the K/V store
 
-    # The token's cos/sin laid out over a head's dims (see _rotated_rows): frequency d mod HALF.
-    position = tl.load(positions_ptr + token).to(tl.int64)
     offs_d = tl.arange(0, DIM_PAD)
-    first = offs_d < HALF
-    second = (offs_d >= HALF) & (offs_d < 2 * HALF)
-    lo = tl.where(second, offs_d - HALF, offs_d)
-    cache_row = cache_ptr + position * stride_cache
-    cos = tl.load(cache_row + lo, mask=first | second, other=0.0).to(tl.float32)
-    sin = tl.load(cache_row + HALF + lo, mask=first | second, other=0.0).to(tl.float32)
-    c_lo = tl.where(first, cos, sin)
-    c_hi = tl.where(first, -sin, cos)
+    lo, c_lo, c_hi = _rope_factors(positions_ptr, token, cache_ptr, stride_cache, offs_d, HALF)
 
     # Each branch names its own variables: Triton requires a name bound in both branches of an if to have one type.
     if role == 0:
@@ -157,27 +225,14 @@ def _rotary_store_kv_kernel(
         q_out = q_out_ptr + token * stride_qot + q_heads[:, None] * stride_qoh + offs_d[None, :]
         tl.store(q_out, q.to(q_out_ptr.dtype.element_ty), mask=q_mask)
     else:
+        # slot -1 marks a padding token: every store is masked off (as in store_kv).
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        # slot -1 marks a padding token: every store below is masked off (as in store_kv).
-        valid = slot >= 0
-        block = slot // block_size
-        offset = slot % block_size
-        kv_heads = tl.arange(0, BLOCK_KH)
-        head_mask = (kv_heads < num_kv_heads) & valid
-        mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-        # The value's load is issued before the key's arithmetic: both are in flight together.
-        value = tl.load(
-            v_ptr + token * stride_vt + kv_heads[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
-        key = _rotated_rows(k_ptr + token * stride_kt, stride_kh, kv_heads, num_kv_heads, offs_d, lo, c_lo, c_hi,
-                            2 * HALF, HALF, HEAD_DIM)  # fmt: skip
-        # A padding token's key is rotated too, but nothing of it is stored: every store is masked by `valid`.
-        _store_at_slot(key, mask, head_mask, k_cache_ptr, k_scale_ptr, block, offset, kv_heads, offs_d, stride_kc_b,
-                       stride_kc_s, stride_kc_h, stride_kc_d, stride_ks_b, stride_ks_s, stride_ks_h, K_MODE, K_QMAX,
-                       K_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
-        _store_at_slot(value, mask, head_mask, v_cache_ptr, v_scale_ptr, block, offset, kv_heads, offs_d, stride_vc_b,
-                       stride_vc_s, stride_vc_h, stride_vc_d, stride_vs_b, stride_vs_s, stride_vs_h, V_MODE, V_QMAX,
-                       V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+        _rotate_store_token(k_ptr + token * stride_kt, v_ptr + token * stride_vt, stride_kh, stride_vh, slot,
+                            tl.arange(0, BLOCK_KH), num_kv_heads, block_size, offs_d, lo, c_lo, c_hi, k_cache_ptr,
+                            v_cache_ptr, k_scale_ptr, v_scale_ptr, stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_d,
+                            stride_vc_b, stride_vc_s, stride_vc_h, stride_vc_d, stride_ks_b, stride_ks_s, stride_ks_h,
+                            stride_vs_b, stride_vs_s, stride_vs_h, HALF, HEAD_DIM, K_MODE, V_MODE, K_QMAX, V_QMAX,
+                            K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

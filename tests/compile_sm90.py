@@ -8,6 +8,7 @@ import itertools
 import json
 import time
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -17,6 +18,8 @@ from kernels import triton_decode_attention as da
 from kernels import triton_gemv as gv
 from kernels import triton_skinny_gemm as sg
 from kernels.triton_decode_attention import _to_dot
+from kernels.triton_store_kv import _fp8_grid, _inv_qmax, _mode
+from kvstore.formats import KVFormat
 
 SM90 = GPUTarget("cuda", 90, 32)
 FLOATS = {"qk_scale", "eps"}
@@ -57,17 +60,26 @@ base = dict(
 )
 
 
-def kv_variant(k_type, v_type, dot, convert, scaled=True, biased=False, pairs=False):
-    """Pointer dtypes and constexprs of one KV format, as paged_decode_attention launches it."""
+def kv_variant(fmt, k_type, v_type, dot, convert, biased=False, pairs=False):
+    """Pointer dtypes and constexprs of one KV format, as paged_decode_attention launches it (with the new token's
+    store in the same format: quantize_constexprs)."""
+    scaled = fmt.has_scale
     consts = dict(K_SCALED=scaled, V_SCALED=scaled, K_DOT_DTYPE=dot, V_DOT_DTYPE=dot, CONVERT=convert)
-    return {"k_cache_ptr": k_type, "v_cache_ptr": v_type}, consts | dict(K_BIASED=biased, V_PAIRS=pairs)
+    qmax = fmt.qmax if scaled else 1.0
+    min_exp, mantissa = _fp8_grid(KVFormat.FP8.storage_dtype)
+    store = dict(K_MODE=_mode(fmt, torch.bfloat16), V_MODE=_mode(fmt, torch.bfloat16), K_QMAX=qmax, V_QMAX=qmax,
+                 K_INV_QMAX=_inv_qmax(fmt), V_INV_QMAX=_inv_qmax(fmt), RECIPROCAL=True, FP8_MIN_NORMAL_EXP=min_exp,
+                 FP8_MANTISSA_BITS=mantissa)  # fmt: skip
+    pool = k_type  # the store's view of the pool (v_cache_ptr may be its int16 view)
+    ptrs = {"k_cache_ptr": k_type, "v_cache_ptr": v_type, "k_pool_ptr": pool, "v_pool_ptr": pool}
+    return ptrs, consts | store | dict(K_BIASED=biased, V_PAIRS=pairs)
 
 
 kv = {
-    "bf16": kv_variant("*bf16", "*bf16", tl.bfloat16, 2, scaled=False),
-    "int8_pairs": kv_variant("*i8", "*i16", tl.float16, 2, biased=True, pairs=True),
-    "int8_plain": kv_variant("*i8", "*i8", tl.float16, 1),
-    "fp8": kv_variant("*fp8e4nv", "*fp8e4nv", tl.float16, 2),
+    "bf16": kv_variant(KVFormat.BF16, "*bf16", "*bf16", tl.bfloat16, 2),
+    "int8_pairs": kv_variant(KVFormat.INT8, "*i8", "*i16", tl.float16, 2, biased=True, pairs=True),
+    "int8_plain": kv_variant(KVFormat.INT8, "*i8", "*i8", tl.float16, 1),
+    "fp8": kv_variant(KVFormat.FP8, "*fp8e4nv", "*fp8e4nv", tl.float16, 2),
 }
 common_ptrs = {
     "q_ptr": "*bf16",
@@ -79,13 +91,21 @@ common_ptrs = {
     "ws_acc_ptr": "*fp32",
     "ws_max_ptr": "*fp32",
     "ws_sum_ptr": "*fp32",
+    "positions_ptr": "*i64",
+    "k_new_ptr": "*bf16",
+    "v_new_ptr": "*bf16",
+    "cos_sin_ptr": "*fp32",
+    "slot_mapping_ptr": "*i64",
+    "counters_ptr": "*i32",
 }
-for (name, (ptrs, consts)), one in itertools.product(kv.items(), (True, False)):
+# (one split, the new token's rotary and store in the kernel, the splits combined by the last program)
+FUSION = [(True, False, False), (False, False, False), (True, True, False), (False, True, True)]
+for (name, (ptrs, consts)), (one, rotary, fused_reduce) in itertools.product(kv.items(), FUSION):
     attempt(
-        f"decode_split {name} one_split={one}",
+        f"decode_split {name} one_split={one} rotary={rotary} fused_reduce={fused_reduce}",
         da._decode_split_kernel,
         common_ptrs | ptrs,
-        base | consts | {"NUM_SPLITS_IS_ONE": one},
+        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, FUSED_REDUCE=fused_reduce, SPLITS_PAD=16),
         {"num_stages": 3, "maxnreg": 128},
     )
 attempt(

@@ -147,12 +147,13 @@ def _stored_batch(
     dtype: torch.dtype = torch.float32,
     max_blocks: int | None = None,
     seed: int = 0,
+    spare: int = 3,
 ) -> tuple[LayerKV, torch.Tensor, torch.Tensor]:
-    """K/V of every sequence stored with store_kv_ref into blocks from a shuffled allocator.
+    """K/V of every sequence stored with store_kv_ref into blocks from a shuffled allocator (and `spare` blocks more).
     Returns (layer, block_tables [num_seqs, max_blocks] int32, context_lens [num_seqs] int32)."""
     need = sum(blocks_needed(n, block_size) for n in context_lens)
-    pool = _pool(spec, need + 3, block_size, num_kv_heads, head_dim, seed=seed)
-    allocator = BlockAllocator(need + 3, shuffle_seed=seed + 1)
+    pool = _pool(spec, need + spare, block_size, num_kv_heads, head_dim, seed=seed)
+    allocator = BlockAllocator(need + spare, shuffle_seed=seed + 1)
     tables = [allocator.allocate(blocks_needed(n, block_size)) for n in context_lens]
     g = torch.Generator().manual_seed(seed)
     total = sum(context_lens)

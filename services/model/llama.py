@@ -84,17 +84,27 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         layer = pool.layer(self.layer_index)
-        # Rotary, and the new K/V into the pool first (one kernel on a GPU; the rotated key is not written back):
-        # attention then reads every key, cached or new, from the pool, so prefill and decode see exactly the same
-        # (possibly quantized) keys and values.
-        q = ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, layer, meta.slot_mapping)
+        # Rotary, and the new K/V into the pool first (the rotated key is not written back): attention then reads
+        # every key, cached or new, from the pool, so prefill and decode see exactly the same (possibly quantized)
+        # keys and values. Decode does all of it in the attention kernel on a GPU (one launch a layer).
         if meta.is_prefill:
+            q = ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, layer, meta.slot_mapping)
             out = ops.paged_prefill_attention(
                 q, layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale, meta.max_query_len
             )
         else:
-            out = ops.paged_decode_attention(
-                q, layer, meta.block_tables, meta.context_lens, self.scale, meta.max_context_len
+            out = ops.rotary_store_decode_attention(
+                positions,
+                q,
+                k,
+                v,
+                cos_sin_cache,
+                layer,
+                meta.slot_mapping,
+                meta.block_tables,
+                meta.context_lens,
+                self.scale,
+                meta.max_context_len,
             )
         out = out.reshape(num_tokens, self.num_heads * self.head_dim)
         return self.o_proj(out) if project else out
