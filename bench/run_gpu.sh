@@ -34,6 +34,9 @@ for stage in "$@"; do
     tests)
       log "GPU tests"
       python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py tests/test_triton_gemv.py tests/test_triton_skinny_gemm.py tests/test_triton_fused_decode.py 2>&1 | tail -40 ;;
+    tests-model)
+      log "GPU tests of whole models (the default model's need gguf-b first)"
+      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 ;;
     kernels)
       log "kernel benchmarks"
       python bench/kernel_bench.py ;;

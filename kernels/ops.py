@@ -124,7 +124,9 @@ def rotary_store_decode_attention(positions, query, key, value, cos_sin_cache, l
                 query, layer, block_tables, context_lens, scale, max_context_len=max_context_len, new=new
             )
         query = rotary_store_kv(positions, query, key, value, cos_sin_cache, layer, slot_mapping)
-        return kernel.paged_decode_attention(query, layer, block_tables, context_lens, scale, max_context_len)
+        return kernel.paged_decode_attention(
+            query, layer, block_tables, context_lens, scale, max_context_len=max_context_len
+        )
     return decode_attention.rotary_store_decode_attention_ref(query, layer, block_tables, context_lens, scale, new)
 
 

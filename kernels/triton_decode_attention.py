@@ -71,14 +71,14 @@ QUANTIZED_NVIDIA_TUNING = {"num_stages": 3, "maxnreg": 128, "programs_per_sm": 2
 K_BIASED = True
 V_PAIRS = True
 
-# One launch per layer instead of three at batch 1 (module switches, read at each call, for in-process A/B:
-# `model_bench --sweep kernels.triton_decode_attention.FUSED_REDUCE=1,0`):
-# - FUSED_ROTARY: given the new token (`NewToken`), the kernel rotates the query and the key and stores K/V itself
-#   (kernels/ops.py's rotary_store_decode_attention), instead of the rotary_store_kv kernel before it;
-# - FUSED_REDUCE: the last split program of each (sequence, kv head) to finish combines the splits, instead of the
-#   reduce kernel after it.
+# The new token's rotary and K/V store inside the attention kernel (given a `NewToken`; kernels/ops.py's
+# rotary_store_decode_attention), instead of the rotary_store_kv kernel before it: read at each call, for in-process
+# A/B (`model_bench --sweep kernels.triton_decode_attention.FUSED_ROTARY=1,0`).
+# Tried and dropped (H200, 8B shape, int8 KV, 1k context, one process, fraction of the floor): the splits combined by
+# the last split program of each (sequence, kv head) to finish (an arrival counter; CUTLASS's semaphore pattern)
+# instead of the reduce kernel after it: batch 1 0.871 / 0.872 against 0.910 / 0.910 with the reduce kernel, batch
+# 16 0.753 against 0.768. The reduce kernel, launched early (PDL), costs less than one program's serial tail.
 FUSED_ROTARY = True
-FUSED_REDUCE = True
 
 _LOG2E = 1.4426950408889634
 
@@ -230,7 +230,6 @@ def _decode_split_kernel(
     stride_vp_s,
     stride_vp_h,
     stride_vp_d,
-    counters_ptr,  # FUSED_REDUCE: [num_seqs * num_kv_heads] int32, 0 between calls
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -257,8 +256,6 @@ def _decode_split_kernel(
     RECIPROCAL: tl.constexpr,
     FP8_MIN_NORMAL_EXP: tl.constexpr,
     FP8_MANTISSA_BITS: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,  # the last split of a (sequence, kv head) to finish combines them (no reduce kernel)
-    SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
@@ -418,18 +415,6 @@ def _decode_split_kernel(
                          offs_h, mask_h, V_PAIRS)  # fmt: skip
         tl.store(ws_max_ptr + row, m_i, mask=mask_g)
         tl.store(ws_sum_ptr + row, l_i, mask=mask_g)
-        if FUSED_REDUCE:
-            # CUTLASS's semaphore pattern: a CTA barrier, then one thread's release (the scalar atomic) publishes the
-            # whole CTA's partial; the program that counts last acquires, and after the broadcast's barrier all its
-            # threads read every split's partial. It sets the counter back to 0 for the next call (graph-safe).
-            tl.debug_barrier()
-            counter = counters_ptr + seq * (num_heads // GROUP) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                for g in tl.static_range(GROUP):
-                    _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, kv_head * GROUP + g, num_heads,
-                                    num_splits, stride_o_s, stride_o_h, stride_o_d, HEAD_DIM, HEAD_DIM_PAD,
-                                    SPLITS_PAD, True)  # fmt: skip
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -449,26 +434,16 @@ def _decode_reduce_kernel(
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
-    seq, head = tl.program_id(0), tl.program_id(1)
-    _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, head, num_heads, num_splits, stride_o_s,
-                    stride_o_h, stride_o_d, HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, False)  # fmt: skip
-
-
-@triton.jit
-def _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, head, num_heads, num_splits, stride_o_s,
-                    stride_o_h, stride_o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    SPLITS_PAD: tl.constexpr, FROM_L2: tl.constexpr):  # fmt: skip
-    """One head's output from its splits' partials. FROM_L2: the partials were written by other programs of the same
-    kernel, read around L1 (which is not coherent across SMs)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_s = offs_s < num_splits
     mask_d = offs_d < HEAD_DIM
     rows = (seq * num_heads + head) * num_splits + offs_s  # [SPLITS_PAD]
-    cache: tl.constexpr = ".cg" if FROM_L2 else ""
 
-    m = tl.load(ws_max_ptr + rows, mask=mask_s, other=float("-inf"), cache_modifier=cache)
-    l_split = tl.load(ws_sum_ptr + rows, mask=mask_s, other=0.0, cache_modifier=cache)
+    m = tl.load(ws_max_ptr + rows, mask=mask_s, other=float("-inf"))
+    l_split = tl.load(ws_sum_ptr + rows, mask=mask_s, other=0.0)
     m_max = tl.max(m, axis=0)
     # All splits empty (context_len 0): any finite reference point; every weight is then exp2(-inf) = 0.
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
@@ -477,7 +452,7 @@ def _combine_splits(out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq, head, num_
 
     # [SPLITS_PAD, HEAD_DIM_PAD]
     acc = tl.load(ws_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
-                  other=0.0, cache_modifier=cache)  # fmt: skip
+                  other=0.0)  # fmt: skip
     out = tl.sum(acc * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + offs_d * stride_o_d, out.to(out_ptr.dtype.element_ty),
              mask=mask_d)  # fmt: skip
@@ -551,8 +526,7 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits,
-                     fused_reduce
+                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
     """
     num_seqs, num_heads, head_dim = query.shape
@@ -602,8 +576,6 @@ def paged_decode_attention(
     extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
-    fused_reduce = num_splits > 1 and tuning.get("fused_reduce", FUSED_REDUCE)
-    counters = _counters(query.device, num_seqs * num_kv_heads) if fused_reduce else out
     if num_splits == 1:
         # Not read: the split kernel writes `out` directly.
         ws_acc = ws_max = ws_sum = out
@@ -652,7 +624,6 @@ def paged_decode_attention(
         block_tables.stride(0),
         *out.stride(),
         *_new_token_args(new, query, layer),
-        counters,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -672,13 +643,11 @@ def paged_decode_attention(
         HALF=rot_dim // 2,
         # the rotated key is rounded to its dtype before it is quantized, as the rotary_store_kv kernel does
         **quantize_constexprs(layer, *((new.key.dtype, new.value.dtype) if new else (query.dtype,) * 2), query.device),
-        FUSED_REDUCE=fused_reduce,
-        SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),
     )
-    if num_splits > 1 and not fused_reduce:
+    if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out,
             ws_acc,
@@ -714,19 +683,3 @@ def _new_token_args(new: NewToken | None, query: torch.Tensor, layer: LayerKV) -
         *layer.k_cache.stride(),
         *layer.v_cache.stride(),
     ]
-
-
-# FUSED_REDUCE's arrival counters, one int32 per (sequence, kv head), per device and stream: each call's last program
-# sets its counters back to 0, so one zeroed buffer serves every call (and every CUDA graph) on that stream.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # Allocated during a capture, memory of the graph's own pool: that graph's alone, never cached.
-            return torch.zeros(n, dtype=torch.int32, device=device)
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf

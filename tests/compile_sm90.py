@@ -96,16 +96,13 @@ common_ptrs = {
     "v_new_ptr": "*bf16",
     "cos_sin_ptr": "*fp32",
     "slot_mapping_ptr": "*i64",
-    "counters_ptr": "*i32",
 }
-# (one split, the new token's rotary and store in the kernel, the splits combined by the last program)
-FUSION = [(True, False, False), (False, False, False), (True, True, False), (False, True, True)]
-for (name, (ptrs, consts)), (one, rotary, fused_reduce) in itertools.product(kv.items(), FUSION):
+for (name, (ptrs, consts)), one, rotary in itertools.product(kv.items(), (True, False), (False, True)):
     attempt(
-        f"decode_split {name} one_split={one} rotary={rotary} fused_reduce={fused_reduce}",
+        f"decode_split {name} one_split={one} rotary={rotary}",
         da._decode_split_kernel,
         common_ptrs | ptrs,
-        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, FUSED_REDUCE=fused_reduce, SPLITS_PAD=16),
+        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64),
         {"num_stages": 3, "maxnreg": 128},
     )
 attempt(
