@@ -18,6 +18,13 @@ Ownership protocol (who may change a session):
 Hand-off notice: `update(..., PREFILLED)` also publishes the session id on the pub/sub channel `{prefix}:prefilled`
 (`prefilled_sessions()` listens), so a decode worker that already holds the request adopts the session the moment it
 is offered. A notice is only a hint to try `adopt` now: a lost one costs latency, never correctness.
+
+Claimed hand-off (one round trip fewer): a decode worker that waits for its request's session calls `adopt` with
+`claim_ms`; when the session is not offered yet, the failed call leaves a claim (`{prefix}:claim:{sid}`), and
+prefill's `update(..., PREFILLED)` then hands the session to the claimer in the same script and publishes its record
+on `{prefix}:adopted:{owner}` (`handoffs(owner)` listens). A lost announcement costs latency only: the claimer's next
+`adopt` returns the session handed to it; a call that gives up calls `unclaim`, which also frees a session handed to
+it meanwhile.
 """
 
 from __future__ import annotations
@@ -150,6 +157,7 @@ _SCRIPTS = (
     "allocate",
     "update",
     "adopt",
+    "unclaim",
     "free",
     "renew_leases",
     "reclaim_expired",
@@ -346,11 +354,13 @@ class SessionStore:
         *,
         lease_ms: int | None = None,
         **fields: int | str | None,
-    ) -> None:
+    ) -> bool:
         """The owner records progress: state (None keeps it) and num_tokens / first_token / request_id.
 
         lease_ms restarts the lease, e.g. the prefill worker sets the hand-off deadline when it records PREFILLED.
         num_tokens beyond the block table's capacity raises ValueError. IDLE is set by release(), not here.
+        Returns True when PREFILLED handed the session to a decode worker's claim on it (see the module docstring):
+        the caller no longer owns it.
         """
         unknown = set(fields) - set(_UPDATABLE)
         if unknown:
@@ -366,7 +376,7 @@ class SessionStore:
         args: list[object] = [session_id, owner, state.value if state else "", "" if lease_ms is None else lease_ms]
         for name, value in fields.items():
             args += [name, _UPDATABLE[name](value)]
-        await self._run("update", *args)
+        return int(await self._run("update", *args)) == 2
 
     async def adopt(
         self,
@@ -380,6 +390,7 @@ class SessionStore:
         state: SessionState | str = SessionState.DECODING,
         extra_tokens: int = 0,
         expected_request: str | None = None,
+        claim_ms: int = 0,
     ) -> SessionRecord:
         """Takes over a session and moves it to `state` (DECODING, or PREFILLING to extend an idle one).
 
@@ -394,6 +405,11 @@ class SessionStore:
         adopter grows it with allocate): the decode worker's first step then needs no allocation round trip.
         expected_request guards the record's request_id (WrongState otherwise): a decode worker waiting for its
         request's hand-off never takes another request's session of the same id.
+
+        claim_ms > 0 (with expected_request): when the session is not offered yet (SessionNotFound, WrongState), a
+        claim for new_owner is left for claim_ms, so that prefill's update to PREFILLED hands the session over
+        itself (announced on `handoffs(new_owner)`); a session already handed over for expected_request is returned
+        as adopted. Call `unclaim` when giving up.
         """
         _check_id("owner", new_owner)
         _check_positive("lease_ms", lease_ms)
@@ -413,9 +429,37 @@ class SessionStore:
             int(force),
             extra_tokens,
             expected_request or "",
+            int(claim_ms),
         )
         fields, blocks = await self._run("adopt", *args)
         return _record(session_id, _pairs(fields), blocks)
+
+    async def unclaim(self, session_id: str, owner: str, request_id: str) -> int:
+        """owner gives up waiting for request_id's session: its claim goes, and the session, if it was handed to owner
+        for that request meanwhile, is freed. Returns the number of blocks freed."""
+        return int(await self._run("unclaim", session_id, owner, request_id))
+
+    async def handoffs(self, owner: str) -> AsyncIterator[str | SessionRecord]:
+        """Hand-off announcements for a decode worker, for as long as the caller listens: the id of every session that
+        becomes PREFILLED (a hint to try `adopt`), and the record of every session handed to `owner` by its claim.
+
+        Pub/sub delivers at most once: a listener must still poll (`adopt` with the claim returns a session handed
+        over while the announcement was lost).
+        """
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        prefilled, adopted = self.key("prefilled"), self.key("adopted", owner)
+        try:
+            await pubsub.subscribe(prefilled, adopted)
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                if message["channel"] == prefilled:
+                    yield message["data"]
+                else:
+                    handed = json.loads(message["data"])
+                    yield _record(handed["session"], _pairs(handed["fields"]), handed["blocks"])
+        finally:
+            await pubsub.aclose()
 
     async def free(
         self,

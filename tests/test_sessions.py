@@ -276,6 +276,70 @@ def test_a_handoff_is_announced_and_taken_by_its_own_request_only():
     run(body)
 
 
+def test_a_claimed_handoff_goes_to_the_claimer_in_prefills_update():
+    """A decode worker's failed adopt leaves a claim; prefill's update to PREFILLED hands the session over in the same
+    script (DECODING, the claimer's lease, the first decode block) and announces the record to the claimer only."""
+
+    async def body(store: SessionStore) -> None:
+        heard: list = []
+
+        async def listen() -> None:
+            async for item in store.handoffs("d1"):
+                heard.append(item)
+
+        listener = asyncio.create_task(listen())
+        await asyncio.sleep(0.1)  # subscribed
+        claim = dict(expected_state="PREFILLED", expected_request="r1", extra_tokens=1, claim_ms=LEASE)
+        with pytest.raises(SessionNotFound):  # not even admitted yet: the claim is left all the same
+            await store.adopt("s", "d1", LEASE, **claim)
+        await store.allocate("s", 2, "p1", LEASE)  # 8 token slots
+        with pytest.raises(WrongState):
+            await store.adopt("s", "d1", LEASE, **claim)
+        assert await store.update("s", "p1", None, num_tokens=3) is False  # progress is not a hand-off
+        assert await store.update("s", "p1", "PREFILLED", num_tokens=8, first_token=9, request_id="r1") is True
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        record = await store.get("s")
+        assert record.state is SessionState.DECODING and record.owner == "d1" and record.request_id == "r1"
+        assert len(record.block_table) == 3  # the block of token 8 came with it
+        assert heard == [record]  # the record itself, on d1's channel (no id on the prefilled channel)
+        with pytest.raises(NotOwner):  # the former owner is fenced off at once
+            await store.update("s", "p1", None, num_tokens=8)
+        with pytest.raises(WrongState):  # another request never takes it
+            await store.adopt("s", "d2", LEASE, expected_state="PREFILLED", expected_request="r2", claim_ms=LEASE)
+        # the claimer's poll (its announcement lost) returns the session handed to it
+        assert await store.adopt("s", "d1", LEASE, **claim) == record
+        # a claim for another request is not served: that hand-off is offered to anyone, as without claims
+        await store.allocate("t", 1, "p1", LEASE)
+        with pytest.raises(WrongState):
+            await store.adopt("t", "d1", LEASE, expected_state="PREFILLED", expected_request="old", claim_ms=LEASE)
+        assert await store.update("t", "p1", "PREFILLED", num_tokens=2, request_id="new") is False
+        assert (await store.get("t")).owner == "p1"
+        listener.cancel()
+        # a call that gives up frees what was handed to it, and only that
+        assert await store.unclaim("t", "d1", "old") == 0 and (await store.get("t")) is not None
+        assert await store.unclaim("s", "d1", "r1") == 3 and (await store.get("s")) is None
+        await store.free("t")
+        assert (await store.audit()).ok
+
+    run(body)
+
+
+def test_unclaim_withdraws_a_pending_claim():
+    async def body(store: SessionStore) -> None:
+        with pytest.raises(SessionNotFound):
+            await store.adopt("s", "d1", LEASE, expected_state="PREFILLED", expected_request="r1", claim_ms=LEASE)
+        assert await store.unclaim("s", "d1", "r1") == 0
+        await store.allocate("s", 1, "p1", LEASE)
+        assert await store.update("s", "p1", "PREFILLED", num_tokens=2, request_id="r1") is False  # offered instead
+        assert (await store.get("s")).state is SessionState.PREFILLED
+        await store.free("s")
+
+    run(body)
+
+
 def test_concurrent_adopters_of_a_handoff_one_wins():
     async def body(store: SessionStore) -> None:
         await store.allocate("s", 1, "p1", LEASE)

@@ -23,6 +23,10 @@ local function session_key(sid) return PREFIX .. ':session:' .. sid end
 local function blocks_key(sid) return PREFIX .. ':session:' .. sid .. ':blocks' end
 local function owned_key(owner) return PREFIX .. ':owned:' .. owner end
 local function worker_key(wid) return PREFIX .. ':worker:' .. wid end
+-- A decode worker's claim on a session it waits for (adopt with claim_ms): {owner, request, lease_ms, extra_tokens}
+local function claim_key(sid) return PREFIX .. ':claim:' .. sid end
+-- Where the sessions handed over to a claimer are announced, with their records (update.lua)
+local function adopted_channel(owner) return PREFIX .. ':adopted:' .. owner end
 
 -- Redis' Lua turns numbers into strings with %.14g; millisecond timestamps fit, but format them explicitly anyway.
 local function int(x) return string.format('%d', x) end
@@ -95,4 +99,29 @@ local function owner_error(sid, current, caller)
     return fail('NOTOWNER', 'session ' .. sid .. ' has no owner (' .. caller .. ' must adopt it first)')
   end
   return fail('NOTOWNER', 'session ' .. sid .. ' is owned by ' .. current .. ', not ' .. caller)
+end
+
+-- The hand-off proper: `new_owner` owns the session in `state` with a fresh lease, out of the idle LRU, and with
+-- extra_tokens > 0 its block table grown to hold num_tokens + extra_tokens tokens when the free-list has the blocks
+-- (no eviction; otherwise the adopter grows it itself). Checks are the caller's.
+local function take_over(sid, cur_owner, new_owner, state, lease_ms, extra_tokens, now)
+  local skey, bkey = session_key(sid), blocks_key(sid)
+  set_owner(sid, cur_owner, new_owner)
+  redis.call('HSET', skey, 'state', state, 'updated_ms', int(now))
+  set_lease(sid, now + lease_ms)
+  redis.call('ZREM', IDLE, sid)
+  if extra_tokens > 0 then
+    local block_size = tonumber(redis.call('HGET', POOL, 'block_size'))
+    local num_tokens = tonumber(redis.call('HGET', skey, 'num_tokens')) or 0
+    local missing = math.floor((num_tokens + extra_tokens + block_size - 1) / block_size) - redis.call('LLEN', bkey)
+    if missing > 0 and redis.call('LLEN', FREE) >= missing then
+      push_all(bkey, redis.call('LPOP', FREE, missing))
+    end
+  end
+end
+
+-- {HGETALL of the session, its block table as one comma-separated string}: one reply element instead of one per
+-- block, which the client parses much faster.
+local function session_reply(sid)
+  return {redis.call('HGETALL', session_key(sid)), table.concat(redis.call('LRANGE', blocks_key(sid), 0, -1), ',')}
 end

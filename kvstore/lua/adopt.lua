@@ -8,33 +8,47 @@
 -- the hand-off instead of costing a second round trip before the first step.
 -- expected_request ('' any) guards the session's request_id: a decode worker waiting for a session to be prefilled
 -- adopts the hand-off of its own request only.
+-- claim_ms > 0 (with expected_request): when the session is not offered yet (no session, another state or request),
+-- the caller's claim on it is recorded for claim_ms, and the error returned as without: prefill's update to PREFILLED
+-- then hands the session to the claimer itself (update.lua), one round trip fewer. A session already handed to the
+-- caller for that request (its announcement lost) is returned as adopted.
 -- ARGV: prefix, session_id, new_owner, lease_ms, state, expected_state (''), expected_owner (''), force ('1'/'0'),
--- extra_tokens ('0'), expected_request ('').
--- Returns {HGETALL of the session, its block table as one comma-separated string}: one reply element instead of one
--- per block, which the client parses much faster.
+-- extra_tokens ('0'), expected_request (''), claim_ms ('0').
+-- Returns session_reply().
 local sid, new_owner, lease_ms, state = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local expected_state, expected_owner, force = ARGV[6], ARGV[7], ARGV[8] == '1'
 local extra_tokens, expected_request = tonumber(ARGV[9]) or 0, ARGV[10] or ''
-local skey, bkey = session_key(sid), blocks_key(sid)
+local claim_ms = tonumber(ARGV[11]) or 0
+local skey = session_key(sid)
+
+-- A failure that leaves a claim behind, when asked to (the one write before an error reply: it is the point).
+local function not_yet(code, msg)
+  if claim_ms > 0 and expected_request ~= '' then
+    local claim = cjson.encode({owner = new_owner, request = expected_request, lease_ms = lease_ms,
+                                extra_tokens = extra_tokens})
+    redis.call('SET', claim_key(sid), claim, 'PX', claim_ms)
+  end
+  return fail(code, msg)
+end
 
 local cur = redis.call('HMGET', skey, 'owner', 'state', 'lease_expires_ms', 'request_id')
 local cur_owner, cur_state, lease, cur_request = cur[1], cur[2], cur[3], cur[4]
-if cur_owner == false then return fail('NOSESSION', 'session ' .. sid .. ' does not exist') end
+if cur_owner == false then return not_yet('NOSESSION', 'session ' .. sid .. ' does not exist') end
+if expected_request ~= '' and cur_owner == new_owner and cur_state == state and cur_request == expected_request then
+  redis.call('DEL', claim_key(sid))
+  return session_reply(sid)  -- handed to us already (update.lua) for this very request
+end
 if expected_state ~= '' and cur_state ~= expected_state then
-  return fail('STATE', 'session ' .. sid .. ' is ' .. cur_state .. ', expected ' .. expected_state)
+  return not_yet('STATE', 'session ' .. sid .. ' is ' .. cur_state .. ', expected ' .. expected_state)
 end
 if expected_request ~= '' and cur_request ~= expected_request then
-  return fail('STATE', 'session ' .. sid .. ' holds request ' .. tostring(cur_request) .. ', not ' .. expected_request)
+  return not_yet('STATE', 'session ' .. sid .. ' holds request ' .. tostring(cur_request) .. ', not '
+    .. expected_request)
 end
 if cur_state == 'FINISHED' and not force then
   return fail('STATE', 'session ' .. sid .. ' is FINISHED; release() it to IDLE to reuse it')
 end
-
-local block_size
-if extra_tokens > 0 then
-  block_size = tonumber(redis.call('HGET', POOL, 'block_size'))
-  if not block_size then return fail('NOPOOL', PREFIX) end
-end
+if extra_tokens > 0 and not redis.call('HGET', POOL, 'block_size') then return fail('NOPOOL', PREFIX) end
 
 local now = now_ms()
 local allowed = force or cur_owner == '' or cur_owner == new_owner
@@ -47,15 +61,6 @@ if not allowed then
     .. ', lease valid for ' .. left .. ' ms more), not ' .. new_owner)
 end
 
-set_owner(sid, cur_owner, new_owner)
-redis.call('HSET', skey, 'state', state, 'updated_ms', int(now))
-set_lease(sid, now + lease_ms)
-redis.call('ZREM', IDLE, sid)
-if extra_tokens > 0 then
-  local num_tokens = tonumber(redis.call('HGET', skey, 'num_tokens')) or 0
-  local missing = math.floor((num_tokens + extra_tokens + block_size - 1) / block_size) - redis.call('LLEN', bkey)
-  if missing > 0 and redis.call('LLEN', FREE) >= missing then
-    push_all(bkey, redis.call('LPOP', FREE, missing))
-  end
-end
-return {redis.call('HGETALL', skey), table.concat(redis.call('LRANGE', bkey, 0, -1), ',')}
+take_over(sid, cur_owner, new_owner, state, lease_ms, extra_tokens, now)
+redis.call('DEL', claim_key(sid))
+return session_reply(sid)

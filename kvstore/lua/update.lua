@@ -1,7 +1,10 @@
 -- update: the owner records progress (state, num_tokens, first_token, request_id), optionally restarting the lease.
--- Setting PREFILLED also publishes the session id on {prefix}:prefilled, in the same atomic step: a decode worker
--- already waiting for the session adopts it at once instead of waiting for the gateway's Decode call.
+-- Setting PREFILLED hands the session off, in the same atomic step. When a decode worker has claimed it for this
+-- request (adopt.lua, claim_ms), the session goes to that worker right here (DECODING, its lease, the first decode
+-- block) and its record is published on {prefix}:adopted:{owner}: the decode worker starts without a round trip.
+-- Otherwise the session id is published on {prefix}:prefilled, and a decode worker already waiting adopts it at once.
 -- ARGV: prefix, session_id, owner, state ('' keeps it), lease_ms ('' keeps the lease), then field/value pairs.
+-- Returns 1, or 2 when a PREFILLED session went to its claimer.
 local sid, owner, state, lease_ms = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local skey = session_key(sid)
 
@@ -30,5 +33,19 @@ if state ~= '' then
 end
 redis.call('HSET', skey, 'updated_ms', int(now), unpack(fields))
 if lease_ms ~= '' then set_lease(sid, now + tonumber(lease_ms)) end
-if state == 'PREFILLED' then redis.call('PUBLISH', PREFIX .. ':prefilled', sid) end
+if state ~= 'PREFILLED' then return 1 end
+
+local raw = redis.call('GET', claim_key(sid))
+if raw then
+  local claim = cjson.decode(raw)
+  if claim.request == redis.call('HGET', skey, 'request_id') and redis.call('HGET', POOL, 'block_size') then
+    take_over(sid, owner, claim.owner, 'DECODING', claim.lease_ms, claim.extra_tokens, now)
+    redis.call('DEL', claim_key(sid))
+    local reply = session_reply(sid)
+    redis.call('PUBLISH', adopted_channel(claim.owner), cjson.encode({session = sid, fields = reply[1],
+                                                                      blocks = reply[2]}))
+    return 2
+  end
+end
+redis.call('PUBLISH', PREFIX .. ':prefilled', sid)
 return 1

@@ -26,6 +26,7 @@ from services.model.sampler import Sampler, make_generator
 log = logging.getLogger("kvrelay.decode")
 SERVICE = "kvrelay.v1.Decode"
 PREFILL_POLL_S = 0.5  # a call waiting for its hand-off also tries to adopt this often (announcements can be lost)
+CLAIM_MS = 5000  # a waiting call's claim on its session (kvstore/sessions.py), renewed by each of its polls
 
 
 class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
@@ -36,6 +37,8 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         self.init_steps(overlap=not args.no_overlap)
         self.sampler = Sampler()
         self.awaiting: dict[str, set[asyncio.Event]] = {}  # session id -> notices of calls waiting for its hand-off
+        # session id -> (record, when it arrived): sessions prefill handed to this worker's claim, for the waiting call
+        self.handed: dict[str, tuple[SessionRecord, float]] = {}
 
     def load(self) -> dict:
         return {"active": len(self.running), "queued": 0}
@@ -126,22 +129,37 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         self._join(request, params, history, 0, record, time.perf_counter(), cancelled=True)
 
     async def _adopt_when_prefilled(self, request, history: list[int]) -> tuple[SessionRecord, float]:
-        """Wait until prefill offers this request's session (PREFILLED), adopt it; also when it was offered.
+        """Wait until prefill offers this request's session, take it; also when it arrived.
 
-        Redis announces every hand-off (prefilled_listener sets our notice); the call also tries at once, for a
-        session offered before it arrived, and every PREFILL_POLL_S, for an announcement lost with a connection.
+        Each attempt to adopt also claims the session (kvstore/sessions.py): when prefill records PREFILLED, Redis
+        hands the session to this worker in the same step and announces its record (handoff_listener puts it in
+        `handed` and sets our notice), with no adopt round trip. The call also tries at once, for a session offered
+        before it arrived, and every PREFILL_POLL_S, for an announcement lost with a connection. A call that ends
+        without its session gives up its claim (and a session handed to it meanwhile).
         """
         sid = request.session_id
         notice = asyncio.Event()
         self.awaiting.setdefault(sid, set()).add(notice)
+        taken = False
         try:
             while True:
                 notice.clear()
+                handed = self.handed.pop(sid, None)
+                if handed is not None:
+                    if handed[0].request_id == request.request_id:
+                        taken = True
+                        return handed
+                    self._unclaim(sid, handed[0].request_id)  # an earlier request's, whose call is gone
                 offered = time.perf_counter()
                 try:
                     record = await self._adopt(
-                        request, history, expected_state=SessionState.PREFILLED, expected_request=request.request_id
+                        request,
+                        history,
+                        expected_state=SessionState.PREFILLED,
+                        expected_request=request.request_id,
+                        claim_ms=CLAIM_MS,
                     )
+                    taken = True
                     trace.mark(sid, "dc_adopt_sent", offered)
                     trace.mark(sid, "dc_adopted")
                     return record, offered
@@ -154,22 +172,50 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
             waiting.discard(notice)
             if not waiting:
                 del self.awaiting[sid]
+            late = self.handed.get(sid)
+            if taken and late is not None and late[0].request_id == request.request_id:
+                del self.handed[sid]  # taken by a poll; its announcement came too
+            if not taken:
+                # Cancelled (an adoption in flight is _adopt's to give back) or failed: the claim must go, and a
+                # session prefill handed to it meanwhile is freed.
+                self._unclaim(sid, request.request_id)
 
-    async def prefilled_listener(self) -> None:
-        """Wakes the Decode calls waiting for a session the moment prefill offers it."""
+    def _unclaim(self, sid: str, request_id: str) -> None:
+        async def unclaim() -> None:
+            try:
+                await self.store.unclaim(sid, self.worker_id, request_id)
+            except Exception:  # the claim expires by itself; a handed session's lease is renewed, so say so
+                log.exception("could not give up the claim on session %s (request %s)", sid, request_id)
+
+        asyncio.ensure_future(unclaim())
+
+    async def handoff_listener(self) -> None:
+        """Redis' hand-off announcements: a session handed to this worker's claim goes to the call waiting for it
+        (or back, when that call is gone); a session offered to anyone wakes the calls waiting for it to adopt it."""
         while True:
             try:
-                async for sid in self.store.prefilled_sessions():
-                    trace.mark(sid, "dc_notice")
+                async for item in self.store.handoffs(self.worker_id):
+                    if isinstance(item, SessionRecord):
+                        sid = item.session_id
+                        trace.mark(sid, "dc_handed")
+                        if sid in self.awaiting:
+                            self.handed[sid] = (item, time.perf_counter())
+                        elif not any(seq.session_id == sid for seq in self.running):
+                            # its call gave up before the hand-off (a call that took the session by a poll while
+                            # this announcement was late has it running: nothing to do then)
+                            self._unclaim(sid, item.request_id)
+                    else:
+                        sid = item
+                        trace.mark(sid, "dc_notice")
                     for notice in self.awaiting.get(sid, ()):
                         notice.set()
             except Exception:  # Redis hiccup: the waiting calls poll meanwhile; subscribe again
-                log.exception("hand-off notices lost their Redis subscription; subscribing again")
+                log.exception("hand-off announcements lost their Redis subscription; subscribing again")
             await asyncio.sleep(1.0)
 
     def loops(self) -> list:
         """The coroutines a decode worker runs beside its gRPC handlers."""
-        return [self.step_loop(), self.prefilled_listener()]
+        return [self.step_loop(), self.handoff_listener()]
 
     async def Abort(self, request, context):  # noqa: N802
         for seq in self.running:
