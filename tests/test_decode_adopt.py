@@ -89,7 +89,7 @@ def test_a_waiting_call_adopts_its_session_when_the_offer_is_announced(monkeypat
         assert store.attempts[0]["expected_state"] is SessionState.PREFILLED
         assert store.attempts[0]["expected_request"] == "r1" and store.attempts[0]["extra_tokens"] == 1
         store.offered = True
-        for notice in w.awaiting["s"]:  # what prefilled_listener does when Redis announces the session
+        for notice in w.awaiting["s"]:  # what handoff_listener does when Redis announces the session
             notice.set()
         adopted, _ = await asyncio.wait_for(waiting, 5)
         assert adopted.block_table == (3, 4) and len(store.attempts) == 2
