@@ -48,9 +48,6 @@ SKINNY_ROWS = (2, 64)
 # the residual themselves and leave partial sums of squares, with which the next projection normalizes its input.
 # Read per call: A/B with model_bench --sweep kernels.ops.SUMSQ_NORM=1,0
 SUMSQ_NORM = os.environ.get("KVRELAY_SUMSQ_NORM", "1") != "0"
-# The same for decode batches on the skinny GEMM (SKINNY_ROWS rows; kernels/triton_skinny_gemm.py ADD_RES_SUMSQ /
-# NORM_SUMSQ), with SUMSQ_NORM on. Read per call: A/B with model_bench --sweep kernels.ops.SKINNY_SUMSQ=1,0
-SKINNY_SUMSQ = os.environ.get("KVRELAY_SKINNY_SUMSQ", "1") != "0"
 
 
 class Summed(NamedTuple):
@@ -202,38 +199,21 @@ def linear(x, weight, bias=None):
 
 def linear_add(x, weight, bias, residual) -> Summed | None:
     """Summed(linear(x) + residual, its partial sums of squares) in one kernel, on the batch-1 GEMV path with
-    SUMSQ_NORM, on the skinny GEMM's with SKINNY_SUMSQ too; None otherwise (the caller projects and lets the next norm
-    add the residual)."""
-    if not (SUMSQ_NORM and residual is not None):
+    SUMSQ_NORM; None otherwise (the caller projects and lets the next norm add the residual)."""
+    if not (SUMSQ_NORM and residual is not None and _gemv_ok(x, weight)):
         return None
-    out = None
-    if _gemv_ok(x, weight):
-        from kernels import triton_gemv as g
+    from kernels import triton_gemv as g
 
-        out = g.gemv(x, weight, bias, residual=residual, epilogue=g.ADD_RES_SUMSQ)
-    elif SKINNY_SUMSQ and _skinny_ok(x, weight, bias):
-        from kernels import triton_skinny_gemm as sg
-
-        out = sg.skinny_gemm(x, weight, sg.ADD_RES_SUMSQ, residual=residual)
+    out = g.gemv(x, weight, bias, residual=residual, epilogue=g.ADD_RES_SUMSQ)
     return None if out is None else Summed(*out)
 
 
-def _summed_norm_linear(x: Summed, norm_weight, eps, weight, bias=None, silu=False):
-    """y = rms_norm(x.hidden) * norm_weight projected (NORM_SUMSQ; with silu, silu(gate) * up of it) by the kernel
-    that produced x's sums of squares (the GEMV for one row, the skinny GEMM for more), or None if it declines."""
-    if x.hidden.shape[0] == 1:
-        from kernels import triton_gemv as g
+def _summed_norm_gemv(x: Summed, norm_weight, eps, weight, bias=None, epilogue=0):
+    """y = rms_norm(x.hidden) * norm_weight projected (NORM_SUMSQ), or None if the GEMV declines the shape."""
+    from kernels import triton_gemv as g
 
-        epilogue = g.SILU_MUL_OUT if silu else g.OUT
-        out = g.gemv(x.hidden, weight, bias, g.NORM_SUMSQ, None, norm_weight, eps, epilogue=epilogue, sumsq=x.sumsq)
-        return None if out is None else out[0]
-    from kernels import triton_skinny_gemm as sg
-
-    if bias is not None:
-        return None
-    epilogue = sg.SILU_MUL_OUT if silu else sg.OUT
-    return sg.skinny_gemm(x.hidden, weight, epilogue, prologue=sg.NORM_SUMSQ, norm_weight=norm_weight, eps=eps,
-                          sumsq=x.sumsq)  # fmt: skip
+    out = g.gemv(x.hidden, weight, bias, g.NORM_SUMSQ, None, norm_weight, eps, epilogue=epilogue, sumsq=x.sumsq)
+    return None if out is None else out[0]
 
 
 def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
@@ -242,7 +222,7 @@ def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
     x may be a `Summed` (residual None): the residual is already added and the sums of squares known.
     """
     if isinstance(x, Summed):
-        y = _summed_norm_linear(x, norm_weight, eps, weight, bias)
+        y = _summed_norm_gemv(x, norm_weight, eps, weight, bias)
         if y is None:
             y = linear(rms_norm(x.hidden, norm_weight, eps), weight, bias)
         return y, x.hidden
@@ -269,8 +249,10 @@ def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_w
     SKINNY_ROWS rows with SKINNY_GEMM, the skinny GEMM's. x may be a `Summed` (residual None; see linear_add): then
     down_proj adds the residual too where it can, and the result is (Summed, None)."""
     if isinstance(x, Summed):
-        act = None if gate_up_bias is not None else _summed_norm_linear(x, norm_weight, eps, gate_up_weight,
-                                                                        silu=True)  # fmt: skip
+        from kernels import triton_gemv as g
+
+        act = None if gate_up_bias is not None else _summed_norm_gemv(x, norm_weight, eps, gate_up_weight,
+                                                                      epilogue=g.SILU_MUL_OUT)  # fmt: skip
         if act is None:
             normed = rms_norm(x.hidden, norm_weight, eps)
             act = silu_and_mul(linear(normed, gate_up_weight, gate_up_bias))

@@ -13,9 +13,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): no Triton kernel to test")
 
 from kernels import ops  # noqa: E402
-from kernels import triton_skinny_gemm as sg  # noqa: E402
 from kernels.activation import silu_and_mul_ref  # noqa: E402
-from kernels.norm import rms_norm_ref  # noqa: E402
 from kernels.triton_skinny_gemm import MAX_ROWS, SILU_MUL_OUT, skinny_gemm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,59 +58,6 @@ def test_skinny_gemm_declines_what_it_does_not_handle() -> None:
     assert skinny_gemm(x, w[:39], SILU_MUL_OUT) is None  # odd gate_up rows
     assert skinny_gemm(x[:, :32], w) is None  # K mismatch
     assert skinny_gemm(x.t().contiguous().t(), w) is None  # x not unit-stride along K
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The residual add and the norm folded into the projections (ADD_RES_SUMSQ, NORM_SUMSQ), as the batch-1 GEMV does.
-
-
-def _dtype() -> torch.dtype:
-    return torch.float16 if DEVICE == "cpu" else torch.bfloat16
-
-
-@pytest.mark.parametrize(("m", "n", "k"), [(5, 96, 128), (17, 70, 192), (64, 40, 64)])
-def test_add_res_sumsq_epilogue(m: int, n: int, k: int) -> None:
-    """o_proj / down_proj adding the residual: bit for bit the plain GEMM's output plus the residual, rounded as
-    kernels/norm.py's fused add rounds it, and per-row partial sums of squares that add up to the new residual's."""
-    x, w = _inputs(m, n, k, _dtype(), seed=m + k)
-    residual = torch.randn(m, n, generator=torch.Generator().manual_seed(9)).to(DEVICE, _dtype())
-    hidden, sumsq = skinny_gemm(x, w, sg.ADD_RES_SUMSQ, residual=residual)
-    plain = skinny_gemm(x, w)
-    assert torch.equal(hidden, (plain.float() + residual.float()).to(_dtype()))
-    assert sumsq.dtype == torch.float32 and sumsq.shape[1] >= m
-    want = hidden.double().pow(2).sum(1)
-    torch.testing.assert_close(sumsq.double().sum(0)[:m], want, rtol=1e-5, atol=0)
-    with pytest.raises(ValueError):
-        skinny_gemm(x, w, sg.ADD_RES_SUMSQ)  # no residual
-
-
-@pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize(("m", "n", "k"), [(5, 48, 128), (17, 70, 192)])
-def test_norm_sumsq_prologue(m: int, n: int, k: int, silu: bool) -> None:
-    """The next projection normalizing its rows with those partial sums: the unfused norm + projection (+ activation)
-    up to the roundings the fused form skips; a wrong sum of squares is far off."""
-    gen = torch.Generator().manual_seed(3 * m + k)
-    hidden = torch.randn(m, k, generator=gen).to(DEVICE, _dtype())
-    residual = torch.zeros_like(hidden)
-    norm_w = (1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, _dtype())
-    # the partial sums as a producer leaves them: hidden = I @ hidden^T + 0 through ADD_RES_SUMSQ
-    eye = torch.eye(k, dtype=_dtype(), device=DEVICE)
-    produced, sumsq = skinny_gemm(hidden, eye, sg.ADD_RES_SUMSQ, residual=residual)
-    assert torch.equal(produced, hidden)
-    w = (torch.randn(2 * n if silu else n, k, generator=gen) * k**-0.5).to(DEVICE, _dtype())
-    epilogue = SILU_MUL_OUT if silu else sg.OUT
-
-    def fused(partial: torch.Tensor) -> torch.Tensor:
-        return skinny_gemm(hidden, w, epilogue, prologue=sg.NORM_SUMSQ, norm_weight=norm_w, eps=1e-5, sumsq=partial)
-
-    ref = _expected(rms_norm_ref(hidden, norm_w, 1e-5), w, silu).float()
-    y = fused(sumsq)
-    assert y.shape == (m, n)
-    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-    off = fused(4 * sumsq)  # the norm really is applied
-    assert not torch.allclose(off.float(), ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
-    with pytest.raises(ValueError):
-        skinny_gemm(hidden, w, epilogue, prologue=sg.NORM_SUMSQ, norm_weight=norm_w, eps=1e-5)  # no partial sums
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,31 +110,4 @@ def test_mlp_through_ops_with_and_without_the_skinny_gemm(monkeypatch: pytest.Mo
         outs[on] = ops.norm_mlp(x, residual, norm_w, 1e-5, gate_up, None, down, None)
     torch.testing.assert_close(outs[True][1], outs[False][1], atol=0, rtol=0)  # the same new residual
     rel = ((outs[True][0].float() - outs[False][0].float()).norm() / outs[False][0].float().norm()).item()
-    assert rel < 1e-2, rel
-
-
-@pytest.mark.gpu
-def test_sumsq_layers_through_ops_at_batch_16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ops at 16 rows (8B shapes): o_proj adding the residual (linear_add), the MLP normalizing with its sums of
-    squares and down_proj adding the residual again (norm_mlp on a Summed), then qkv's norm (norm_linear) — against
-    the same with the norm kernels (SKINNY_SUMSQ off)."""
-    g = torch.Generator().manual_seed(7)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16).cuda()
-
-    attn, residual = rand(16, 4096), rand(16, 4096)
-    o_w, gate_up, down, qkv = rand(4096, 4096, scale=64**-1), rand(28672, 4096, scale=64**-1), rand(
-        4096, 14336, scale=14336**-0.5), rand(6144, 4096, scale=64**-1)  # fmt: skip
-    norm1, norm2 = (1 + 0.1 * rand(4096)), (1 + 0.1 * rand(4096))
-    outs = {}
-    for on in (True, False):
-        monkeypatch.setattr(ops, "SKINNY_SUMSQ", on)
-        summed = ops.linear_add(attn, o_w, None, residual)
-        assert (summed is not None) == on
-        x, res = (summed, None) if on else (ops.linear(attn, o_w), residual)
-        x, res = ops.norm_mlp(x, res, norm1, 1e-5, gate_up, None, down, None)
-        assert isinstance(x, ops.Summed) == on
-        outs[on] = ops.norm_linear(x, res, norm2, 1e-5, qkv)[0].float()
-    rel = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
     assert rel < 1e-2, rel
