@@ -144,6 +144,19 @@ def test_an_adoption_that_lands_after_the_call_was_cancelled_is_given_back(keep_
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def _redis_answers() -> str | None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5).ping()
+    except Exception as exc:
+        return f"no Redis answers at {REDIS_URL} (set REDIS_URL): {exc}"
+    return None
+
+
+needs_redis = pytest.mark.skipif(_redis_answers() is not None, reason="needs a Redis at REDIS_URL")
+
+
 class CountingStore(SessionStore):
     """A real SessionStore that counts adopt round trips."""
 
@@ -189,6 +202,7 @@ async def until(condition, timeout: float = 5.0) -> None:
     raise AssertionError("timed out")
 
 
+@needs_redis
 def test_a_claimed_handoff_reaches_the_waiting_call_without_an_adopt_round_trip(monkeypatch):
     monkeypatch.setattr(decode_server, "PREFILL_POLL_S", 30.0)  # only the announcement can wake it in time
 
@@ -211,6 +225,7 @@ def test_a_claimed_handoff_reaches_the_waiting_call_without_an_adopt_round_trip(
     with_redis(body)
 
 
+@needs_redis
 def test_a_claimed_handoff_whose_announcement_is_lost_is_taken_by_the_poll(monkeypatch):
     monkeypatch.setattr(decode_server, "PREFILL_POLL_S", 0.05)
 
@@ -226,6 +241,7 @@ def test_a_claimed_handoff_whose_announcement_is_lost_is_taken_by_the_poll(monke
     with_redis(body)
 
 
+@needs_redis
 @pytest.mark.parametrize("order", ["handed, then cancelled", "cancelled, then offered"])
 def test_a_call_that_gives_up_leaks_nothing(monkeypatch, order):
     """Cancelled after prefill handed it the session (announcement lost): the session is freed. Cancelled before:
