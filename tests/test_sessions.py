@@ -327,6 +327,26 @@ def test_a_claimed_handoff_goes_to_the_claimer_in_prefills_update():
     run(body)
 
 
+def test_a_claim_survives_prefill_taking_an_idle_session_back():
+    """Multi-turn: the decode call for turn 2 claims the session while it is still IDLE; prefill's adoption of it for
+    the new prompt leaves the claim, and its update to PREFILLED hands the session over."""
+
+    async def body(store: SessionStore) -> None:
+        await store.allocate("s", 1, "p1", LEASE)
+        await store.release("s", "p1")  # turn 1 done: IDLE
+        with pytest.raises(WrongState):
+            await store.adopt("s", "d1", LEASE, expected_state="PREFILLED", expected_request="turn2", claim_ms=LEASE)
+        await store.adopt("s", "p1", LEASE, expected_state="IDLE", state="PREFILLING")
+        await store.allocate("s", 1, "p1", LEASE, create=False)
+        assert await store.update("s", "p1", "PREFILLED", num_tokens=6, request_id="turn2") is True
+        record = await store.get("s")
+        assert record.owner == "d1" and record.state is SessionState.DECODING
+        await store.free("s", owner="d1")
+        assert (await store.audit()).ok
+
+    run(body)
+
+
 def test_unclaim_withdraws_a_pending_claim():
     async def body(store: SessionStore) -> None:
         with pytest.raises(SessionNotFound):

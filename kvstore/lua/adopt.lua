@@ -62,5 +62,8 @@ if not allowed then
 end
 
 take_over(sid, cur_owner, new_owner, state, lease_ms, extra_tokens, now)
-redis.call('DEL', claim_key(sid))
+-- the caller's own claim is served; another's stays (prefill taking an IDLE session back for the next turn must not
+-- drop the claim of the decode call that waits for that turn)
+local claim = redis.call('GET', claim_key(sid))
+if claim and cjson.decode(claim).owner == new_owner then redis.call('DEL', claim_key(sid)) end
 return session_reply(sid)
