@@ -173,8 +173,10 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
             if not waiting:
                 del self.awaiting[sid]
             late = self.handed.get(sid)
-            if taken and late is not None and late[0].request_id == request.request_id:
-                del self.handed[sid]  # taken by a poll; its announcement came too
+            if late is not None and late[0].request_id == request.request_id:
+                # taken by a poll while its announcement came too, or announced to a call that is ending now (its
+                # unclaim below frees the session)
+                del self.handed[sid]
             if not taken:
                 # Cancelled (an adoption in flight is _adopt's to give back) or failed: the claim must go, and a
                 # session prefill handed to it meanwhile is freed.
