@@ -46,6 +46,9 @@ for stage in "$@"; do
     serve)
       log "client latency"
       python bench/serve_latency.py --model "$CKPT" --kv-dtype int8 ;;
+    trace)
+      log "hand-off timeline (no records written)"
+      python bench/serve_latency.py --model "$CKPT" --kv-dtype int8 --trace ;;
     modes)
       log "colocated vs disaggregated, multi-turn"
       python bench/serve_modes.py --model "$CKPT" --modes "${MODES:-colocated,disaggregated,mps}" ${MODES_ARGS:-} --multiturn ;;
