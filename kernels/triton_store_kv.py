@@ -18,6 +18,7 @@ same everywhere:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -230,6 +231,7 @@ def _mode(fmt: KVFormat, input_dtype: torch.dtype) -> int:
     return _MODE_CAST.value
 
 
+@functools.cache  # every launch asks (quantize_constexprs): two torch scalars a call otherwise
 def _inv_qmax(fmt: KVFormat) -> float:
     """float32(1 / qmax), computed as torch does on CUDA (a float32 division), as a Python float that is exact."""
     if not fmt.has_scale:

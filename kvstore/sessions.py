@@ -446,20 +446,13 @@ class SessionStore:
         Pub/sub delivers at most once: a listener must still poll (`adopt` with the claim returns a session handed
         over while the announcement was lost).
         """
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        prefilled, adopted = self.key("prefilled"), self.key("adopted", owner)
-        try:
-            await pubsub.subscribe(prefilled, adopted)
-            async for message in pubsub.listen():
-                if message["type"] != "message":
-                    continue
-                if message["channel"] == prefilled:
-                    yield message["data"]
-                else:
-                    handed = json.loads(message["data"])
-                    yield _record(handed["session"], _pairs(handed["fields"]), handed["blocks"])
-        finally:
-            await pubsub.aclose()
+        prefilled = self.key("prefilled")
+        async for channel, data in self._messages(prefilled, self.key("adopted", owner)):
+            if channel == prefilled:
+                yield data
+            else:
+                handed = json.loads(data)
+                yield _record(handed["session"], _pairs(handed["fields"]), handed["blocks"])
 
     async def free(
         self,
@@ -506,12 +499,17 @@ class SessionStore:
         Pub/sub delivers to whoever is subscribed at the time, at most once: a listener must still try `adopt` itself
         for a session it may have missed (published before it subscribed, or while its connection was down).
         """
+        async for _, sid in self._messages(self.key("prefilled")):
+            yield sid
+
+    async def _messages(self, *channels: str) -> AsyncIterator[tuple[str, str]]:
+        """(channel, data) of every message published on `channels` while the caller listens."""
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self.key("prefilled"))
+            await pubsub.subscribe(*channels)
             async for message in pubsub.listen():
                 if message["type"] == "message":
-                    yield message["data"]
+                    yield message["channel"], message["data"]
         finally:
             await pubsub.aclose()
 

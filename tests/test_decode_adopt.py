@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import uuid
 from types import SimpleNamespace
 
@@ -19,6 +18,8 @@ from services.common.convert import params_to_proto
 from services.decode import server as decode_server
 from services.decode.server import DecodeWorker
 from services.model.sampling_params import SamplingParams
+from tests.test_sessions import _SKIP as _NO_REDIS
+from tests.test_sessions import REDIS_URL
 
 PROMPT = [5, 6, 7, 8]
 
@@ -141,20 +142,7 @@ def test_an_adoption_that_lands_after_the_call_was_cancelled_is_given_back(keep_
 
 # -- the claimed hand-off, against a real Redis --------------------------------------------------------------------
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _redis_answers() -> str | None:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5).ping()
-    except Exception as exc:
-        return f"no Redis answers at {REDIS_URL} (set REDIS_URL): {exc}"
-    return None
-
-
-needs_redis = pytest.mark.skipif(_redis_answers() is not None, reason="needs a Redis at REDIS_URL")
+needs_redis = pytest.mark.skipif(_NO_REDIS is not None, reason=_NO_REDIS or "")
 
 
 class CountingStore(SessionStore):

@@ -120,6 +120,12 @@ local function take_over(sid, cur_owner, new_owner, state, lease_ms, extra_token
   end
 end
 
+-- Deletes the claim on sid if it is owner's (another worker's claim stays).
+local function drop_own_claim(sid, owner)
+  local raw = redis.call('GET', claim_key(sid))
+  if raw and cjson.decode(raw).owner == owner then redis.call('DEL', claim_key(sid)) end
+end
+
 -- {HGETALL of the session, its block table as one comma-separated string}: one reply element instead of one per
 -- block, which the client parses much faster.
 local function session_reply(sid)

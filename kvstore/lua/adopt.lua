@@ -35,7 +35,7 @@ local cur = redis.call('HMGET', skey, 'owner', 'state', 'lease_expires_ms', 'req
 local cur_owner, cur_state, lease, cur_request = cur[1], cur[2], cur[3], cur[4]
 if cur_owner == false then return not_yet('NOSESSION', 'session ' .. sid .. ' does not exist') end
 if expected_request ~= '' and cur_owner == new_owner and cur_state == state and cur_request == expected_request then
-  redis.call('DEL', claim_key(sid))
+  drop_own_claim(sid, new_owner)
   return session_reply(sid)  -- handed to us already (update.lua) for this very request
 end
 if expected_state ~= '' and cur_state ~= expected_state then
@@ -64,6 +64,5 @@ end
 take_over(sid, cur_owner, new_owner, state, lease_ms, extra_tokens, now)
 -- the caller's own claim is served; another's stays (prefill taking an IDLE session back for the next turn must not
 -- drop the claim of the decode call that waits for that turn)
-local claim = redis.call('GET', claim_key(sid))
-if claim and cjson.decode(claim).owner == new_owner then redis.call('DEL', claim_key(sid)) end
+drop_own_claim(sid, new_owner)
 return session_reply(sid)
