@@ -60,7 +60,12 @@ TILE_TOKENS = 128
 # splits and 2 stages was then best (0.70 / 0.68). With the scales loaded beside the block ids (see the loop), 3
 # stages: 0.805 / 0.767 against 0.764 / 0.734 with 2 (2026-12-03). bf16 KV reads twice the bytes per tile and keeps
 # the defaults.
-QUANTIZED_NVIDIA_TUNING = {"num_stages": 3, "maxnreg": 128, "programs_per_sm": 2}
+# Triton 3.6's pipeliner gives this loop one K/V buffer at 3 or 4 stages: each tile's loads are issued after the
+# previous tile's dots and waited for in full (sm_90 TTGIR: async_wait num = 0), so a program never overlaps its own
+# loads with its math; 5 or 6 stages give two buffers (the next tile's loads in flight during this one's dots), 7 three.
+QUANTIZED_NVIDIA_TUNING = {"maxnreg": 128, "programs_per_sm": 2}
+# Read at each call (`model_bench --sweep kernels.triton_decode_attention.QUANTIZED_NUM_STAGES=3,5`).
+QUANTIZED_NUM_STAGES = 3
 
 # int8 KV with 16-bit queries (`_to_dot`, `_pairs_to_dot`): K reaches the dot biased by 1152 (no subtraction per
 # value), V as int16 pairs of dims (one ldmatrix.trans per 8x8 tile instead of one byte load per value). sm_90 SASS of
@@ -562,7 +567,8 @@ def paged_decode_attention(
         max_context_len = block_tables.shape[1] * block_size
     on_nvidia = query.device.type == "cuda" and torch.version.hip is None
     quantized = layer.k_format.has_scale or layer.v_format.has_scale
-    tuning = {**(QUANTIZED_NVIDIA_TUNING if on_nvidia and quantized else {}), **(tuning or {})}
+    defaults = {**QUANTIZED_NVIDIA_TUNING, "num_stages": QUANTIZED_NUM_STAGES} if on_nvidia and quantized else {}
+    tuning = {**defaults, **(tuning or {})}
     if num_splits is None:
         num_splits = tuning.get("num_splits")
     if num_splits is None:
