@@ -84,11 +84,6 @@ V_PAIRS = True
 # instead of the reduce kernel after it: batch 1 0.871 / 0.872 against 0.910 / 0.910 with the reduce kernel, batch
 # 16 0.753 against 0.768. The reduce kernel, launched early (PDL), costs less than one program's serial tail.
 FUSED_ROTARY = True
-# With the new token's store inside (ROTARY), the first tile of K/V (and the block ids, lengths and rotary factors) is
-# read before the PDL wait: none of it is written by the kernel just before this one (the qkv projection), and every
-# kernel before that one has completed once this one runs (it launches when the projection, past its own wait,
-# triggers). The new token's row, stored by this kernel after the tile was read, is read again. Read at each call.
-EARLY_FIRST_TILE = True
 
 _LOG2E = 1.4426950408889634
 
@@ -183,73 +178,6 @@ def _store_head_rows(row_ptrs, stride_d, acc, acc_even, acc_odd, mask_g, offs_d,
 
 
 @triton.jit
-def _load_tile(table_ptr, tile_start, end, offs_n, offs_d, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-               k_row_in_block, v_row_in_block, k_scale_in_block, v_scale_in_block, stride_kc_b, stride_kc_d,
-               stride_vc_b, stride_vc_d, stride_ks_b, stride_vs_b, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-               K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, V_PAIRS: tl.constexpr):  # fmt: skip
-    """The tile of tokens [tile_start, tile_start + BLOCK_N) below `end`, as stored: K [BLOCK_N, HEAD_DIM_PAD], V the
-    same (V_PAIRS: [BLOCK_N, HEAD_DIM_PAD // 2] int16 pairs of dims), the K and V scales [BLOCK_N] (1.0 if unscaled)
-    and the mask of the tokens read. An offset in offs_n >= BLOCK_N reads nothing (a one-row reload)."""
-    mask_n = (tile_start + offs_n < end) & (offs_n < offs_n.shape[0])
-    # [BLOCK_N] block id of each token (repeats within a block; the loads coalesce)
-    blocks = tl.load(table_ptr + tile_start // BLOCK_SIZE + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    # The scales are loaded with the block ids, before the tiles. Loaded each just before its use, the same kernel
-    # read 0.70 of copy bandwidth at best (H200, int8, batch 32 x 4k, any stage count); loaded here, 0.805 with 3
-    # stages (two calls on two H200s of one session).
-    k_scale = tl.full(offs_n.shape, 1.0, tl.float32)
-    v_scale = tl.full(offs_n.shape, 1.0, tl.float32)
-    if K_SCALED:
-        k_scale = tl.load(k_scale_ptr + blocks * stride_ks_b + k_scale_in_block, mask=mask_n, other=0.0)
-    if V_SCALED:
-        v_scale = tl.load(v_scale_ptr + blocks * stride_vs_b + v_scale_in_block, mask=mask_n, other=0.0)
-    mask_d = offs_d < HEAD_DIM
-    k_rows = k_cache_ptr + (blocks * stride_kc_b + k_row_in_block)[:, None]
-    k = tl.load(k_rows + (offs_d * stride_kc_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    v_rows = v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None]
-    if V_PAIRS:
-        # column j of the int16 view holds dims 2j and 2j + 1
-        offs_h = tl.arange(0, offs_d.shape[0] // 2)
-        v = tl.load(v_rows + (offs_h * stride_vc_d)[None, :], mask=mask_n[:, None] & (offs_h < HEAD_DIM // 2)[None, :],
-                    other=0)  # fmt: skip
-    else:
-        v = tl.load(v_rows + (offs_d * stride_vc_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    return k, v, k_scale, v_scale, mask_n
-
-
-@triton.jit
-def _attend_tile(q, q_bias, k, v, k_scale, v_scale, mask_n, m_i, l_i, acc, acc_even, acc_odd, p_sum, qk_scale,
-                 K_SCALED: tl.constexpr, V_SCALED: tl.constexpr, K_DOT_DTYPE: tl.constexpr, V_DOT_DTYPE: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, CONVERT: tl.constexpr, K_BIASED: tl.constexpr,
-                 V_PAIRS: tl.constexpr):  # fmt: skip
-    """One tile of `_load_tile` into the online softmax: the updated (m_i, l_i, acc, acc_even, acc_odd, p_sum)."""
-    # [GROUP_PAD, BLOCK_N]
-    scores = tl.dot(q, tl.trans(_to_dot(k, K_DOT_DTYPE, CONVERT, K_BIASED)), input_precision=INPUT_PRECISION)
-    if K_BIASED:
-        scores = scores - q_bias[:, None]
-    if K_SCALED:
-        scores = scores * k_scale[None, :]
-    scores = tl.where(mask_n[None, :], scores * qk_scale, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-
-    if V_SCALED:
-        p = p * v_scale[None, :]
-    if V_PAIRS:
-        v_even, v_odd = _pairs_to_dot(v, CONVERT)
-        p16 = p.to(tl.float16)
-        p_sum = p_sum * alpha + tl.sum(p16.to(tl.float32), axis=1)
-        acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
-        acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
-    else:
-        v = _to_dot(v, V_DOT_DTYPE, CONVERT)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
-    return m_new, l_i, acc, acc_even, acc_odd, p_sum
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -333,15 +261,9 @@ def _decode_split_kernel(
     RECIPROCAL: tl.constexpr,
     FP8_MIN_NORMAL_EXP: tl.constexpr,
     FP8_MANTISSA_BITS: tl.constexpr,
-    EARLY_FIRST_TILE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # ROTARY: the pool's old tokens, the block table, the lengths and the positions were written before the kernel
-    # before this one (the qkv projection) started, so they are read before the PDL wait (see `EARLY_FIRST_TILE`);
-    # only the query and the new token's K/V, that projection's output, wait for it. Without ROTARY the new token's
-    # K/V were stored by the kernel before this one: wait first.
-    if not (ROTARY and EARLY_FIRST_TILE):
-        pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next may launch (kernels/pdl.py)
+    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -362,35 +284,14 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_g
     mask_gd = mask_g[:, None] & mask_d[None, :]
 
-    # A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE whole blocks, so token n of a tile is at
-    # offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block. Addresses are built per tile from [BLOCK_N]
-    # row offsets plus one [HEAD_DIM_PAD] column offset: a hoisted [BLOCK_N, HEAD_DIM_PAD] tensor of 64-bit pointers
-    # costs 256 registers a thread at 128 x 128 and spilled ~2 KB a thread (ptxas -v, sm_90).
-    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
-    k_row_in_block = kv_head * stride_kc_h + (offs_n % BLOCK_SIZE) * stride_kc_s  # [BLOCK_N]
-    v_row_in_block = kv_head * stride_vc_h + (offs_n % BLOCK_SIZE) * stride_vc_s
-    k_scale_in_block = kv_head * stride_ks_h + (offs_n % BLOCK_SIZE) * stride_ks_s  # [BLOCK_N]
-    v_scale_in_block = kv_head * stride_vs_h + (offs_n % BLOCK_SIZE) * stride_vs_s
-
-    # The first tile (plain loads, issued at once), then the loop over the rest (pipelined by Triton).
-    k, v, k_scale, v_scale, mask_n = _load_tile(
-        table_ptr, start, end, offs_n, offs_d, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_row_in_block,
-        v_row_in_block, k_scale_in_block, v_scale_in_block, stride_kc_b, stride_kc_d, stride_vc_b, stride_vc_d,
-        stride_ks_b, stride_vs_b, BLOCK_SIZE, HEAD_DIM, K_SCALED, V_SCALED, V_PAIRS,
-    )  # fmt: skip
-
     # [GROUP_PAD, HEAD_DIM_PAD]; padded rows and columns are 0.
     if ROTARY:
         # Every program rotates its query heads (a few hundred values); the one whose share holds the new token
-        # rotates its key and stores it and the value, with store_kv's quantization, then reads them back into its
-        # first tile if they are in it (loaded before the store) or with the tile that holds them (loaded after).
+        # rotates its key and stores it and the value, with store_kv's quantization, before its loop reads them back.
         lo, c_lo, c_hi = _rope_factors(positions_ptr, seq, cos_sin_ptr, stride_cache, offs_d, HALF)
-        if EARLY_FIRST_TILE:
-            pdl.enter(PDL)
         q = _rotated_rows(q_ptr + seq * stride_q_s, stride_q_h, tl.where(mask_g, heads, num_heads), num_heads, offs_d,
                           lo, c_lo, c_hi, 2 * HALF, HALF, HEAD_DIM).to(K_DOT_DTYPE)  # fmt: skip
-        new_pos = context_len - 1
-        if (new_pos >= start) & (new_pos < end):
+        if (context_len - 1 >= start) & (context_len - 1 < end):
             # kv heads [kv_head, kv_head + 1), as a 2-wide vector (the second masked off)
             _rotate_store_token(k_new_ptr + seq * stride_kn_s, v_new_ptr + seq * stride_vn_s, stride_kn_h,
                                 stride_vn_h, tl.load(slot_mapping_ptr + seq).to(tl.int64), kv_head + tl.arange(0, 2),
@@ -401,18 +302,6 @@ def _decode_split_kernel(
                                 K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
         # The threads that stored are not the ones that load: the CTA's stores are visible to it after a barrier.
         tl.debug_barrier()
-        if (new_pos >= start) & (new_pos < end) & (new_pos < start + BLOCK_N):
-            # The first tile was read before the store: the new token's row again (a masked load of one row).
-            k_row, v_row, k_row_scale, v_row_scale, is_new = _load_tile(
-                table_ptr, start, new_pos + 1, tl.where(offs_n == new_pos - start, offs_n, BLOCK_N), offs_d,
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_row_in_block, v_row_in_block,
-                k_scale_in_block, v_scale_in_block, stride_kc_b, stride_kc_d, stride_vc_b, stride_vc_d, stride_ks_b,
-                stride_vs_b, BLOCK_SIZE, HEAD_DIM, K_SCALED, V_SCALED, V_PAIRS,
-            )  # fmt: skip
-            k = tl.where(is_new[:, None], k_row, k)
-            v = tl.where(is_new[:, None], v_row, v)
-            k_scale = tl.where(is_new, k_row_scale, k_scale)
-            v_scale = tl.where(is_new, v_row_scale, v_scale)
     else:
         q = (
             tl.load(
@@ -423,8 +312,28 @@ def _decode_split_kernel(
             .to(tl.float32)
             .to(K_DOT_DTYPE)
         )  # through float32: exact, and the interpreter has no bf16 -> fp16 cast
-    # q . (k + 1152) = q . k + 1152 * sum(q), the sum of the fp16 values the dot reads (K_BIASED)
-    q_bias = 1152.0 * tl.sum(q.to(tl.float32), axis=1)  # [GROUP_PAD]
+    if K_BIASED:
+        # q . (k + 1152) = q . k + 1152 * sum(q), the sum of the fp16 values the dot reads
+        q_bias = 1152.0 * tl.sum(q.to(tl.float32), axis=1)  # [GROUP_PAD]
+
+    # A tile starts on a block boundary and covers BLOCK_N // BLOCK_SIZE whole blocks, so token n of a tile is at
+    # offset n % BLOCK_SIZE of the tile's (n // BLOCK_SIZE)-th block. Addresses are built in the loop from [BLOCK_N]
+    # row offsets plus one [HEAD_DIM_PAD] column offset: a hoisted [BLOCK_N, HEAD_DIM_PAD] tensor of 64-bit pointers
+    # costs 256 registers a thread at 128 x 128 and spilled ~2 KB a thread (ptxas -v, sm_90).
+    block_of_token = offs_n // BLOCK_SIZE  # [BLOCK_N]
+    slot_in_block = offs_n % BLOCK_SIZE  # [BLOCK_N]
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_s
+    k_row_in_block = kv_head * stride_kc_h + slot_in_block * stride_kc_s  # [BLOCK_N]
+    v_row_in_block = kv_head * stride_vc_h + slot_in_block * stride_vc_s
+    k_col = offs_d * stride_kc_d  # [HEAD_DIM_PAD]
+    v_col = offs_d * stride_vc_d
+    k_scale_in_block = kv_head * stride_ks_h + slot_in_block * stride_ks_s  # [BLOCK_N]
+    v_scale_in_block = kv_head * stride_vs_h + slot_in_block * stride_vs_s
+
+    # V_PAIRS: column j of the int16 view holds dims 2j and 2j + 1
+    offs_h = tl.arange(0, HEAD_DIM_PAD // 2)
+    mask_h = offs_h < HEAD_DIM // 2
+    v_pair_col = offs_h * stride_vc_d
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -435,23 +344,65 @@ def _decode_split_kernel(
     p_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)  # V_PAIRS: sum of the fp16 probabilities, for the bias
 
     # Every tile holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
-    if start < end:
-        m_i, l_i, acc, acc_even, acc_odd, p_sum = _attend_tile(
-            q, q_bias, k, v, k_scale, v_scale, mask_n, m_i, l_i, acc, acc_even, acc_odd, p_sum, qk_scale,
-            K_SCALED, V_SCALED, K_DOT_DTYPE, V_DOT_DTYPE, INPUT_PRECISION, CONVERT, K_BIASED, V_PAIRS,
-        )  # fmt: skip
-    for tile_start in range(start + BLOCK_N, end, BLOCK_N):
-        k, v, k_scale, v_scale, mask_n = _load_tile(
-            table_ptr, tile_start, end, offs_n, offs_d, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            k_row_in_block, v_row_in_block, k_scale_in_block, v_scale_in_block, stride_kc_b, stride_kc_d, stride_vc_b,
-            stride_vc_d, stride_ks_b, stride_vs_b, BLOCK_SIZE, HEAD_DIM, K_SCALED, V_SCALED, V_PAIRS,
-        )  # fmt: skip
-        m_i, l_i, acc, acc_even, acc_odd, p_sum = _attend_tile(
-            q, q_bias, k, v, k_scale, v_scale, mask_n, m_i, l_i, acc, acc_even, acc_odd, p_sum, qk_scale,
-            K_SCALED, V_SCALED, K_DOT_DTYPE, V_DOT_DTYPE, INPUT_PRECISION, CONVERT, K_BIASED, V_PAIRS,
-        )  # fmt: skip
-    offs_h = tl.arange(0, HEAD_DIM_PAD // 2)
-    mask_h = offs_h < HEAD_DIM // 2
+    for tile_start in range(start, end, BLOCK_N):
+        mask_n = tile_start + offs_n < end
+        # [BLOCK_N] block id of each token (repeats within a block; the loads coalesce)
+        blocks = tl.load(table_ptr + tile_start // BLOCK_SIZE + block_of_token, mask=mask_n, other=0).to(tl.int64)
+        # The scales are loaded with the block ids, before the dots. Loaded each just before its use, the same
+        # kernel read 0.70 of copy bandwidth at best (H200, int8, batch 32 x 4k, any stage count); loaded here,
+        # 0.805 with 3 stages (two calls on two H200s of one session).
+        if K_SCALED:
+            k_scale = tl.load(k_scale_ptr + blocks * stride_ks_b + k_scale_in_block, mask=mask_n, other=0.0)
+        if V_SCALED:
+            v_scale = tl.load(v_scale_ptr + blocks * stride_vs_b + v_scale_in_block, mask=mask_n, other=0.0)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+
+        # [BLOCK_N, HEAD_DIM_PAD]
+        k = _to_dot(
+            tl.load(
+                k_cache_ptr + (blocks * stride_kc_b + k_row_in_block)[:, None] + k_col[None, :], mask=mask_nd, other=0.0
+            ),
+            K_DOT_DTYPE,
+            CONVERT,
+            K_BIASED,
+        )
+        # [GROUP_PAD, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if K_BIASED:
+            scores = scores - q_bias[:, None]
+        if K_SCALED:
+            scores = scores * k_scale[None, :]
+        scores = tl.where(mask_n[None, :], scores * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        if V_SCALED:
+            p = p * v_scale[None, :]
+        if V_PAIRS:
+            v_rows = v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None]
+            v_even, v_odd = _pairs_to_dot(
+                tl.load(v_rows + v_pair_col[None, :], mask=mask_n[:, None] & mask_h[None, :], other=0), CONVERT
+            )
+            p16 = p.to(tl.float16)
+            p_sum = p_sum * alpha + tl.sum(p16.to(tl.float32), axis=1)
+            acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
+        else:
+            v = _to_dot(
+                tl.load(
+                    v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None] + v_col[None, :],
+                    mask=mask_nd,
+                    other=0.0,
+                ),
+                V_DOT_DTYPE,
+                CONVERT,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
     if V_PAIRS:
         # sum_n p_n (v_n + 1152) - 1152 * sum_n p_n
         acc_even = acc_even - 1152.0 * p_sum[:, None]
@@ -698,7 +649,6 @@ def paged_decode_attention(
         HALF=rot_dim // 2,
         # the rotated key is rounded to its dtype before it is quantized, as the rotary_store_kv kernel does
         **quantize_constexprs(layer, *((new.key.dtype, new.value.dtype) if new else (query.dtype,) * 2), query.device),
-        EARLY_FIRST_TILE=bool(EARLY_FIRST_TILE),
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),
