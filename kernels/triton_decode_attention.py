@@ -84,6 +84,15 @@ V_PAIRS = True
 # instead of the reduce kernel after it: batch 1 0.871 / 0.872 against 0.910 / 0.910 with the reduce kernel, batch
 # 16 0.753 against 0.768. The reduce kernel, launched early (PDL), costs less than one program's serial tail.
 FUSED_ROTARY = True
+# With the new token's store inside (ROTARY), the sequence's length, position and rotary factors are read before the
+# PDL wait: none of them is written by the kernel just before this one (the qkv projection), and every kernel before
+# that one has completed once this one runs (it launches when the projection, past its own wait, triggers). That takes
+# the position -> cos/sin chain of loads off the path after the wait. Read at each call.
+# Tried and dropped (H200, one call, kernel_bench against the tree before): the first K/V tile peeled from the loop and
+# read before the wait too, the new token's row read again after its store: rotary attention batch 64 x 1k 0.622 of
+# copy bandwidth against 0.717, batch 1 243 against 309 GB/s (plain loads of a tile outside Triton's pipelined loop,
+# and 80-144 bytes of register spills against 20-36).
+EARLY_READS = True
 
 _LOG2E = 1.4426950408889634
 
@@ -261,9 +270,11 @@ def _decode_split_kernel(
     RECIPROCAL: tl.constexpr,
     FP8_MIN_NORMAL_EXP: tl.constexpr,
     FP8_MANTISSA_BITS: tl.constexpr,
+    EARLY_READS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
+    if not (ROTARY and EARLY_READS):
+        pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next may launch (kernels/pdl.py)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -289,6 +300,9 @@ def _decode_split_kernel(
         # Every program rotates its query heads (a few hundred values); the one whose share holds the new token
         # rotates its key and stores it and the value, with store_kv's quantization, before its loop reads them back.
         lo, c_lo, c_hi = _rope_factors(positions_ptr, seq, cos_sin_ptr, stride_cache, offs_d, HALF)
+        if EARLY_READS:
+            # the length, position and rotary factors above were read before the wait (`EARLY_READS`)
+            pdl.enter(PDL)
         q = _rotated_rows(q_ptr + seq * stride_q_s, stride_q_h, tl.where(mask_g, heads, num_heads), num_heads, offs_d,
                           lo, c_lo, c_hi, 2 * HALF, HALF, HEAD_DIM).to(K_DOT_DTYPE)  # fmt: skip
         if (context_len - 1 >= start) & (context_len - 1 < end):
@@ -649,6 +663,7 @@ def paged_decode_attention(
         HALF=rot_dim // 2,
         # the rotated key is rounded to its dtype before it is quantized, as the rotary_store_kv kernel does
         **quantize_constexprs(layer, *((new.key.dtype, new.value.dtype) if new else (query.dtype,) * 2), query.device),
+        EARLY_READS=bool(EARLY_READS),
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),

@@ -102,7 +102,7 @@ for (name, (ptrs, consts)), one, rotary in itertools.product(kv.items(), (True, 
         f"decode_split {name} one_split={one} rotary={rotary}",
         da._decode_split_kernel,
         common_ptrs | ptrs,
-        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64),
+        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
         {"num_stages": 3, "maxnreg": 128},
     )
 attempt(
