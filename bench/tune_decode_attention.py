@@ -110,6 +110,11 @@ def main() -> None:
     # instructions a tile: no faster (0.69-0.70), nor the grid with the KV heads first. ncu: latency-bound (62% of
     # DRAM bandwidth, long-scoreboard stalls). Then the scales loaded beside the block ids, at the head of the tile:
     # 0.805 / 0.767 with 3 stages (0.764 / 0.734 with 2).
+    # Sixth (2026-12-04, H200, copy 4.24 TB/s): 5 and 7 stages, the first counts at which Triton 3.6 gives the loop two
+    # and three K/V buffers (3 and 4 stages give one): slower at 32 x 4k (0.64 / 0.61 against 0.79 with 3), 64 x 1k
+    # (0.59 / 0.56 against 0.74) and batch 1; 8 warps 0.49 at best, 64-token tiles 0.60, more programs an SM than 2
+    # (2 splits at 32 x 4k) 0.64. The defaults stay. Also measured then, outside this script: one program per pair of
+    # KV heads (the pool viewed as 4 heads of 256 dims: 256-byte rows, half the softmax work per byte) 0.57 at best.
     grid = {
         "pairs": (True, False),
         "convert": (2,),

@@ -64,7 +64,9 @@ TILE_TOKENS = 128
 # previous tile's dots and waited for in full (sm_90 TTGIR: async_wait num = 0), so a program never overlaps its own
 # loads with its math; 5 or 6 stages give two buffers (the next tile's loads in flight during this one's dots), 7 three.
 QUANTIZED_NVIDIA_TUNING = {"maxnreg": 128, "programs_per_sm": 2}
-# Read at each call (`model_bench --sweep kernels.triton_decode_attention.QUANTIZED_NUM_STAGES=3,5`).
+# Two or three buffers measured slower (bench/tune_decode_attention.py's sixth run: 0.64 / 0.61 of copy bandwidth at
+# batch 32 x 4k against 0.79 with 3 stages); the two programs an SM hide each other's waits better than one program's
+# own pipeline does. Read at each call (`model_bench --sweep kernels.triton_decode_attention.QUANTIZED_NUM_STAGES=3,5`).
 QUANTIZED_NUM_STAGES = 3
 
 # int8 KV with 16-bit queries (`_to_dot`, `_pairs_to_dot`): K reaches the dot biased by 1152 (no subtraction per
