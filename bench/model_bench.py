@@ -115,10 +115,11 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
     return floor_ms / gpu_ms
 
 
-def setting_sweep(model, config: ModelConfig, spec, bw: float, batches, setting: str, block_size: int) -> None:
-    """Decode at 1k context for each value of a kernel module's setting, e.g. kernels.triton_rotary_store_kv.FUSED=0,1
-    (read at launch, so graphs captured again per value pick it up); written to bench/results/tune_settings.json, the
-    setting restored afterwards. An A/B inside one process, on one warm GPU."""
+def setting_sweep(model, config: ModelConfig, spec, bw: float, batches, setting: str, block_size: int,
+                  contexts=(1024,)) -> None:  # fmt: skip
+    """Decode (at 1k context unless --contexts is given) for each value of a kernel module's setting, e.g.
+    kernels.triton_rotary_store_kv.FUSED=0,1 (read at launch, so graphs captured again per value pick it up); written
+    to bench/results/tune_settings.json, the setting restored afterwards. An A/B inside one process, on one warm GPU."""
     import importlib
 
     target, values = setting.split("=")
@@ -127,10 +128,12 @@ def setting_sweep(model, config: ModelConfig, spec, bw: float, batches, setting:
     default, rows = getattr(module, attr), []
     for value in values.split(","):
         setattr(module, attr, type(default)(float(value)))
-        for bs in batches:
-            print(f"{target}={value}: ", end="")
-            fraction = decode_one(model, config, spec, bw, bs, 1024, block_size, save=False)
-            rows.append({"setting": target, "value": value, "batch": bs, "fraction": round(fraction, 4)})
+        for ctx in contexts:
+            for bs in batches:
+                print(f"{target}={value}: ", end="")
+                fraction = decode_one(model, config, spec, bw, bs, ctx, block_size, save=False)
+                rows.append({"setting": target, "value": value, "batch": bs, "context": ctx,
+                             "fraction": round(fraction, 4)})  # fmt: skip
     setattr(module, attr, default)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tune_settings.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}))
@@ -182,7 +185,7 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true")
     parser.add_argument("--prefill", action="store_true")
     parser.add_argument("--batches", default="1,8,32,64,128")
-    parser.add_argument("--contexts", default="1024,8192")
+    parser.add_argument("--contexts", default=None, help="decode contexts (default 1024,8192; --sweep: 1024)")
     parser.add_argument("--lengths", default="512,2048,8192")
     parser.add_argument("--sweep", default=None, help="A/B a kernel setting at 1k context: MODULE.ATTR=V1,V2,...")
     args = parser.parse_args()
@@ -200,10 +203,11 @@ def main() -> None:
             prefill_bench(model, config, spec, rate, [int(n) for n in args.lengths.split(",")], args.block_size)
         if args.sweep:
             batches = [int(b) for b in args.batches.split(",")]
-            setting_sweep(model, config, spec, bw, batches, args.sweep, args.block_size)
+            contexts = [int(c) for c in (args.contexts or "1024").split(",")]
+            setting_sweep(model, config, spec, bw, batches, args.sweep, args.block_size, contexts)
         if args.decode:
             batches = [int(b) for b in args.batches.split(",")]
-            contexts = [int(c) for c in args.contexts.split(",")]
+            contexts = [int(c) for c in (args.contexts or "1024,8192").split(",")]
             decode_bench(model, config, spec, bw, batches, contexts, args.block_size)
     write_benchmarks_md()
 
