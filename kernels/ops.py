@@ -111,23 +111,21 @@ def rotary(positions, query, key, cos_sin_cache):
 
 
 def rotary_store_decode_attention(positions, query, key, value, cos_sin_cache, layer, slot_mapping, block_tables,
-                                  context_lens, scale, max_context_len=None, prefetch=None):  # fmt: skip
+                                  context_lens, scale, max_context_len=None):  # fmt: skip
     """A decode step's attention from the qkv projection's output: rotary, the new K/V into the pool, attention over
     the pool. One kernel on a GPU (kernels.triton_decode_attention.FUSED_ROTARY; off: rotary_store_kv's kernel, then
-    the attention kernel); the references in sequence on the CPU. prefetch: a tensor the kernel asks L2 for while
-    it runs (kernels.triton_decode_attention.L2_PREFETCH; a hint, e.g. o_proj's weight at batch 1)."""
+    the attention kernel); the references in sequence on the CPU."""
     new = decode_attention.NewToken(positions, key, value, cos_sin_cache, slot_mapping)
     if _gpu(query):
         from kernels import triton_decode_attention as kernel
 
         if kernel.FUSED_ROTARY:
             return kernel.paged_decode_attention(
-                query, layer, block_tables, context_lens, scale, max_context_len=max_context_len, new=new,
-                prefetch=prefetch,
-            )  # fmt: skip
+                query, layer, block_tables, context_lens, scale, max_context_len=max_context_len, new=new
+            )
         query = rotary_store_kv(positions, query, key, value, cos_sin_cache, layer, slot_mapping)
         return kernel.paged_decode_attention(
-            query, layer, block_tables, context_lens, scale, max_context_len=max_context_len, prefetch=prefetch
+            query, layer, block_tables, context_lens, scale, max_context_len=max_context_len
         )
     return decode_attention.rotary_store_decode_attention_ref(query, layer, block_tables, context_lens, scale, new)
 

@@ -95,12 +95,6 @@ FUSED_ROTARY = True
 # copy bandwidth against 0.717, batch 1 243 against 309 GB/s (plain loads of a tile outside Triton's pipelined loop,
 # and 80-144 bytes of register spills against 20-36).
 EARLY_READS = True
-# Given `prefetch` (a tensor, e.g. the next projection's weight at batch 1), the split programs ask L2 for its bytes
-# (prefetch.global.L2), each a share: at batch 1 the memory bus is idle while attention and the reduce run (~8 us a
-# layer, ~2 MB of K/V), and the o_proj GEMV after them then reads its 33.5 MB (8B shape) from L2. 0: off, 1: before
-# the loop, 2: after it. (Prefetching every GEMV's weights from blocks parked in their PDL wait was slower: the bus was
-# busy with the previous GEMV then; kernels/triton_gemv.py.) Read at each call; NVIDIA only.
-L2_PREFETCH = 2
 
 _LOG2E = 1.4426950408889634
 
@@ -195,22 +189,6 @@ def _store_head_rows(row_ptrs, stride_d, acc, acc_even, acc_odd, mask_g, offs_d,
 
 
 @triton.jit
-def _prefetch_l2_share(base_ptr, num_lines, CHUNK: tl.constexpr):
-    """This program's share of the `num_lines` 128-byte lines at base_ptr (int8 pointer), requested into L2 without
-    waiting for them (the value of the asm is unused; is_pure=False keeps it)."""
-    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    num_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-    per_program = tl.cdiv(num_lines, num_programs)
-    first = pid * per_program
-    last = tl.minimum(first + per_program, num_lines)
-    for i in range(first, last, CHUNK):
-        # past `last`: the last line again (no masks in asm; a repeated prefetch is harmless)
-        lines = tl.minimum(i + tl.arange(0, CHUNK), last - 1).to(tl.int64)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [base_ptr + lines * 128],
-                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -295,9 +273,6 @@ def _decode_split_kernel(
     FP8_MIN_NORMAL_EXP: tl.constexpr,
     FP8_MANTISSA_BITS: tl.constexpr,
     EARLY_READS: tl.constexpr,
-    prefetch_ptr,  # PREFETCH: int8 view of the bytes to ask L2 for
-    prefetch_lines,
-    PREFETCH: tl.constexpr,  # `L2_PREFETCH`
     PDL: tl.constexpr,
 ):
     if not (ROTARY and EARLY_READS):
@@ -384,8 +359,6 @@ def _decode_split_kernel(
     acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], dtype=tl.float32)
     p_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)  # V_PAIRS: sum of the fp16 probabilities, for the bias
 
-    if PREFETCH == 1:
-        _prefetch_l2_share(prefetch_ptr, prefetch_lines, 128)  # a line per thread at 4 warps
     # Every tile holds at least one valid token, so m_i is finite after the first one (no -inf - -inf = NaN).
     for tile_start in range(start, end, BLOCK_N):
         mask_n = tile_start + offs_n < end
@@ -446,8 +419,6 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(V_DOT_DTYPE), v, input_precision=INPUT_PRECISION)
         m_i = m_new
 
-    if PREFETCH == 2:
-        _prefetch_l2_share(prefetch_ptr, prefetch_lines, 128)  # a line per thread at 4 warps
     if V_PAIRS:
         # sum_n p_n (v_n + 1152) - 1152 * sum_n p_n
         acc_even = acc_even - 1152.0 * p_sum[:, None]
@@ -562,7 +533,6 @@ def paged_decode_attention(
     max_context_len: int | None = None,
     tuning: dict | None = None,
     new: NewToken | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's query over its first context_lens[b] cached tokens (which include the query's own
     K/V, stored beforehand). Same contract as `paged_decode_attention_ref`; with `new`, as
@@ -576,8 +546,6 @@ def paged_decode_attention(
     num_splits:      force the split count (tests, tuning); default from `decode_num_splits`
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
-    prefetch:        a contiguous tensor whose bytes the programs ask L2 for while they run (`L2_PREFETCH`); a hint:
-                     the result does not depend on it
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
                      num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
@@ -630,8 +598,6 @@ def paged_decode_attention(
     extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
-    prefetch_mode = int(L2_PREFETCH) if on_nvidia and prefetch is not None and prefetch.numel() else 0
-    prefetch_bytes = prefetch.reshape(-1).view(torch.int8) if prefetch_mode else None
     if num_splits == 1:
         # Not read: the split kernel writes `out` directly.
         ws_acc = ws_max = ws_sum = out
@@ -700,9 +666,6 @@ def paged_decode_attention(
         # the rotated key is rounded to its dtype before it is quantized, as the rotary_store_kv kernel does
         **quantize_constexprs(layer, *((new.key.dtype, new.value.dtype) if new else (query.dtype,) * 2), query.device),
         EARLY_READS=bool(EARLY_READS),
-        prefetch_ptr=prefetch_bytes if prefetch_mode else layer.k_cache,
-        prefetch_lines=prefetch_bytes.numel() // 128 if prefetch_mode else 0,
-        PREFETCH=prefetch_mode,
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),

@@ -96,14 +96,13 @@ common_ptrs = {
     "v_new_ptr": "*bf16",
     "cos_sin_ptr": "*fp32",
     "slot_mapping_ptr": "*i64",
-    "prefetch_ptr": "*i8",
 }
 for (name, (ptrs, consts)), one, rotary in itertools.product(kv.items(), (True, False), (False, True)):
     attempt(
         f"decode_split {name} one_split={one} rotary={rotary}",
         da._decode_split_kernel,
         common_ptrs | ptrs,
-        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, PREFETCH=2 * rotary),
+        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
         {"num_stages": 3, "maxnreg": 128},
     )
 attempt(

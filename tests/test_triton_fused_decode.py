@@ -98,14 +98,6 @@ def test_fused_decode_matches_refs(spec_text, num_kv_heads, group, head_dim, rot
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
-def test_prefetch_hint_ignored_off_nvidia() -> None:
-    """On the CPU (the interpreter) a prefetch tensor changes nothing: the kernel runs without the PTX."""
-    layers, tables, lens, query, new = _step("int8", [5, 40], 2, 2, 64, 64, 16, torch.float16)
-    expected = paged_decode_attention(query, layers[0], tables, lens, 0.1, new=new)
-    out = paged_decode_attention(query, layers[1], tables, lens, 0.1, new=new, prefetch=torch.ones(300, device=DEVICE))
-    assert torch.equal(out, expected)
-
-
 def test_fused_decode_checks_arguments() -> None:
     (_, layer), tables, lens, query, new = _step("int8", [5, 9], 2, 2, 64, 64, 16, torch.float16)
     short = NewToken(new.positions[:1], new.key, new.value, new.cos_sin_cache, new.slot_mapping)
@@ -150,23 +142,6 @@ def test_fused_decode_gpu_real_sizes(spec_text: str, batch: int) -> None:
     (ref_layer, _), *_ = _step(spec_text, _gpu_lens(batch, 0), 8, 4, 128, 128, 16, torch.bfloat16)
     ref = rotary_store_decode_attention_ref(query, ref_layer, tables, lens, scale, new)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", [1, 2])
-def test_l2_prefetch_is_only_a_hint(mode: int, monkeypatch) -> None:
-    """Asking L2 for another tensor's bytes (o_proj's weight at batch 1) leaves the output and the pool bit for bit
-    as without, before or after the loop, and leaves that tensor alone."""
-    from kernels import triton_decode_attention
-
-    monkeypatch.setattr(triton_decode_attention, "L2_PREFETCH", mode)
-    (first, second), tables, lens, query, new = _step("int8", _gpu_lens(1, 3), 8, 4, 128, 128, 16, torch.bfloat16)
-    weight = torch.randn(4096, 4096 + 64, dtype=torch.bfloat16, device=DEVICE)  # lines not a multiple of a round
-    before = weight.clone()
-    expected = paged_decode_attention(query, first, tables, lens, 0.088, max_context_len=4096, new=new)
-    out = paged_decode_attention(query, second, tables, lens, 0.088, max_context_len=4096, new=new, prefetch=weight)
-    _assert_same_pool(first, second)
-    assert torch.equal(out, expected) and torch.equal(weight, before)
 
 
 @pytest.mark.gpu

@@ -75,10 +75,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         return self.attend(self.qkv_proj(x), positions, cos_sin_cache, meta, pool)
 
-    def attend(self, qkv, positions, cos_sin_cache, meta: AttentionMetadata, pool: KVPool, project: bool = True,
-               prefetch: torch.Tensor | None = None):  # fmt: skip
-        """Everything after the qkv projection: rotary, the K/V store, attention, o_proj (unless not `project`).
-        prefetch: a tensor decode attention asks L2 for while it runs (a hint; o_proj's weight at batch 1)."""
+    def attend(self, qkv, positions, cos_sin_cache, meta: AttentionMetadata, pool: KVPool, project: bool = True):
+        """Everything after the qkv projection: rotary, the K/V store, attention, o_proj (unless not `project`)."""
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # strided views into the fused output: the kernels take strides, so no copies
@@ -107,7 +105,6 @@ class LlamaAttention(nn.Module):
                 meta.context_lens,
                 self.scale,
                 meta.max_context_len,
-                prefetch,
             )
         out = out.reshape(num_tokens, self.num_heads * self.head_dim)
         return self.o_proj(out) if project else out
@@ -125,10 +122,8 @@ class LlamaDecoderLayer(nn.Module):
         # Each norm goes with the projection after it (ops.norm_linear): one kernel at batch 1 on a GPU.
         # x may be an ops.Summed (residual None): the previous layer's down_proj added the residual itself.
         qkv, residual = self._norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
+        out = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool, project=False)
         o_proj = self.self_attn.o_proj
-        # Batch 1: the memory bus idles while attention runs; it fetches o_proj's weight into L2 meanwhile.
-        prefetch = o_proj.weight if qkv.shape[0] == 1 else None
-        out = self.self_attn.attend(qkv, positions, cos_sin_cache, meta, pool, project=False, prefetch=prefetch)
         if isinstance(self.mlp, LlamaMLP):
             norm, mlp = self.post_attention_layernorm, self.mlp
             up, down = mlp.gate_up_proj, mlp.down_proj
