@@ -19,6 +19,9 @@ from kernels import pdl
 # Tried and dropped, each measured on an H200 (batch-1 decode of the 8B shape at 1k context, fraction of the floor):
 # - asking L2 for the first columns of every row before the PDL wait (prefetch.global.L2), to use the memory bus
 #   during the small kernels: 0.847 without, 0.841 / 0.827 / 0.806 / 0.793 with 8 / 16 / 32 / 48 MB;
+# - asking L2 for o_proj's whole weight (33.5 MB) from the decode attention kernel's programs, while the bus idles
+#   during attention and the split reduce (prefetch.global.L2, a share per program, after or before its loop):
+#   0.871 / 0.866 against 0.881 without, twice each in one process (2026-12-04, tune_settings_2026-12-04c.json);
 # - a rewrite of this kernel with a silu(gate) * up epilogue (gate_up and its activation in one kernel), the first
 #   weight chunk loaded before the PDL wait, and each input chunk read before its weight chunk: 0.772 / 0.789
 #   against 0.838 for this kernel, same model otherwise, one machine, one sequence of runs.
