@@ -1,11 +1,24 @@
-"""Compiles the Triton kernels' variants for sm_90 (Hopper) and prints {variant: "ok ..." or the error} as JSON.
+"""Compiles the Triton kernels' variants for sm_90 (Hopper) and prints, as one line of JSON, {"variants": {variant:
+"ok ..." or the error}, "as_launched": {variant: facts}}.
 
 Run by tests/test_triton_compile.py in a child process without TRITON_INTERPRET (under it @triton.jit gives
 interpreter functions, which do not compile). Needs no GPU: Triton ships its own ptxas.
+
+"variants" compile every kernel variant with plain 32-bit integer arguments. "as_launched" compiles the int8 decode
+attention kernel as a launch on the 8B shape specializes it (integer arguments equal to 1 become constants, those
+divisible by 16 and every pointer carry that hint: what lets Triton vectorize the K/V loads and pipeline them) and
+reports what decides its speed: whether the loop's K/V tile loads are asynchronous copies (pipelined) or plain loads,
+the shared memory, and ptxas's registers and spills. `python tests/compile_sm90.py --dump DIR` also writes each
+as-launched variant's TTGIR and PTX there, to read.
 """
 
+import glob
 import itertools
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 
 import torch
@@ -154,4 +167,81 @@ for (x_type, dot), convert, biased in itertools.product(pairs, (0, 1, 2), (False
         {"x_ptr": x_type, "y_ptr": "*" + dot},
         {"DOT": dot_dtype, "CONVERT": convert, "BIASED": biased},
     )
-print(json.dumps(results))
+
+
+def as_launched(fn, pointers, values, constants, options):
+    """Compile fn as a launch with these argument values specializes it; the compiled kernel."""
+    signature, attrs, constants = {}, {}, dict(constants)
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are 256-byte aligned
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        elif values[name] == 1:
+            constants[name] = 1
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=SM90, options=options)
+
+
+def ptxas_report(ptx: str, maxnreg: int) -> tuple[int, int]:
+    """(registers, spill store bytes) of ptxas -v on the PTX, with Triton's bundled ptxas."""
+    ptxas = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))[0]
+    with open("/tmp/kvrelay_sm90.ptx", "w") as f:
+        f.write(ptx)
+    proc = subprocess.run([ptxas, "-v", "-arch=sm_90a", f"--maxrregcount={maxnreg}", "/tmp/kvrelay_sm90.ptx", "-o",
+                           "/tmp/kvrelay_sm90.cubin"], capture_output=True, text=True, check=True)  # fmt: skip
+    registers = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", proc.stderr).group(1))
+    return registers, spills
+
+
+# The 8B shape at batch 1..64: 32 query heads on 8 KV heads of 128 dims, block size 16, int8 K, V seen as int16 pairs,
+# the query and the new token strided views of the qkv projection's [num_seqs, 6144] output.
+DECODE_VALUES = dict(
+    num_heads=32, num_splits=8, stride_q_s=6144, stride_q_h=128, stride_q_d=1, stride_kc_b=16384, stride_kc_s=1024,
+    stride_kc_h=128, stride_kc_d=1, stride_vc_b=8192, stride_vc_s=512, stride_vc_h=64, stride_vc_d=1, stride_ks_b=128,
+    stride_ks_s=8, stride_ks_h=1, stride_vs_b=128, stride_vs_s=8, stride_vs_h=1, stride_bt_s=64, stride_o_s=4096,
+    stride_o_h=128, stride_o_d=1, stride_kn_s=6144, stride_kn_h=128, stride_vn_s=6144, stride_vn_h=128,
+    stride_cache=128, stride_kp_b=16384, stride_kp_s=1024, stride_kp_h=128, stride_kp_d=1, stride_vp_b=16384,
+    stride_vp_s=1024, stride_vp_h=128, stride_vp_d=1,
+)  # fmt: skip
+launched = {}
+dump = sys.argv[sys.argv.index("--dump") + 1] if "--dump" in sys.argv else None
+ptrs, consts = kv["int8_pairs"]
+tuning = {**da.QUANTIZED_NVIDIA_TUNING, "num_stages": da.QUANTIZED_NUM_STAGES}
+options = {"num_stages": tuning["num_stages"], "maxnreg": tuning["maxnreg"], "num_warps": 4}
+for one, rotary in itertools.product((True, False), (False, True)):
+    name = f"decode_split int8_pairs one_split={one} rotary={rotary}"
+    try:
+        kernel = as_launched(da._decode_split_kernel, common_ptrs | ptrs, DECODE_VALUES,
+                             base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
+                             options)  # fmt: skip
+    except Exception as exc:
+        launched[name] = {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
+        continue
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    registers, spills = ptxas_report(ptx, tuning["maxnreg"])
+    launched[name] = {
+        # the K tile [128 tokens, 128 dims] int8 and the V tile [128, 64] int16 pairs, in the loop
+        "kv_async_copies": len(
+            re.findall(r"async_copy_global_to_local .*tensor<128x(128x!tt\.ptr<i8>|64x!tt\.ptr<i16>)", ttgir)
+        ),
+        "kv_plain_loads": len(re.findall(r"tt\.load .*tensor<128x(128x!tt\.ptr<i8>|64x!tt\.ptr<i16>)", ttgir)),
+        "shared_bytes": kernel.metadata.shared,
+        "registers": registers,
+        "spill_bytes": spills,
+    }
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        stem = os.path.join(dump, name.replace(" ", "_").replace("=", ""))
+        for ext, text in (("ttgir", ttgir), ("ptx", ptx)):
+            with open(f"{stem}.{ext}", "w") as f:
+                f.write(text)
+print(json.dumps({"variants": results, "as_launched": launched}))

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[str, str]:
+def report() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     script = ROOT / "tests" / "compile_sm90.py"
@@ -31,6 +31,11 @@ def compiled() -> dict[str, str]:
                           timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def compiled(report: dict) -> dict[str, str]:
+    return report["variants"]
 
 
 def test_decode_attention_conversions_compile_for_sm90(compiled: dict[str, str]) -> None:
@@ -48,3 +53,17 @@ def test_kernel_variants_compile_for_sm90(compiled: dict[str, str]) -> None:
     assert len(variants) == 27
     failed = {k: v for k, v in variants.items() if not v.startswith("ok")}
     assert not failed, failed
+
+
+def test_int8_decode_attention_as_launched_is_pipelined(report: dict) -> None:
+    """The int8 decode attention kernel, specialized as a launch on the 8B shape specializes it: its loop reads the
+    K and V tiles with asynchronous copies (Triton's pipeliner; plain loads in the loop measured 0.62-0.72 of copy
+    bandwidth against 0.79, H200) and ptxas spills little under the 128-register cap (20-36 bytes now; a variant
+    with 80-144 bytes was slower). Compiled without those specializations the same kernel loads K byte by byte:
+    the other variants here check only that the code compiles."""
+    launched = report["as_launched"]
+    assert len(launched) == 4, launched
+    for name, facts in launched.items():
+        assert "error" not in facts, (name, facts)
+        assert facts["kv_async_copies"] >= 2 and facts["kv_plain_loads"] == 0, (name, facts)
+        assert facts["spill_bytes"] <= 64, (name, facts)
