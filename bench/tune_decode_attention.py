@@ -67,6 +67,7 @@ def tune_shape(bs: int, ctx: int, bw: float, grid: dict, no_splits: bool = False
         except Exception as exc:  # a config that does not compile or is wrong is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
+        print(row, flush=True)
 
     # Stage 1: tile x stages x register cap, scales as the pool lays them out, default split policy.
     g = grid
