@@ -116,6 +116,9 @@ def main() -> None:
     # (0.59 / 0.56 against 0.74) and batch 1; 8 warps 0.49 at best, 64-token tiles 0.60, more programs an SM than 2
     # (2 splits at 32 x 4k) 0.64. The defaults stay. Also measured then, outside this script: one program per pair of
     # KV heads (the pool viewed as 4 heads of 256 dims: 256-byte rows, half the softmax work per byte) 0.57 at best.
+    # Seventh (2026-12-04): stages 3 / 5 x register cap 128 / 168 / none, defaults elsewhere. 32 x 4k: 5 stages and no
+    # cap 0.817 (best; 0.795 capped at 3). 64 x 1k: the cap at 3 stages stays best (0.759; 0.742 at 5 uncapped).
+    # Batch 1 x 1k: no cap 0.098 against 0.090. Hence FEW_PROGRAMS_UNCAPPED (kernels/triton_decode_attention.py).
     grid = {
         "pairs": (True, False),
         "convert": (2,),

@@ -64,10 +64,17 @@ TILE_TOKENS = 128
 # previous tile's dots and waited for in full (sm_90 TTGIR: async_wait num = 0), so a program never overlaps its own
 # loads with its math; 5 or 6 stages give two buffers (the next tile's loads in flight during this one's dots), 7 three.
 QUANTIZED_NVIDIA_TUNING = {"maxnreg": 128, "programs_per_sm": 2}
-# Two or three buffers measured slower (bench/tune_decode_attention.py's sixth run: 0.64 / 0.61 of copy bandwidth at
-# batch 32 x 4k against 0.79 with 3 stages); the two programs an SM hide each other's waits better than one program's
-# own pipeline does. Read at each call (`model_bench --sweep kernels.triton_decode_attention.QUANTIZED_NUM_STAGES=3,5`).
+# Under the 128-register cap two or three buffers measured slower (bench/tune_decode_attention.py's sixth run: 0.64 /
+# 0.61 of copy bandwidth at batch 32 x 4k against 0.79 with 3 stages). Read at each call
+# (`model_bench --sweep kernels.triton_decode_attention.QUANTIZED_NUM_STAGES=3,5`).
 QUANTIZED_NUM_STAGES = 3
+# The 128-register cap is there to fit 4 programs an SM. A launch of at most 2 programs an SM (batch 32 x 4k: 256
+# programs; batch 1: 8 KV heads x the splits) drops it, and its programs with two tiles or more get two K/V buffers
+# (5 stages): H200, int8, one process (bench/results/tune_decode_attention.json, 2026-12-04, seventh run): batch 32 x
+# 4k 0.817 against 0.795 with the cap and 3 stages (5 stages with the cap: 0.643; no cap, 3 stages: 0.661), batch 1 x
+# 1k (one tile a program, 3 stages) 5.2 against 5.6 us; batch 64 x 1k (512 programs) keeps the cap: 0.759 against
+# 0.742 without it. Read at each call, for in-process A/B.
+FEW_PROGRAMS_UNCAPPED = True
 
 # int8 KV with 16-bit queries (`_to_dot`, `_pairs_to_dot`): K reaches the dot biased by 1152 (no subtraction per
 # value), V as int16 pairs of dims (one ldmatrix.trans per 8x8 tile instead of one byte load per value). sm_90 SASS of
@@ -584,7 +591,7 @@ def paged_decode_attention(
     on_nvidia = query.device.type == "cuda" and torch.version.hip is None
     quantized = layer.k_format.has_scale or layer.v_format.has_scale
     defaults = {**QUANTIZED_NVIDIA_TUNING, "num_stages": QUANTIZED_NUM_STAGES} if on_nvidia and quantized else {}
-    tuning = {**defaults, **(tuning or {})}
+    given, tuning = tuning or {}, {**defaults, **(tuning or {})}
     if num_splits is None:
         num_splits = tuning.get("num_splits")
     if num_splits is None:
@@ -595,6 +602,10 @@ def paged_decode_attention(
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     block_n = max(block_size, tuning.get("block_n", TILE_TOKENS if head_dim_pad <= 128 else TILE_TOKENS // 2))
+    if defaults and FEW_PROGRAMS_UNCAPPED and num_seqs * num_kv_heads * num_splits <= 2 * _num_sms(query.device):
+        # At most 2 programs an SM: the register cap buys nothing; longer shares get two K/V buffers (5 stages).
+        tiles = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n)
+        tuning = {**defaults, "maxnreg": 0, "num_stages": 5 if tiles >= 2 else QUANTIZED_NUM_STAGES, **given}
     extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
