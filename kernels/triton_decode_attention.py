@@ -70,7 +70,8 @@ QUANTIZED_NVIDIA_TUNING = {"maxnreg": 128, "programs_per_sm": 2}
 QUANTIZED_NUM_STAGES = 3
 # The 128-register cap is there to fit 4 programs an SM. It is dropped, and a program of two tiles or more gets two
 # K/V buffers (5 stages), when the launch has at most 2 programs an SM (batch 1: 8 KV heads x the splits) or when each
-# program reads 16 tiles or more (batch 32 x 4k: 2 splits of 16 tiles): H200, int8, one process each
+# program reads 16 tiles or more and there are at most 4 programs an SM (batch 32 x 4k: 2 splits of 16 tiles; larger
+# launches, as batch 128 x 8k, were not measured so and keep the cap): H200, int8, one process each
 # (bench/results/tune_decode_attention.json, 2026-12-04, seventh run and a repeat): batch 32 x 4k 0.817 / 0.810
 # against 0.795 / 0.792 capped at 3 stages (5 stages capped: 0.643; uncapped at 3: 0.661); batch 1 x 1k (one tile a
 # program, 3 stages) 5.2 against 5.6 us; batch 1 x 8k (kernel_bench) 0.395 against 0.365. Batch 64 x 1k (512 programs
@@ -604,8 +605,8 @@ def paged_decode_attention(
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     block_n = max(block_size, tuning.get("block_n", TILE_TOKENS if head_dim_pad <= 128 else TILE_TOKENS // 2))
     tiles = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n)
-    few = num_seqs * num_kv_heads * num_splits <= 2 * _num_sms(query.device)
-    if defaults and FEW_PROGRAMS_UNCAPPED and (few or tiles >= 16):
+    programs_per_sm = num_seqs * num_kv_heads * num_splits / _num_sms(query.device)
+    if defaults and FEW_PROGRAMS_UNCAPPED and (programs_per_sm <= 2 or (tiles >= 16 and programs_per_sm <= 4)):
         # `FEW_PROGRAMS_UNCAPPED`: no register cap; two K/V buffers (5 stages) for a program of two tiles or more.
         tuning = {**defaults, "maxnreg": 0, "num_stages": 5 if tiles >= 2 else QUANTIZED_NUM_STAGES, **given}
     extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}

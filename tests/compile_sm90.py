@@ -215,10 +215,10 @@ DECODE_VALUES = dict(
 launched = {}
 dump = sys.argv[sys.argv.index("--dump") + 1] if "--dump" in sys.argv else None
 ptrs, consts = kv["int8_pairs"]
-tuning = {**da.QUANTIZED_NVIDIA_TUNING, "num_stages": da.QUANTIZED_NUM_STAGES}
-options = {"num_stages": tuning["num_stages"], "maxnreg": tuning["maxnreg"], "num_warps": 4}
-for one, rotary in itertools.product((True, False), (False, True)):
-    name = f"decode_split int8_pairs one_split={one} rotary={rotary}"
+capped = {"num_stages": da.QUANTIZED_NUM_STAGES, "maxnreg": da.QUANTIZED_NVIDIA_TUNING["maxnreg"], "num_warps": 4}
+uncapped = {"num_stages": 5, "num_warps": 4}  # FEW_PROGRAMS_UNCAPPED's launches of two tiles or more
+for one, rotary, options in itertools.product((True, False), (False, True), (capped, uncapped)):
+    name = f"decode_split int8_pairs one_split={one} rotary={rotary} " + ("capped" if options is capped else "uncapped")
     try:
         kernel = as_launched(da._decode_split_kernel, common_ptrs | ptrs, DECODE_VALUES,
                              base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
@@ -227,7 +227,7 @@ for one, rotary in itertools.product((True, False), (False, True)):
         launched[name] = {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
         continue
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-    registers, spills = ptxas_report(ptx, tuning["maxnreg"])
+    registers, spills = ptxas_report(ptx, options.get("maxnreg", 255))
     launched[name] = {
         # the K tile [128 tokens, 128 dims] int8 and the V tile [128, 64] int16 pairs, in the loop
         "kv_async_copies": len(
