@@ -16,29 +16,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import copy_bandwidth, graph_time_ms, record, write_benchmarks_md  # noqa: E402
-from bench.model_bench import fill_random  # noqa: E402
+from bench.tune_decode_attention import BLOCK, HEAD_DIM, KV_HEADS, setup  # noqa: E402
 from kernels import ops  # noqa: E402
 from kernels.rotary import compute_inv_freq, make_cos_sin_cache  # noqa: E402
 from kvstore.formats import parse_kv_dtype  # noqa: E402
 from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
 
 COMMAND = "python bench/kernel_bench.py"
-HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
 def decode_attention(bw: float, bs: int, ctx: int, kv: str) -> None:
-    spec = parse_kv_dtype(kv, torch.bfloat16)
-    blocks_per_seq = ctx // BLOCK
-    geometry = PoolGeometry(1, bs * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM)
-    pool = KVPool.allocate(geometry, spec, "cuda")
-    fill_random(pool)
-    layer = pool.layer(0)
-    tables = torch.randperm(bs * blocks_per_seq, device="cuda").view(bs, blocks_per_seq).int()
-    lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(bs, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    _, layer, tables, lens, q, nbytes = setup(bs, ctx, kv)
     ms = graph_time_ms(lambda: ops.paged_decode_attention(q, layer, tables, lens, HEAD_DIM**-0.5, ctx))
-    per_token = 2 * KV_HEADS * (HEAD_DIM * layer.k_cache.element_size() + (4 if layer.k_scale is not None else 0))
-    nbytes = bs * ctx * per_token + 2 * q.numel() * q.element_size()
     floor_ms = nbytes / bw * 1e3
     name = f"attn_decode_bs{bs}_ctx{ctx // 1024}k" + ("" if kv == "int8" else f"_{kv}")
     record(name, nbytes / ms / 1e6, "GB/s", bw / 1e9, floor_ms / ms, COMMAND, time_ms=round(ms, 4), kv_dtype=kv)
@@ -48,14 +37,7 @@ def rotary_decode_attention(bw: float, bs: int, ctx: int) -> None:
     """The kernel as the decode step runs it (kernels/ops.py rotary_store_decode_attention): the new token's rotary
     and int8 store inside, then attention over the context that now holds it. Same floor as the attention alone
     plus the new token's bytes."""
-    spec = parse_kv_dtype("int8", torch.bfloat16)
-    blocks_per_seq = ctx // BLOCK
-    pool = KVPool.allocate(PoolGeometry(1, bs * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM), spec, "cuda")
-    fill_random(pool)
-    layer = pool.layer(0)
-    tables = torch.randperm(bs * blocks_per_seq, device="cuda").view(bs, blocks_per_seq).int()
-    lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(bs, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    _, layer, tables, lens, q, nbytes = setup(bs, ctx, "int8")
     k_new, v_new = (torch.randn(bs, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     positions = lens.long() - 1
     slots = tables[:, -1].long() * BLOCK + (ctx - 1) % BLOCK
@@ -65,8 +47,7 @@ def rotary_decode_attention(bw: float, bs: int, ctx: int) -> None:
             positions, q, k_new, v_new, cos_sin, layer, slots, tables, lens, HEAD_DIM**-0.5, ctx
         )
     )
-    per_token = 2 * KV_HEADS * (HEAD_DIM + 4)
-    nbytes = bs * ctx * per_token + 2 * (q.numel() + 2 * k_new.numel()) * q.element_size()
+    nbytes += 2 * 2 * k_new.numel() * k_new.element_size()
     record(f"attn_rotary_store_decode_bs{bs}_ctx{ctx // 1024}k", nbytes / ms / 1e6, "GB/s", bw / 1e9,
            nbytes / bw * 1e3 / ms, COMMAND, time_ms=round(ms, 4), kv_dtype="int8")  # fmt: skip
 
