@@ -593,7 +593,8 @@ def paged_decode_attention(
     on_nvidia = query.device.type == "cuda" and torch.version.hip is None
     quantized = layer.k_format.has_scale or layer.v_format.has_scale
     defaults = {**QUANTIZED_NVIDIA_TUNING, "num_stages": QUANTIZED_NUM_STAGES} if on_nvidia and quantized else {}
-    given, tuning = tuning or {}, {**defaults, **(tuning or {})}
+    given = tuning or {}
+    tuning = {**defaults, **given}
     if num_splits is None:
         num_splits = tuning.get("num_splits")
     if num_splits is None:

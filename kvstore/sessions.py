@@ -16,7 +16,7 @@ Ownership protocol (who may change a session):
 - `reclaim_expired` frees sessions whose lease ran out; somebody (the kvstore service) calls it periodically.
 
 Hand-off notice: `update(..., PREFILLED)` also publishes the session id on the pub/sub channel `{prefix}:prefilled`
-(`prefilled_sessions()` listens), so a decode worker that already holds the request adopts the session the moment it
+(`handoffs()` listens), so a decode worker that already holds the request adopts the session the moment it
 is offered. A notice is only a hint to try `adopt` now: a lost one costs latency, never correctness.
 
 Claimed hand-off (one round trip fewer): a decode worker that waits for its request's session calls `adopt` with
@@ -492,15 +492,6 @@ class SessionStore:
         Evicts nothing when enough are already free, or when even every idle session would not be enough.
         """
         return list(await self._run("evict_lru", int(blocks_needed)))
-
-    async def prefilled_sessions(self) -> AsyncIterator[str]:
-        """Ids of sessions as they become PREFILLED (update() publishes them), for as long as the caller listens.
-
-        Pub/sub delivers to whoever is subscribed at the time, at most once: a listener must still try `adopt` itself
-        for a session it may have missed (published before it subscribed, or while its connection was down).
-        """
-        async for _, sid in self._messages(self.key("prefilled")):
-            yield sid
 
     async def _messages(self, *channels: str) -> AsyncIterator[tuple[str, str]]:
         """(channel, data) of every message published on `channels` while the caller listens."""

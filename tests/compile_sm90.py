@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -170,33 +171,24 @@ for (x_type, dot), convert, biased in itertools.product(pairs, (0, 1, 2), (False
 
 
 def as_launched(fn, pointers, values, constants, options):
-    """Compile fn as a launch with these argument values specializes it; the compiled kernel."""
-    signature, attrs, constants = {}, {}, dict(constants)
-    for i, name in enumerate(fn.arg_names):
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are 256-byte aligned
-        elif name in FLOATS:
-            signature[name] = "fp32"
-        elif values[name] == 1:
-            constants[name] = 1
-            signature[name] = "constexpr"
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    """Compile fn as a launch with these integer argument values specializes it; the compiled kernel."""
+    constants = {**constants, **{name: 1 for name, value in values.items() if value == 1}}
+    signature = sig(fn, pointers, constants)
+    # torch's allocations are 256-byte aligned; an integer divisible by 16 gets the same hint
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in pointers or (signature[name] == "i32" and values[name] % 16 == 0)}  # fmt: skip
     return triton.compile(ASTSource(fn, signature, constants, attrs), target=SM90, options=options)
 
 
 def ptxas_report(ptx: str, maxnreg: int) -> tuple[int, int]:
     """(registers, spill store bytes) of ptxas -v on the PTX, with Triton's bundled ptxas."""
     ptxas = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))[0]
-    with open("/tmp/kvrelay_sm90.ptx", "w") as f:
-        f.write(ptx)
-    proc = subprocess.run([ptxas, "-v", "-arch=sm_90a", f"--maxrregcount={maxnreg}", "/tmp/kvrelay_sm90.ptx", "-o",
-                           "/tmp/kvrelay_sm90.cubin"], capture_output=True, text=True, check=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        command = [ptxas, "-v", "-arch=sm_90a", f"--maxrregcount={maxnreg}", source, "-o", f"{tmp}/kernel.cubin"]
+        proc = subprocess.run(command, capture_output=True, text=True, check=True)
     registers = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", proc.stderr).group(1))
     return registers, spills

@@ -241,7 +241,7 @@ def test_a_handoff_is_announced_and_taken_by_its_own_request_only():
         heard: list[str] = []
 
         async def listen() -> None:
-            async for sid in store.prefilled_sessions():
+            async for sid in store.handoffs("d1"):  # no claim here: only ids of offered sessions
                 heard.append(sid)
 
         listener = asyncio.create_task(listen())
