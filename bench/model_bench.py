@@ -118,23 +118,31 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
 def setting_sweep(model, config: ModelConfig, spec, bw: float, batches, setting: str, block_size: int,
                   contexts=(1024,)) -> None:  # fmt: skip
     """Decode (at 1k context unless --contexts is given) for each value of a kernel module's setting, e.g.
-    kernels.triton_rotary_store_kv.FUSED=0,1 (read at launch, so graphs captured again per value pick it up); written
-    to bench/results/tune_settings.json, the setting restored afterwards. An A/B inside one process, on one warm GPU."""
+    kernels.triton_rotary_store_kv.FUSED=0,1 (read at launch, so graphs captured again per value pick it up); several
+    settings joined by '+' move together, value by value (A.X=1,0+A.Y=64,128: X=1 with Y=64, then X=0 with Y=128);
+    written to bench/results/tune_settings.json, the settings restored afterwards. An A/B inside one process, on one
+    warm GPU."""
     import importlib
 
-    target, values = setting.split("=")
-    module_name, attr = target.rsplit(".", 1)
-    module = importlib.import_module(module_name)
-    default, rows = getattr(module, attr), []
-    for value in values.split(","):
-        setattr(module, attr, type(default)(float(value)))
+    targets = []
+    for part in setting.split("+"):
+        target, values = part.split("=")
+        module_name, attr = target.rsplit(".", 1)
+        targets.append((target, importlib.import_module(module_name), attr, values.split(",")))
+    if len({len(t[3]) for t in targets}) != 1:
+        raise SystemExit(f"--sweep {setting}: every setting needs as many values")
+    defaults, rows = [getattr(module, attr) for _, module, attr, _ in targets], []
+    for i in range(len(targets[0][3])):
+        label = "+".join(f"{target}={values[i]}" for target, _, _, values in targets)
+        for (_, module, attr, values), default in zip(targets, defaults, strict=True):
+            setattr(module, attr, type(default)(float(values[i])))
         for ctx in contexts:
             for bs in batches:
-                print(f"{target}={value}: ", end="")
+                print(f"{label}: ", end="")
                 fraction = decode_one(model, config, spec, bw, bs, ctx, block_size, save=False)
-                rows.append({"setting": target, "value": value, "batch": bs, "context": ctx,
-                             "fraction": round(fraction, 4)})  # fmt: skip
-    setattr(module, attr, default)
+                rows.append({"setting": label, "batch": bs, "context": ctx, "fraction": round(fraction, 4)})
+    for (_, module, attr, _), default in zip(targets, defaults, strict=True):
+        setattr(module, attr, default)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tune_settings.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}))
 

@@ -5,6 +5,7 @@ sums them and casts: the structure a real split-K integration has), on the Llama
     python bench/tune_skinny_gemm.py [--batches 64] [--shapes qkv,o,down]
 
 Weight copies are used in turn so that no call finds its weight in L2. Times include the reduce kernel for split-K.
+--no-sum times split-K without the sum kernel: what it would cost if the kernel after it summed the partials.
 Writes bench/results/tune_skinny_gemm.json; records nothing in summary.json.
 """
 
@@ -60,7 +61,7 @@ def _sum_splits_kernel(ws_ptr, y_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.conste
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def skinny(x, w, block_n, block_k, split_k, num_warps, num_stages):
+def skinny(x, w, block_n, block_k, split_k, num_warps, num_stages, sum_splits=True):
     m, k = x.shape
     n = w.shape[0]
     block_m = max(16, triton.next_power_of_2(m))
@@ -70,6 +71,8 @@ def skinny(x, w, block_n, block_k, split_k, num_warps, num_stages):
         x, w, ws, m, n, k, k // split_k, x.stride(0), w.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT=split_k > 1, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if split_k > 1 and not sum_splits:
+        return ws  # the float32 partials, for a consumer that sums them itself (--no-sum)
     if split_k > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](ws, y, m * n, SPLITS=split_k, BLOCK=1024, num_warps=4)
     return y
@@ -79,6 +82,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="64")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument(
+        "--no-sum",
+        action="store_true",
+        help="time split-K without its sum kernel (as if the next kernel summed the partials)",
+    )
     args = parser.parse_args()
     bw = copy_bandwidth()
     print(f"{gpu_name()}: copy {bw / 1e12:.2f} TB/s")
@@ -101,10 +109,12 @@ def main() -> None:
                     continue
                 row = {"m": m, "shape": name, "block_n": bn, "block_k": bk, "split_k": sk, "stages": ns}
                 try:
-                    y = skinny(x, ws[0], bn, bk, sk, 4, ns)
+                    y = skinny(x, ws[0], bn, bk, sk, 4, ns, not args.no_sum)
+                    y = y.sum(0) if y.dim() == 3 else y
                     err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                     assert err < 2e-2, f"wrong result {err}"
-                    ms = graph_time_ms(lambda: [skinny(x, w_, bn, bk, sk, 4, ns) for w_ in ws]) / copies  # noqa: B023
+                    summed = not args.no_sum
+                    ms = graph_time_ms(lambda: [skinny(x, w_, bn, bk, sk, 4, ns, summed) for w_ in ws]) / copies  # noqa: B023
                     row |= {"ms": ms, "fraction": floor_ms / ms}
                     if best is None or ms < best["ms"]:
                         best = row

@@ -102,7 +102,11 @@ FUSED_ROTARY = True
 # Tried and dropped (H200, one call, kernel_bench against the tree before): the first K/V tile peeled from the loop and
 # read before the wait too, the new token's row read again after its store: rotary attention batch 64 x 1k 0.622 of
 # copy bandwidth against 0.717, batch 1 243 against 309 GB/s (plain loads of a tile outside Triton's pipelined loop,
-# and 80-144 bytes of register spills against 20-36).
+# and 80-144 bytes of register spills against 20-36). Also dropped (2026-12-04, one H200, in one process, on / off
+# alternating): the first tile's block ids read before the wait and its K/V rows and scales asked of L2 then
+# (prefetch.global.L2): decode batch 1 x 1k 3.972 / 3.970 ms a step against 3.967 / 3.965, batch 64 5.995 / 6.011
+# against 5.985 / 6.006 - no gain. And 64-token tiles with splits of 64 tokens at batch 1 (16 splits a KV head
+# instead of 8): 4.026 / 4.025 ms against 3.967 / 3.967.
 EARLY_READS = True
 
 _LOG2E = 1.4426950408889634

@@ -13,6 +13,13 @@ import triton.language as tl
 
 from kernels import pdl
 
+# The norm weight is read before the PDL wait (it is a constant: no kernel writes it). After the wait it came after the
+# row's reduction and the new residual's store (a load the compiler may not move above a store), one more round trip
+# on the path of every norm of a batch-64 step (65 of them). H200, decode batch 64 x 1k, on / off alternating in one
+# process: 5.978 / 5.994 ms a step against 6.008 / 6.013 (bench/results/tune_settings_2026-12-04d.json). Read at each
+# call, for in-process A/B (`model_bench --sweep kernels.triton_norm.EARLY_WEIGHT=1,0`).
+EARLY_WEIGHT = True
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -29,12 +36,16 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    EARLY_WEIGHT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
-    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
+    if EARLY_WEIGHT:
+        weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a constant (`EARLY_WEIGHT`)
+    # nothing else is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
+    pdl.enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0).to(tl.float32)
@@ -46,7 +57,8 @@ def _rms_norm_kernel(
     mean_square = tl.math.div_rn(tl.sum(x * x, axis=0), hidden.to(tl.float32))
     inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean_square + eps))
     normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
-    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if not EARLY_WEIGHT:
+        weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # One float32 product of two values of at most 16-bit dtypes is exact, so rounding it once equals torch's
     # multiply in the promoted dtype followed by .to(x.dtype).
     tl.store(out_ptr + row * stride_out + offs, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
@@ -97,6 +109,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             eps,
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
+            EARLY_WEIGHT=bool(EARLY_WEIGHT),
             num_warps=_num_warps(block),
             **pdl.launch_options(x.device),
         )
