@@ -135,12 +135,22 @@ gemv_ptrs = {
     "new_res_ptr": "*bf16",
     "sumsq_ptr": "*fp32",
 }
-for pro, epi in ((0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (0, 1), (0, 2)):
+for (pro, epi), preload in itertools.product(((0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (0, 1), (0, 2)),
+                                            (0, 1, 2)):  # fmt: skip
     attempt(
-        f"gemv prologue={pro} epilogue={epi}",
+        f"gemv prologue={pro} epilogue={epi} preload={preload}",
         gv._gemv_kernel,
         gemv_ptrs,
-        dict(HAS_BIAS=False, PROLOGUE=pro, EPILOGUE=epi, BLOCK_N=8, BLOCK_K=1024, SUMSQ_PAD=512, PDL=True),
+        dict(
+            HAS_BIAS=False,
+            PROLOGUE=pro,
+            EPILOGUE=epi,
+            BLOCK_N=8,
+            BLOCK_K=1024,
+            SUMSQ_PAD=512,
+            PRELOAD=preload,
+            PDL=True,
+        ),
     )
 for epi in (0, 1):
     attempt(

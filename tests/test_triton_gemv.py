@@ -6,6 +6,7 @@ bf16 is unreliable); the `gpu` test repeats it at the Llama-3-8B shapes in bf16.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -178,6 +179,34 @@ def test_add_res_sumsq_epilogue(n, k):
     assert abs(sumsq.double().sum().item() - want) <= 1e-5 * want
     with pytest.raises(ValueError):
         g.gemv(x, w, epilogue=g.ADD_RES_SUMSQ)  # no residual
+
+
+@pytest.mark.parametrize(("n", "k"), [(2 * 24, 256), (20, 192), (2 * 9, 8192)])
+def test_preload_changes_nothing(n, k):
+    """The first weight chunks read before the PDL wait (PRELOAD_CHUNKS, preload=1 or 2) and added first: the same
+    operations in the same order, so bit for bit the same outputs as preload=0, for each prologue and epilogue it
+    meets in a batch-1 step (one chunk only at k 192)."""
+    from kernels import triton_gemv as g
+
+    gen = torch.Generator().manual_seed(7 * n + k)
+    x = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE)
+    w = (torch.randn(n, k, generator=gen) * k**-0.5).to(DEVICE, DTYPE)
+    residual = torch.randn(1, k, generator=gen).to(DEVICE, DTYPE)
+    out_residual = torch.randn(1, n, generator=gen).to(DEVICE, DTYPE)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, DTYPE)
+    sumsq = x.float().pow(2).view(1, -1).sum(1)
+    cases = [
+        dict(),
+        dict(residual=out_residual, epilogue=g.ADD_RES_SUMSQ),
+        dict(prologue=g.ADD_NORM, residual=residual, norm_weight=norm_w, eps=1e-5),
+        dict(prologue=g.NORM_SUMSQ, norm_weight=norm_w, eps=1e-5, sumsq=sumsq, epilogue=g.SILU_MUL_OUT),
+    ]
+    for case, preload in itertools.product(cases, (1, 2)):
+        want = g.gemv(x, w, **case, preload=0)
+        got = g.gemv(x, w, **case, preload=preload)
+        assert got is not None and want is not None
+        for a, b in zip(got, want, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b), (case, preload)
 
 
 @pytest.mark.parametrize("silu", [False, True])
