@@ -38,6 +38,12 @@ MAX_ROWS = 128
 OUT, SILU_MUL_OUT = 0, 1
 # Bytes of shared memory the pipeline stages may take (an H100/H200 SM has 227 KB for one program).
 SHARED_MEMORY_BUDGET = 200 * 1024
+# Each program reads its first [BLOCK_K, BLOCK_N] weight tile (and up tile) into registers before its PDL wait, the
+# weight being a constant, and takes it into the first dot after the wait; the pipelined loop starts at the second
+# tile. The batch-1 GEMV gains ~0.5% of a step so (kernels/triton_gemv.py PRELOAD_CHUNKS). Off: not yet measured
+# here (a plain load outside the pipelined loop, as the decode attention's peeled tile that measured slower). Read at
+# each call (`model_bench --sweep kernels.triton_skinny_gemm.PRELOAD=1,0 --batches 64`).
+PRELOAD = False
 
 
 @triton.jit
@@ -55,9 +61,9 @@ def _skinny_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    PRELOAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.wait(PDL)  # nothing is read before the previous kernel is done
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,9 +74,22 @@ def _skinny_kernel(
     # [BLOCK_K, BLOCK_N]; row offsets in int64: an lm_head's N * K exceeds 2^31
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     up_ptrs = w_ptrs + N * stride_wn  # SILU_MUL_OUT: the same columns of the up half
+    if PRELOAD:
+        # the weight is a constant: its first tile may be read before the wait (`PRELOAD`)
+        w_first = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        if EPILOGUE == 1:
+            w_up_first = tl.load(up_ptrs, mask=mask_n[None, :], other=0.0)
+    pdl.wait(PDL)  # nothing else is read before the previous kernel is done
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (`skinny_config`)
+    k_begin = 0
+    if PRELOAD:
+        x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+        acc = tl.dot(x, w_first, acc)
+        if EPILOGUE == 1:
+            acc_up = tl.dot(x, w_up_first, acc_up)
+        k_begin = BLOCK_K
+    for k0 in range(k_begin, K, BLOCK_K):  # K is a multiple of BLOCK_K (`skinny_config`)
         x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
         acc = tl.dot(x, tl.load(w_ptrs + k0, mask=mask_n[None, :], other=0.0), acc)
         if EPILOGUE == 1:
@@ -112,12 +131,15 @@ def skinny_config(n: int, k: int, m: int = 64) -> tuple[int, int, int, int] | No
     return block_n, block_k, 4, stages
 
 
-def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuning: dict | None = None):
+def skinny_gemm(
+    x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuning: dict | None = None, preload: bool | None = None
+):
     """y = x weight^T [M, N] in x's dtype (SILU_MUL_OUT: weight [2N, K] = cat(gate, up), y = silu(gate) * up
     [M, N]); None when the shape has no config or the layout does not fit (the caller falls back to torch).
 
     x: [M, K] with 1 <= M <= MAX_ROWS and unit stride along K; weight [N, K] of x's dtype, unit stride along K.
-    tuning: launch overrides (block_n, block_k, num_warps, num_stages).
+    tuning: launch overrides (block_n, block_k, num_warps, num_stages). preload: the first weight tile read before
+    the PDL wait (default `PRELOAD`).
     """
     m, k = x.shape
     n = weight.shape[0]
@@ -134,6 +156,12 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuni
     tuning = tuning or {}
     names = ("block_n", "block_k", "num_warps", "num_stages")
     block_n, block_k, num_warps, num_stages = (tuning.get(key, v) for key, v in zip(names, config, strict=True))
+    preload = bool(PRELOAD if preload is None else preload)
+    if preload and "num_stages" not in tuning:
+        # the preloaded tile takes shared memory too: one stage fewer where the budget is full (qkv: 6 -> 5)
+        weight_columns = 2 * block_n if epilogue == SILU_MUL_OUT else block_n
+        per_stage = (max(16, triton.next_power_of_2(m)) + weight_columns) * block_k * 2
+        num_stages = max(2, min(num_stages, SHARED_MEMORY_BUDGET // per_stage - 1))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x,
@@ -149,6 +177,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuni
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EPILOGUE=epilogue,
+        PRELOAD=preload,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl.launch_options(x.device),

@@ -152,12 +152,12 @@ for (pro, epi), preload in itertools.product(((0, 0), (1, 0), (2, 0), (3, 0), (4
             PDL=True,
         ),
     )
-for epi in (0, 1):
+for epi, preload in itertools.product((0, 1), (False, True)):
     attempt(
-        f"skinny epilogue={epi}",
+        f"skinny epilogue={epi} preload={preload}",
         sg._skinny_kernel,
         {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
-        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, EPILOGUE=epi, PDL=True),
+        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, EPILOGUE=epi, PRELOAD=preload, PDL=True),
         {"num_stages": 6},
     )
 

@@ -48,6 +48,19 @@ def test_skinny_gemm_matches_torch(m: int, n: int, k: int, silu: bool) -> None:
     torch.testing.assert_close(y.float(), _expected(x, w, silu).float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(5, 96, 128), (17, 70, 192), (MAX_ROWS, 33, 64)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_skinny_gemm_preload_changes_nothing(m: int, n: int, k: int, silu: bool) -> None:
+    """The first weight tile read before the PDL wait (PRELOAD) and taken into the first dot: the same dots in the
+    same order, so bit for bit the output without it (one K tile only at k 64)."""
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    x, w = _inputs(m, 2 * n if silu else n, k, dtype, seed=3 * m + n)
+    epilogue = SILU_MUL_OUT if silu else 0
+    with_preload, without = skinny_gemm(x, w, epilogue, preload=True), skinny_gemm(x, w, epilogue, preload=False)
+    assert with_preload is not None and torch.equal(with_preload, without)
+    torch.testing.assert_close(with_preload.float(), _expected(x, w, silu).float(), atol=2e-2, rtol=2e-2)
+
+
 def test_skinny_gemm_declines_what_it_does_not_handle() -> None:
     x, w = _inputs(4, 40, 64, torch.float16, seed=0)
     assert skinny_gemm(torch.empty(0, 64, dtype=torch.float16, device=DEVICE), w) is None  # no rows
