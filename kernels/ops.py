@@ -50,6 +50,25 @@ SKINNY_ROWS = (2, 64)
 SUMSQ_NORM = os.environ.get("KVRELAY_SUMSQ_NORM", "1") != "0"
 
 
+# Decode batches on the skinny GEMM: down_proj cut in SPLIT_DOWN parts along K (1: not cut), its float32 partial sums
+# handed to the next layer's fused add + norm, which adds them (`Partials`): half the reads of the activations from L2
+# per program (bench/tune_skinny_gemm.py --no-sum, H200, 64 rows: 31.4 us in 2 splits of 64-column tiles against ~33
+# unsplit, without the sum). Not measured in a decode step yet: off. Read at each call
+# (`model_bench --sweep kernels.ops.SPLIT_DOWN=2,1 --batches 64`).
+SPLIT_DOWN = 1
+
+
+class Partials(NamedTuple):
+    """A projection's output left as float32 partial sums [S, tokens, out] (a split-K skinny GEMM's), for the fused
+    add + norm after it to add; `dtype` is the output's dtype (what the sum is rounded to)."""
+
+    parts: torch.Tensor
+    dtype: torch.dtype
+
+    def dense(self) -> torch.Tensor:
+        return self.parts.sum(0).to(self.dtype)
+
+
 class Summed(NamedTuple):
     """The residual stream as a projection that added the residual itself leaves it: `hidden` = its output + the old
     residual (the new residual), `sumsq` the partial sums of hidden's squares (float32), for the next norm."""
@@ -95,6 +114,13 @@ def rms_norm(x, weight, eps):
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
+    """x may be `Partials` (summed and rounded first: in the kernel on a GPU)."""
+    if isinstance(x, Partials):
+        if _gpu(residual):
+            from kernels.triton_norm import fused_add_rms_norm_parts
+
+            return fused_add_rms_norm_parts(x.parts, residual, weight, eps)
+        x = x.dense()
     if _gpu(x):
         from kernels.triton_norm import fused_add_rms_norm as kernel
 
@@ -219,8 +245,12 @@ def _summed_norm_gemv(x: Summed, norm_weight, eps, weight, bias=None, epilogue=0
 def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
     """linear(rms_norm(x)) with residual None (new residual: x itself), else linear(rms_norm(x + residual)) and the
     new residual x + residual. One kernel on the GEMV path, the unfused kernels otherwise. Returns (y, new_residual).
-    x may be a `Summed` (residual None): the residual is already added and the sums of squares known.
+    x may be a `Summed` (residual None): the residual is already added and the sums of squares known; or `Partials`
+    (residual given): the fused add + norm sums them.
     """
+    if isinstance(x, Partials):
+        normed, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+        return linear(normed, weight, bias), new_residual
     if isinstance(x, Summed):
         y = _summed_norm_gemv(x, norm_weight, eps, weight, bias)
         if y is None:
@@ -265,11 +295,23 @@ def norm_mlp(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias, down_w
         normed, new_residual = _norm(x, residual, norm_weight, eps)
         act = _gate_up_silu(normed, gate_up_weight, gemv_epilogue)
         if act is not None:
-            return linear(act, down_weight, down_bias), new_residual
+            return _down_projection(act, down_weight, down_bias), new_residual
         # no kernel config for this shape: the norm is done, the rest as below
         return silu_mul_linear(linear(normed, gate_up_weight), down_weight, down_bias), new_residual
     gate_up, new_residual = norm_linear(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias)
     return silu_mul_linear(gate_up, down_weight, down_bias), new_residual
+
+
+def _down_projection(act, down_weight, down_bias):
+    """linear(act, down_weight, down_bias), or its `Partials` with SPLIT_DOWN on the skinny GEMM's rows."""
+    if SPLIT_DOWN > 1 and _skinny_ok(act, down_weight, down_bias):
+        from kernels.triton_skinny_gemm import skinny_gemm
+
+        # 64-column tiles: the tile bench/tune_skinny_gemm.py --no-sum found best at 2 splits
+        parts = skinny_gemm(act, down_weight, tuning={"block_n": 64}, splits=SPLIT_DOWN)
+        if parts is not None:
+            return Partials(parts, act.dtype)
+    return linear(act, down_weight, down_bias)
 
 
 def _gate_up_silu(x, gate_up_weight, gemv: bool):

@@ -23,7 +23,7 @@ EARLY_WEIGHT = True
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr,  # [num_rows, hidden]
+    x_ptr,  # [num_rows, hidden]; NUM_PARTS: [NUM_PARTS, num_rows, hidden] float32 partial sums of x
     residual_ptr,  # [num_rows, hidden] (unused unless HAS_RESIDUAL)
     weight_ptr,  # [hidden]
     out_ptr,  # [num_rows, hidden] in x's dtype
@@ -32,11 +32,13 @@ def _rms_norm_kernel(
     stride_residual,
     stride_out,
     stride_new_residual,
+    stride_part,  # NUM_PARTS: the distance between two parts
     hidden,
     eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     EARLY_WEIGHT: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
@@ -46,7 +48,14 @@ def _rms_norm_kernel(
     # nothing else is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if NUM_PARTS > 0:
+        # x as a projection would have stored it: its partial sums added in order, rounded to the output's dtype
+        x = tl.zeros([BLOCK], dtype=tl.float32)
+        for part in tl.static_range(NUM_PARTS):
+            x += tl.load(x_ptr + part * stride_part + row * stride_x + offs, mask=mask, other=0.0)
+        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0).to(tl.float32)
         # Rounded to x's dtype before the norm reads it: the norm sees what the next layer adds to.
@@ -76,13 +85,21 @@ def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     return t.reshape(-1, hidden)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            parts: torch.Tensor | None = None):  # fmt: skip
+    """The kernel on x's rows; with `parts` ([S, *x.shape] float32), x is their sum rounded to x's dtype and `x`
+    itself only gives the shape and dtype."""
     hidden = x.shape[-1]
     if weight.shape != (hidden,):
         raise ValueError(f"weight must be [hidden={hidden}], got {tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
-    x_rows = _as_rows(x, hidden)
+    if parts is not None:
+        if parts.shape[1:] != x.shape or parts.dtype != torch.float32 or not parts.is_contiguous():
+            raise ValueError(f"parts must be contiguous float32 [S, {', '.join(map(str, x.shape))}]")
+        x_rows = parts.view(parts.shape[0], -1, hidden)[0]
+    else:
+        x_rows = _as_rows(x, hidden)
     num_rows = x_rows.shape[0]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out_rows = out.view(-1, hidden)
@@ -105,11 +122,13 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             residual_rows.stride(0),
             out_rows.stride(0),
             new_residual_rows.stride(0),
+            parts.stride(0) if parts is not None else 0,
             hidden,
             eps,
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
             EARLY_WEIGHT=bool(EARLY_WEIGHT),
+            NUM_PARTS=parts.shape[0] if parts is not None else 0,
             num_warps=_num_warps(block),
             **pdl.launch_options(x.device),
         )
@@ -131,4 +150,16 @@ def fused_add_rms_norm(
     """
     out, new_residual = _launch(x, residual, weight, eps)
     assert new_residual is not None
+    return out, new_residual
+
+
+def fused_add_rms_norm_parts(
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm of x = parts.sum(0) rounded to residual's dtype: the float32 partial sums a split-K
+    projection leaves (kernels/triton_skinny_gemm.py, splits), added here instead of by a kernel of their own.
+
+    parts: [S, ..., hidden] float32, contiguous; residual: [..., hidden]. Returns (normed, new_residual).
+    """
+    out, new_residual = _launch(residual, residual, weight, eps, parts)
     return out, new_residual

@@ -50,13 +50,14 @@ PRELOAD = False
 def _skinny_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K] (SILU_MUL_OUT: [2N, K], gate rows then up rows)
-    y_ptr,  # [M, N]
+    y_ptr,  # [M, N]; with splits, [splits, M, N] float32 partial sums
     M,
     N,
-    K,
+    K,  # the K of one split (the grid's second axis: split s reads columns [s * K, (s + 1) * K) of x)
     stride_xm,
     stride_wn,
     stride_ym,
+    stride_ys,  # the distance between two splits' partials (0 with one split)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -65,14 +66,15 @@ def _skinny_kernel(
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    k_start = tl.program_id(1) * K  # the split's first column of x (0 with one split)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
     # [BLOCK_K, BLOCK_N]; row offsets in int64: an lm_head's N * K exceeds 2^31
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k)[:, None]
     up_ptrs = w_ptrs + N * stride_wn  # SILU_MUL_OUT: the same columns of the up half
     if PRELOAD:
         # the weight is a constant: its first tile may be read before the wait (`PRELOAD`)
@@ -101,7 +103,7 @@ def _skinny_kernel(
         gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
         up = acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
         y = gate / (1.0 + tl.exp(-gate)) * up
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + tl.program_id(1) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -132,14 +134,21 @@ def skinny_config(n: int, k: int, m: int = 64) -> tuple[int, int, int, int] | No
 
 
 def skinny_gemm(
-    x: torch.Tensor, weight: torch.Tensor, epilogue: int = OUT, tuning: dict | None = None, preload: bool | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    epilogue: int = OUT,
+    tuning: dict | None = None,
+    preload: bool | None = None,
+    splits: int = 1,
 ):
     """y = x weight^T [M, N] in x's dtype (SILU_MUL_OUT: weight [2N, K] = cat(gate, up), y = silu(gate) * up
     [M, N]); None when the shape has no config or the layout does not fit (the caller falls back to torch).
 
     x: [M, K] with 1 <= M <= MAX_ROWS and unit stride along K; weight [N, K] of x's dtype, unit stride along K.
     tuning: launch overrides (block_n, block_k, num_warps, num_stages). preload: the first weight tile read before
-    the PDL wait (default `PRELOAD`).
+    the PDL wait (default `PRELOAD`). splits > 1 (OUT only): K cut in that many equal parts, one program per part
+    and column tile, and the float32 partial sums returned unsummed, [splits, M, N], for a consumer that adds them
+    (kernels/triton_norm.py fused_add_rms_norm_parts); None where K / splits has no whole number of K tiles.
     """
     m, k = x.shape
     n = weight.shape[0]
@@ -162,17 +171,23 @@ def skinny_gemm(
         weight_columns = 2 * block_n if epilogue == SILU_MUL_OUT else block_n
         per_stage = (max(16, triton.next_power_of_2(m)) + weight_columns) * block_k * 2
         num_stages = max(2, min(num_stages, SHARED_MEMORY_BUDGET // per_stage - 1))
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(n, block_n),)](
+    if splits > 1:
+        if epilogue != OUT or k % (splits * block_k):
+            return None
+        y = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(n, block_n), splits)](
         x,
         weight,
         y,
         m,
         n,
-        k,
+        k // splits,
         x.stride(0),
         weight.stride(0),
-        y.stride(0),
+        y.stride(-2),
+        y.stride(0) if splits > 1 else 0,
         BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=block_n,
         BLOCK_K=block_k,

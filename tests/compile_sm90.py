@@ -30,6 +30,7 @@ from triton.compiler import ASTSource
 
 from kernels import triton_decode_attention as da
 from kernels import triton_gemv as gv
+from kernels import triton_norm as nm
 from kernels import triton_skinny_gemm as sg
 from kernels.triton_decode_attention import _to_dot
 from kernels.triton_store_kv import _fp8_grid, _inv_qmax, _mode
@@ -151,6 +152,19 @@ for (pro, epi), preload in itertools.product(((0, 0), (1, 0), (2, 0), (3, 0), (4
             PRELOAD=preload,
             PDL=True,
         ),
+    )
+for parts in (0, 2):
+    attempt(
+        f"rms_norm residual parts={parts}",
+        nm._rms_norm_kernel,
+        {
+            "x_ptr": "*fp32" if parts else "*bf16",
+            "residual_ptr": "*bf16",
+            "weight_ptr": "*bf16",
+            "out_ptr": "*bf16",
+            "new_residual_ptr": "*bf16",
+        },
+        dict(BLOCK=4096, HAS_RESIDUAL=True, EARLY_WEIGHT=True, NUM_PARTS=parts, PDL=True),
     )
 for epi, preload in itertools.product((0, 1), (False, True)):
     attempt(

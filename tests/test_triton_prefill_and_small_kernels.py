@@ -252,6 +252,25 @@ def test_rms_norm_float32_weight_and_strided_rows() -> None:
     _close_to_ulps(rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6))
 
 
+def test_fused_add_rms_norm_of_partial_sums() -> None:
+    """fused_add_rms_norm_parts: x given as float32 partial sums (a split-K projection's), summed in order and
+    rounded in the kernel: bit for bit the fused add + norm of that rounded sum; wrong shapes refused."""
+    from kernels.triton_norm import fused_add_rms_norm_parts
+
+    g = torch.Generator().manual_seed(2)
+    parts = torch.randn(3, 5, 200, generator=g).to(DEVICE)
+    residual = torch.randn(5, 200, generator=g).to(DEVICE, torch.float16)
+    weight = (1 + 0.1 * torch.randn(200, generator=g)).to(DEVICE, torch.float16)
+    normed, new_residual = fused_add_rms_norm_parts(parts, residual, weight, 1e-5)
+    x = (parts[0] + parts[1] + parts[2]).to(torch.float16)
+    want_normed, want_residual = fused_add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(new_residual, want_residual) and torch.equal(normed, want_normed)
+    with pytest.raises(ValueError):
+        fused_add_rms_norm_parts(parts[:, :4], residual, weight, 1e-5)
+    with pytest.raises(ValueError):
+        fused_add_rms_norm_parts(parts.double(), residual, weight, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("d", [72, 200, 1100])
 def test_silu_and_mul_matches_ref(d: int, dtype: torch.dtype) -> None:

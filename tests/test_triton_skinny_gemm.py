@@ -61,6 +61,41 @@ def test_skinny_gemm_preload_changes_nothing(m: int, n: int, k: int, silu: bool)
     torch.testing.assert_close(with_preload.float(), _expected(x, w, silu).float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize(("m", "n", "k", "splits"), [(5, 96, 256, 2), (17, 70, 384, 3), (MAX_ROWS, 33, 128, 2)])
+def test_skinny_gemm_splits_leave_partial_sums(m: int, n: int, k: int, splits: int) -> None:
+    """splits > 1: float32 partial sums [splits, M, N], split s the product over its own share of K (checked one by
+    one against torch on that share), none summed or rounded."""
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    x, w = _inputs(m, n, k, dtype, seed=5 * m + n)
+    parts = skinny_gemm(x, w, tuning={"block_k": 64}, splits=splits)
+    assert parts is not None and parts.shape == (splits, m, n) and parts.dtype == torch.float32
+    share = k // splits
+    for s in range(splits):
+        cols = slice(s * share, (s + 1) * share)
+        want = torch.nn.functional.linear(x[:, cols].float(), w[:, cols].float())
+        torch.testing.assert_close(parts[s], want, atol=1e-4, rtol=1e-4)
+    assert skinny_gemm(x, w, tuning={"block_k": 64}, splits=k // 32) is None  # a share of less than one K tile
+    assert skinny_gemm(x, torch.cat([w, w]), SILU_MUL_OUT, splits=2) is None  # the activation needs whole sums
+
+
+def test_partials_through_the_next_norm_and_projection() -> None:
+    """A layer's down_proj left as ops.Partials reaches the next layer's norm + projection (ops.norm_linear) and the
+    model's final norm (ops.fused_add_rms_norm): both equal the same calls on the summed, rounded output."""
+    g = torch.Generator().manual_seed(9)
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    parts = torch.randn(2, 6, 64, generator=g).to(DEVICE)
+    partials = ops.Partials(parts, dtype)
+    residual = torch.randn(6, 64, generator=g).to(DEVICE, dtype)
+    norm_w = (1 + 0.1 * torch.randn(64, generator=g)).to(DEVICE, dtype)
+    w = (torch.randn(40, 64, generator=g) / 8).to(DEVICE, dtype)
+    dense = (parts[0] + parts[1]).to(dtype)
+    y, new_residual = ops.norm_linear(partials, residual, norm_w, 1e-5, w)
+    want_y, want_residual = ops.norm_linear(dense, residual, norm_w, 1e-5, w)
+    assert torch.equal(new_residual, want_residual) and torch.equal(y, want_y)
+    normed, _ = ops.fused_add_rms_norm(partials, residual, norm_w, 1e-5)
+    assert torch.equal(normed, ops.fused_add_rms_norm(dense, residual, norm_w, 1e-5)[0])
+
+
 def test_skinny_gemm_declines_what_it_does_not_handle() -> None:
     x, w = _inputs(4, 40, 64, torch.float16, seed=0)
     assert skinny_gemm(torch.empty(0, 64, dtype=torch.float16, device=DEVICE), w) is None  # no rows
@@ -124,3 +159,14 @@ def test_mlp_through_ops_with_and_without_the_skinny_gemm(monkeypatch: pytest.Mo
     torch.testing.assert_close(outs[True][1], outs[False][1], atol=0, rtol=0)  # the same new residual
     rel = ((outs[True][0].float() - outs[False][0].float()).norm() / outs[False][0].float().norm()).item()
     assert rel < 1e-2, rel
+    # down_proj in 2 splits (ops.SPLIT_DOWN): its partial sums, which the next fused add + norm adds
+    monkeypatch.setattr(ops, "SKINNY_GEMM", True)
+    monkeypatch.setattr(ops, "SPLIT_DOWN", 2)
+    split, new_residual = ops.norm_mlp(x, residual, norm_w, 1e-5, gate_up, None, down, None)
+    assert isinstance(split, ops.Partials) and split.parts.shape == (2, 64, 4096)
+    torch.testing.assert_close(new_residual, outs[True][1], atol=0, rtol=0)
+    rel = ((split.dense().float() - outs[True][0].float()).norm() / outs[True][0].float().norm()).item()
+    assert rel < 1e-2, rel
+    normed, added = ops.fused_add_rms_norm(split, new_residual, norm_w, 1e-5)
+    want_normed, want_added = ops.fused_add_rms_norm(split.dense(), new_residual, norm_w, 1e-5)
+    assert torch.equal(normed, want_normed) and torch.equal(added, want_added)
