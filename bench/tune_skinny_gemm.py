@@ -88,6 +88,7 @@ def main() -> None:
         help="time split-K without its sum kernel (as if the next kernel summed the partials)",
     )
     args = parser.parse_args()
+    summed = not args.no_sum
     bw = copy_bandwidth()
     print(f"{gpu_name()}: copy {bw / 1e12:.2f} TB/s")
     out = {"gpu": gpu_name(), "copy_bandwidth": bw, "rows": []}
@@ -109,11 +110,10 @@ def main() -> None:
                     continue
                 row = {"m": m, "shape": name, "block_n": bn, "block_k": bk, "split_k": sk, "stages": ns}
                 try:
-                    y = skinny(x, ws[0], bn, bk, sk, 4, ns, not args.no_sum)
+                    y = skinny(x, ws[0], bn, bk, sk, 4, ns, summed)
                     y = y.sum(0) if y.dim() == 3 else y
                     err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                     assert err < 2e-2, f"wrong result {err}"
-                    summed = not args.no_sum
                     ms = graph_time_ms(lambda: [skinny(x, w_, bn, bk, sk, 4, ns, summed) for w_ in ws]) / copies  # noqa: B023
                     row |= {"ms": ms, "fraction": floor_ms / ms}
                     if best is None or ms < best["ms"]:

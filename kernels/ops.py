@@ -307,8 +307,7 @@ def _down_projection(act, down_weight, down_bias):
     if SPLIT_DOWN > 1 and _skinny_ok(act, down_weight, down_bias):
         from kernels.triton_skinny_gemm import skinny_gemm
 
-        # 64-column tiles: the tile bench/tune_skinny_gemm.py --no-sum found best at 2 splits
-        parts = skinny_gemm(act, down_weight, tuning={"block_n": 64}, splits=SPLIT_DOWN)
+        parts = skinny_gemm(act, down_weight, splits=SPLIT_DOWN)
         if parts is not None:
             return Partials(parts, act.dtype)
     return linear(act, down_weight, down_bias)

@@ -42,12 +42,14 @@ OUT, SILU_MUL_OUT = 0, 1
 # rounds it), and per program the sum of the squares of its rows of that sum, for the next projection's NORM_SUMSQ.
 # Between two projections of a batch-1 layer no norm kernel is left.
 ADD_RES_SUMSQ = 2
-# Each program loads its first PRELOAD_CHUNKS weight chunks (0, 1 or 2) before its PDL wait (the weight is a
-# constant), so that its first round trips to memory overlap the end of the kernel before. H200, batch-1 decode of the
-# 8B shape, 1 / 0 alternating in one process: 3.996 / 3.995 ms a step against 4.015 / 4.019 (the o_proj alone
-# preloading: 4.012 / 4.008 against 4.015 / 4.023). An older variant of this kernel measured slower so (above); this
-# one adds nothing else. Read at each call (`model_bench --sweep kernels.triton_gemv.PRELOAD_CHUNKS=2,1,0`).
-PRELOAD_CHUNKS = 1
+# Each program loads its first weight chunk before its PDL wait (the weight is a constant), so that its first round
+# trip to memory overlaps the end of the kernel before. H200, batch-1 decode of the 8B shape, on / off alternating in
+# one process: 3.996 / 3.995 ms a step against 4.015 / 4.019 (the o_proj alone preloading: 4.012 / 4.008 against
+# 4.015 / 4.023). Two chunks (the second held in registers too) measured slower: 4.139 / 4.133 against 3.947 / 3.933
+# (bench/results/tune_settings_2026-12-04g.json, the setting then named PRELOAD_CHUNKS). An older variant of this
+# kernel measured slower with one chunk (above); this one adds nothing else. Read at each call
+# (`model_bench --sweep kernels.triton_gemv.PRELOAD=1,0`).
+PRELOAD = True
 
 
 @triton.jit
@@ -85,16 +87,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, sumsq
     # Row offsets in int64 ([BLOCK_N] only): an lm_head's N * K exceeds 2^31.
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     up_ptrs = w_ptrs + N * stride_wn  # SILU_MUL_OUT: the same rows of the up half (N = rows of each half)
-    if PRELOAD >= 1:
-        # the weight is a constant: its first chunks may be read before the wait (`PRELOAD_CHUNKS`)
+    if PRELOAD:
+        # the weight is a constant: its first chunk may be read before the wait (`PRELOAD`)
         w_first = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         if EPILOGUE == 1:
             w_up_first = tl.load(up_ptrs, mask=mask_n[:, None], other=0.0)
-    if PRELOAD >= 2:
-        mask_second = mask_n[:, None] & (BLOCK_K < K)
-        w_second = tl.load(w_ptrs + BLOCK_K, mask=mask_second, other=0.0)
-        if EPILOGUE == 1:
-            w_up_second = tl.load(up_ptrs + BLOCK_K, mask=mask_second, other=0.0)
     pdl.wait(PDL)  # nothing else is read before the previous kernel is done (kernels/pdl.py)
     inv_rms = 0.0
     if PROLOGUE == 2 or PROLOGUE == 3:
@@ -110,19 +107,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, sumsq
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     k_begin = 0
-    if PRELOAD >= 1:
+    if PRELOAD:
         x = _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, offs_k, K, inv_rms, pid == 0, PROLOGUE)
         acc += w_first.to(tl.float32) * x[None, :]
         if EPILOGUE == 1:
             acc_up += w_up_first.to(tl.float32) * x[None, :]
         k_begin = BLOCK_K
-    if PRELOAD >= 2:
-        if BLOCK_K < K:
-            x = _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, BLOCK_K + offs_k, K, inv_rms, pid == 0, PROLOGUE)
-            acc += w_second.to(tl.float32) * x[None, :]
-            if EPILOGUE == 1:
-                acc_up += w_up_second.to(tl.float32) * x[None, :]
-        k_begin = 2 * BLOCK_K
     for k0 in range(k_begin, K, BLOCK_K):  # K is a multiple of BLOCK_K (`gemv_config`)
         w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
         if EPILOGUE == 1:
@@ -188,7 +178,7 @@ def gemv(
     tuning: dict | None = None,
     epilogue: int = OUT,
     sumsq: torch.Tensor | None = None,
-    preload: int | None = None,
+    preload: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(y, new_residual) with y = prologue(x) W^T (+ bias), [1, N] in x's dtype; None if the shape has no config (the
     caller falls back to torch).
@@ -199,8 +189,8 @@ def gemv(
     given as partial sums (`sumsq`, float32, from an ADD_RES_SUMSQ call). SILU_MUL_OUT: weight [2N, K] = cat(gate,
     up), y = [1, N] silu(gate) * up (no bias). ADD_RES_SUMSQ: y = that + residual, and the second value returned is
     the partial sums of y's squares (one per program, float32) instead of a new residual. tuning: launch overrides
-    for bench/tune_gemv.py (block_n, block_k, num_warps, num_stages). preload: weight chunks read before the PDL
-    wait (default `PRELOAD_CHUNKS`).
+    for bench/tune_gemv.py (block_n, block_k, num_warps, num_stages). preload: the first weight chunk read before
+    the PDL wait (default `PRELOAD`).
     """
     if (prologue == NORM_SUMSQ) != (sumsq is not None) or (epilogue == ADD_RES_SUMSQ and residual is None):
         raise ValueError("NORM_SUMSQ takes sumsq (and nothing else does); ADD_RES_SUMSQ takes a residual")
@@ -245,7 +235,7 @@ def gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SUMSQ_PAD=triton.next_power_of_2(sumsq.numel()) if prologue == NORM_SUMSQ else 1,
-        PRELOAD=int(PRELOAD_CHUNKS if preload is None else preload),
+        PRELOAD=bool(PRELOAD if preload is None else preload),
         num_warps=num_warps,
         **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}),
         **pdl.launch_options(x.device),

@@ -40,7 +40,7 @@ OUT, SILU_MUL_OUT = 0, 1
 SHARED_MEMORY_BUDGET = 200 * 1024
 # Each program reads its first [BLOCK_K, BLOCK_N] weight tile (and up tile) into registers before its PDL wait, the
 # weight being a constant, and takes it into the first dot after the wait; the pipelined loop starts at the second
-# tile. The batch-1 GEMV gains ~0.5% of a step so (kernels/triton_gemv.py PRELOAD_CHUNKS). Off: not yet measured
+# tile. The batch-1 GEMV gains ~0.5% of a step so (kernels/triton_gemv.py PRELOAD). Off: not yet measured
 # here (a plain load outside the pipelined loop, as the decode attention's peeled tile that measured slower). Read at
 # each call (`model_bench --sweep kernels.triton_skinny_gemm.PRELOAD=1,0 --batches 64`).
 PRELOAD = False
@@ -107,17 +107,23 @@ def _skinny_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def skinny_config(n: int, k: int, m: int = 64) -> tuple[int, int, int, int] | None:
+def _stage_bytes(m: int, weight_columns: int, block_k: int) -> int:
+    """Shared memory of one pipeline stage: the [m, block_k] x tile and the [block_k, weight_columns] weight tile."""
+    return (max(16, triton.next_power_of_2(m)) + weight_columns) * block_k * 2
+
+
+def skinny_config(n: int, k: int, m: int = 64, splits: int = 1) -> tuple[int, int, int, int] | None:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight (n output columns) and m rows, or None (use
-    cuBLAS).
+    cuBLAS). splits > 1: K cut in that many shares (`skinny_gemm`).
 
     bench/tune_skinny_gemm.py at 64 rows on an H200 (us, fraction of the copy-bandwidth floor; cuBLAS in brackets):
     qkv 64 columns x 128, 6 stages: 15.6 (15.7); o 32 x 128, 6 stages: 11.7 (12.0); gate_up 128 x 64, 3 stages: 59.2
     (61.0); down 32 x 128, 6 stages: 33.0 (35.0). Deep pipelines, not split-K (which never won): a memory-bound tile
-    wants many bytes in flight. Stages are cut to what fits shared memory at m rows.
+    wants many bytes in flight. Stages are cut to what fits shared memory at m rows. In 2 splits, without the sum
+    (`tune_skinny_gemm.py --no-sum`), down was fastest in 64-column tiles: 31.4 us.
     """
     if k >= 8192:
-        block_n, block_k, stages = 32, 128, 6
+        block_n, block_k, stages = (64 if splits > 1 else 32), 128, 6
     elif n >= 16384:
         block_n, block_k, stages = 128, 64, 3
     elif n > 4096:
@@ -128,8 +134,7 @@ def skinny_config(n: int, k: int, m: int = 64) -> tuple[int, int, int, int] | No
         block_k //= 2
         if block_k < 64:
             return None
-    per_stage = (max(16, triton.next_power_of_2(m)) + block_n) * block_k * 2  # bytes of x and weight tiles
-    stages = max(2, min(stages, SHARED_MEMORY_BUDGET // per_stage))
+    stages = max(2, min(stages, SHARED_MEMORY_BUDGET // _stage_bytes(m, block_n, block_k)))
     return block_n, block_k, 4, stages
 
 
@@ -154,7 +159,7 @@ def skinny_gemm(
     n = weight.shape[0]
     if not 1 <= m <= MAX_ROWS or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
         return None
-    config = skinny_config(n, k, m)  # of the whole weight: SILU_MUL_OUT reads BLOCK_N // 2 rows of each half
+    config = skinny_config(n, k, m, splits)  # of the whole weight: SILU_MUL_OUT reads BLOCK_N // 2 rows of each half
     if config is None:
         return None
     if epilogue == SILU_MUL_OUT:
@@ -169,8 +174,7 @@ def skinny_gemm(
     if preload and "num_stages" not in tuning:
         # the preloaded tile takes shared memory too: one stage fewer where the budget is full (qkv: 6 -> 5)
         weight_columns = 2 * block_n if epilogue == SILU_MUL_OUT else block_n
-        per_stage = (max(16, triton.next_power_of_2(m)) + weight_columns) * block_k * 2
-        num_stages = max(2, min(num_stages, SHARED_MEMORY_BUDGET // per_stage - 1))
+        num_stages = max(2, min(num_stages, SHARED_MEMORY_BUDGET // _stage_bytes(m, weight_columns, block_k) - 1))
     if splits > 1:
         if epilogue != OUT or k % (splits * block_k):
             return None
