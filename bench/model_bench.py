@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, copy_bandwidth, matmul_rate, record, time_ms, write_benchmarks_md
+from bench.common import RESULTS, copy_bandwidth_samples, matmul_rate, record, time_ms, write_benchmarks_md
 from kvstore.formats import bytes_per_token, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 from services.model.config import ModelConfig
@@ -199,9 +200,12 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("model_bench needs a GPU")
-    bw, rate = copy_bandwidth(), matmul_rate()
-    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    record("copy_bandwidth", bw / 1e9, "GB/s", bw / 1e9, 1.0, COMMAND)
+    copies, rate = copy_bandwidth_samples(), matmul_rate()
+    bw = statistics.median(copies)
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s (median of {len(copies)} buffer pairs: "
+          f"{min(copies) / 1e12:.3f}-{max(copies) / 1e12:.3f}), bf16 matmul {rate / 1e12:.0f} TFLOP/s")  # fmt: skip
+    record("copy_bandwidth", bw / 1e9, "GB/s", bw / 1e9, 1.0, COMMAND,
+           samples_gbs=[round(c / 1e9, 1) for c in copies])  # fmt: skip
     record("matmul_rate_bf16", rate / 1e12, "TFLOP/s", rate / 1e12, 1.0, COMMAND)
     model = load_model(args.model, torch.bfloat16, "cuda")
     config = model.config

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, copy_bandwidth  # noqa: E402
 from bench.model_bench import fill_random, weight_bytes  # noqa: E402
+from kernels import pdl  # noqa: E402
 from kvstore.formats import parse_kv_dtype  # noqa: E402
 from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
 from services.model.loader import load_model  # noqa: E402
@@ -97,10 +98,12 @@ def main() -> None:
             counts[e.name] += 1
             ordered[e.name].append((e.time_range.start, e.device_time))
     step_us = sum(totals.values())
+    pdl_state = "on" if pdl.launch_options(torch.device("cuda"))["PDL"] else "off (KVRELAY_PDL=0)"
     floor_us = weight_bytes(model) / bw * 1e6
     lines = [
         f"{torch.cuda.get_device_name()}: batch {bs}, context {ctx}, int8 KV; device time per step {step_us:.0f} us "
-        f"(kernels only, no launch gaps); weights floor {floor_us:.0f} us",
+        f"(kernels only, no launch gaps); weights floor {floor_us:.0f} us; PDL {pdl_state}"
+        f"{', graph replays' if args.graph else ''}",
         f"{'us/step':>9} {'share':>6} {'calls':>6}  kernel",
     ]
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:30]:

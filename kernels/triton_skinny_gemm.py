@@ -40,9 +40,10 @@ OUT, SILU_MUL_OUT = 0, 1
 SHARED_MEMORY_BUDGET = 200 * 1024
 # Each program reads its first [BLOCK_K, BLOCK_N] weight tile (and up tile) into registers before its PDL wait, the
 # weight being a constant, and takes it into the first dot after the wait; the pipelined loop starts at the second
-# tile. The batch-1 GEMV gains ~0.5% of a step so (kernels/triton_gemv.py PRELOAD). Off: not yet measured
-# here (a plain load outside the pipelined loop, as the decode attention's peeled tile that measured slower). Read at
-# each call (`model_bench --sweep kernels.triton_skinny_gemm.PRELOAD=1,0 --batches 64`).
+# tile. The batch-1 GEMV gains ~0.5% of a step so (kernels/triton_gemv.py PRELOAD); here it made no difference
+# (H200, batch-64 decode, one process, with down_proj split or not: 5.999 / 6.003 ms on against 6.002 / 5.996 off;
+# bench/results/tune_settings_2026-12-04h.json): off. Read at each call
+# (`model_bench --sweep kernels.triton_skinny_gemm.PRELOAD=1,0 --batches 64`).
 PRELOAD = False
 
 

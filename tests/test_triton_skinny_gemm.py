@@ -153,6 +153,7 @@ def test_mlp_through_ops_with_and_without_the_skinny_gemm(monkeypatch: pytest.Mo
     gate_up = (torch.randn(28672, 4096, generator=g) * 4096**-0.5).to(torch.bfloat16).cuda()
     down = (torch.randn(4096, 14336, generator=g) * 14336**-0.5).to(torch.bfloat16).cuda()
     outs = {}
+    monkeypatch.setattr(ops, "SPLIT_DOWN", 1)  # down_proj summed here; its split-K partials below
     for on in (True, False):
         monkeypatch.setattr(ops, "SKINNY_GEMM", on)
         outs[on] = ops.norm_mlp(x, residual, norm_w, 1e-5, gate_up, None, down, None)
