@@ -109,6 +109,17 @@ FUSED_ROTARY = True
 # instead of 8): 4.026 / 4.025 ms against 3.967 / 3.967.
 EARLY_READS = True
 
+# The split reduce lets the next kernel launch before its own wait instead of after it. Without splits (a short
+# context) the attention kernel triggers at its start, so the o_proj GEMV after it launches during the attention and
+# reads its first weight chunk before its wait (kernels/triton_gemv.py PRELOAD); with the reduce between them, o_proj
+# launched only once the attention had completed (the reduce triggered after its wait). H200, batch-1 decode, one
+# process: 16-token context (no splits) 3.944 / 3.950 ms a step, 128 tokens (2 splits + reduce) 3.983 / 3.981.
+# Safe: o_proj reads nothing but its constant weight before its wait, which returns once the reduce has completed,
+# and the reduce completes only after its own wait for the attention. (Every small kernel triggering first measured
+# no faster, before the GEMV preload existed: kernels/pdl.py.) Read at each call
+# (`model_bench --sweep kernels.triton_decode_attention.REDUCE_TRIGGER_FIRST=1,0 --batches 1,8`). Off until measured.
+REDUCE_TRIGGER_FIRST = False
+
 _LOG2E = 1.4426950408889634
 
 
@@ -465,9 +476,14 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    TRIGGER_FIRST: tl.constexpr,  # `REDUCE_TRIGGER_FIRST`
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
+    if TRIGGER_FIRST:
+        pdl.trigger(PDL)  # the next kernel (o_proj) may launch now and read its weight during the attention
+        pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    else:
+        pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -701,6 +717,7 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
             SPLITS_PAD=triton.next_power_of_2(num_splits),
+            TRIGGER_FIRST=bool(REDUCE_TRIGGER_FIRST),
             num_warps=4,
             **pdl.launch_options(query.device),
         )

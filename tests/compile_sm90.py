@@ -120,12 +120,13 @@ for (name, (ptrs, consts)), one, rotary in itertools.product(kv.items(), (True, 
         base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
         {"num_stages": 3, "maxnreg": 128},
     )
-attempt(
-    "decode_reduce",
-    da._decode_reduce_kernel,
-    {"out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32"},
-    dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=8, PDL=True),
-)
+for first in (False, True):
+    attempt(
+        f"decode_reduce trigger_first={first}",
+        da._decode_reduce_kernel,
+        {"out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32"},
+        dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=8, TRIGGER_FIRST=first, PDL=True),
+    )
 gemv_ptrs = {
     "x_ptr": "*bf16",
     "w_ptr": "*bf16",
