@@ -94,6 +94,15 @@ def copy_bandwidth(samples: int = 5) -> float:
     return statistics.median(copy_bandwidth_samples(samples))
 
 
+def read_bandwidth() -> float:
+    """Bytes/s of summing a 4 GiB bf16 buffer: reads only."""
+    t = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
+    ms = graph_time_ms(lambda: t.sum(dtype=torch.float32), iters=5)
+    t = None
+    torch.cuda.empty_cache()
+    return 2**32 / (ms / 1e3)
+
+
 def matmul_rate() -> float:
     """FLOP/s of a bf16 8192^3 matmul on random data: the prefill floor's rate."""
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")

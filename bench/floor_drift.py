@@ -7,7 +7,9 @@ stretch of back-to-back copies between rounds to heat the memory.
 Why: record runs of one commit on different H200s read the copy bandwidth at 4.11-4.26 TB/s and the batch-1 step at
 3.95-4.01 ms, so the decode fractions moved by 4%. If the floor's rate and the step move together on one machine, the
 fraction is a stable measure and the spread is between machines; if the copy reading drifts alone, the floor is the
-noise. Prints a table; writes bench/results/floor_drift.json; no records.
+noise. The step is model_bench's (`decode_step`, `chained_step_ms`). Prints a table; writes
+bench/results/floor_drift.json; no records. (The committed JSON, 2026-12-04, was measured by this script's first
+version: the read bandwidth timed eagerly rather than in a graph, the pool's blocks in order rather than shuffled.)
 """
 
 from __future__ import annotations
@@ -24,23 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, copy_bandwidth_samples, gpu_name, time_ms  # noqa: E402
-from bench.model_bench import CHAIN, fill_random, weight_bytes  # noqa: E402
-from kvstore.formats import bytes_per_token, parse_kv_dtype  # noqa: E402
-from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth_samples, gpu_name, read_bandwidth  # noqa: E402
+from bench.model_bench import chained_step_ms, decode_floor_bytes, decode_step  # noqa: E402
+from kvstore.formats import parse_kv_dtype  # noqa: E402
 from services.model.loader import load_model  # noqa: E402
-from services.model.runner import ModelRunner, SeqChunk  # noqa: E402
 
 SMI_FIELDS = "temperature.gpu,temperature.memory,clocks.sm,clocks.mem,power.draw,clocks_throttle_reasons.active"
-
-
-def read_bandwidth() -> float:
-    """Bytes/s of summing a 4 GiB bf16 buffer: reads only."""
-    t = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    ms = time_ms(lambda: t.sum(dtype=torch.float32), warmup=2, iters=10)
-    t = None
-    torch.cuda.empty_cache()
-    return 2**32 / (ms / 1e3)
 
 
 def smi() -> str:
@@ -48,31 +39,6 @@ def smi() -> str:
     out = subprocess.run(["nvidia-smi", "-i", index, f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader"],
                          capture_output=True, text=True)  # fmt: skip
     return out.stdout.strip()
-
-
-def batch1_step(model, ctx: int = 1024, block: int = 16):
-    """A function timing one batch-1 decode step as model_bench does (graph replays queued back to back), in ms."""
-    c = model.config
-    spec = parse_kv_dtype("int8", torch.bfloat16)
-    per_seq = -(-(ctx + 1) // block)
-    pool = KVPool.allocate(PoolGeometry(c.num_layers, per_seq, block, c.num_kv_heads, c.head_dim), spec, "cuda")
-    fill_random(pool)
-    runner = ModelRunner(model, pool)
-    runner.enable_cuda_graphs(1, ctx + 1)
-    chunk = SeqChunk((7,), ctx, tuple(range(per_seq)))
-    runner.forward([chunk])
-    slot = chunk.block_table[ctx // block] * block + ctx % block
-    ids, positions, slots = (torch.tensor(v).cuda() for v in ([7], [ctx], [slot]))
-    tables = torch.tensor([list(chunk.block_table)], dtype=torch.int32, device="cuda")
-    lens = torch.full((1,), ctx + 1, dtype=torch.int32, device="cuda")
-
-    def chained():
-        out = ids
-        for _ in range(CHAIN):
-            out = runner.graphs.replay(out, positions, slots, tables, lens).argmax(-1)
-
-    floor_bytes = weight_bytes(model) + (ctx + 1) * bytes_per_token(spec, c.num_layers, c.num_kv_heads, c.head_dim)
-    return (lambda: time_ms(chained, warmup=2, iters=10) / CHAIN), floor_bytes
 
 
 def heat(seconds: float) -> None:
@@ -94,7 +60,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("floor_drift needs a GPU")
     model = load_model(args.model, torch.bfloat16, "cuda", progress=False)
-    step, floor_bytes = batch1_step(model)
+    spec = parse_kv_dtype("int8", torch.bfloat16)
+    runner, _, inputs = decode_step(model, spec, bs=1, ctx=1024, block_size=16)
+    floor_bytes = decode_floor_bytes(model, spec, bs=1, ctx=1024)
     print(f"{gpu_name()}; nvidia-smi fields: {SMI_FIELDS}")
     print(f"{'round':>5} {'copy TB/s (3 pairs)':>24} {'read TB/s':>9} {'step ms':>8} {'fraction':>8}  nvidia-smi")
     rows = []
@@ -104,7 +72,7 @@ def main() -> None:
         state = smi()
         copies = copy_bandwidth_samples(3)
         read = read_bandwidth()
-        ms = step()
+        ms = chained_step_ms(runner, inputs)
         bw = statistics.median(copies)
         fraction = floor_bytes / bw * 1e3 / ms
         rows.append({"round": r, "copy_tbs": [round(c / 1e12, 4) for c in copies], "read_tbs": round(read / 1e12, 4),

@@ -55,47 +55,67 @@ def weight_bytes(model) -> int:
     ) + (model.lm_head.weight.numel() * model.lm_head.weight.element_size() if model.config.tie_word_embeddings else 0)
 
 
-def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, block_size: int, save=True) -> float:
-    """One (batch, context) point, recorded when `save`; returns the fraction of the floor. A function so that its
-    pool is freed when it returns."""
-    per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
+def decode_floor_bytes(model, spec, bs: int, ctx: int) -> int:
+    """Bytes a decode step of bs sequences at context ctx must read: the weights and every sequence's KV."""
+    c = model.config
+    return weight_bytes(model) + bs * (ctx + 1) * bytes_per_token(spec, c.num_layers, c.num_kv_heads, c.head_dim)
+
+
+def decode_step(model, spec, bs: int, ctx: int, block_size: int):
+    """A pool of random K/V for bs sequences at context ctx (their blocks in random order), a runner with CUDA graphs
+    for the batch, and one step's device inputs: (runner, chunks, inputs for runner.graphs.replay)."""
+    c = model.config
     blocks_per_seq = -(-(ctx + 1) // block_size)
     need = bs * blocks_per_seq
-    torch.cuda.empty_cache()
-    if need * block_size * per_token > 0.9 * torch.cuda.mem_get_info()[0]:
-        gib = need * block_size * per_token / 2**30
-        print(f"decode bs{bs} ctx{ctx}: {gib:.1f} GiB of KV does not fit next to the weights, skipped")
-        return 0.0
-    geometry = PoolGeometry(config.num_layers, need, block_size, config.num_kv_heads, config.head_dim)
-    pool = KVPool.allocate(geometry, spec, "cuda")
+    pool = KVPool.allocate(PoolGeometry(c.num_layers, need, block_size, c.num_kv_heads, c.head_dim), spec, "cuda")
     fill_random(pool)
     runner = ModelRunner(model, pool)
     runner.enable_cuda_graphs(bs, ctx + 1)
     perm = torch.randperm(need).tolist()
     chunks = [SeqChunk((7,), ctx, tuple(perm[i * blocks_per_seq : (i + 1) * blocks_per_seq])) for i in range(bs)]
-    slots = [c.block_table[ctx // block_size] * block_size + ctx % block_size for c in chunks]
+    slots = [ch.block_table[ctx // block_size] * block_size + ctx % block_size for ch in chunks]
     ids, positions, slots = (t.cuda() for t in (torch.full((bs,), 7), torch.full((bs,), ctx), torch.tensor(slots)))
-    tables = torch.tensor([list(c.block_table) for c in chunks], dtype=torch.int32, device="cuda")
+    tables = torch.tensor([list(ch.block_table) for ch in chunks], dtype=torch.int32, device="cuda")
     lens = torch.full((bs,), ctx + 1, dtype=torch.int32, device="cuda")
-    g = runner.graphs
-    # One step alone (queued from an idle host): the graph's launch latency is in it.
-    one_ms = time_ms(lambda: g.replay(ids, positions, slots, tables, lens).argmax(-1), iters=50)
+    return runner, chunks, (ids, positions, slots, tables, lens)
+
+
+def chained_step_ms(runner, inputs) -> float:
+    """Milliseconds a step, as the decode worker runs them (services/decode/step_loop.py): step n+1 is queued, its
+    input ids step n's sampled ids still on the device, before step n completes; the device runs CHAIN steps back to
+    back."""
+    ids, *rest = inputs
 
     def chained():
-        # As the decode worker runs (services/decode/step_loop.py): step n+1 is queued, its input ids step n's
-        # sampled ids still on the device, before step n completes; the device runs the steps back to back.
         out = ids
         for _ in range(CHAIN):
-            out = g.replay(out, positions, slots, tables, lens).argmax(-1)
+            out = runner.graphs.replay(out, *rest).argmax(-1)
 
-    gpu_ms = time_ms(chained, warmup=2, iters=10) / CHAIN
+    return time_ms(chained, warmup=2, iters=10) / CHAIN
+
+
+def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, block_size: int, save=True) -> float:
+    """One (batch, context) point, recorded when `save`; returns the fraction of the floor. A function so that its
+    pool is freed when it returns."""
+    per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
+    need = bs * -(-(ctx + 1) // block_size)
+    torch.cuda.empty_cache()
+    if need * block_size * per_token > 0.9 * torch.cuda.mem_get_info()[0]:
+        gib = need * block_size * per_token / 2**30
+        print(f"decode bs{bs} ctx{ctx}: {gib:.1f} GiB of KV does not fit next to the weights, skipped")
+        return 0.0
+    runner, chunks, inputs = decode_step(model, spec, bs, ctx, block_size)
+    g = runner.graphs
+    # One step alone (queued from an idle host): the graph's launch latency is in it.
+    one_ms = time_ms(lambda: g.replay(*inputs).argmax(-1), iters=50)
+    gpu_ms = chained_step_ms(runner, inputs)
     wall = []
     for _ in range(30):  # host prep + replay + greedy + sync, as the decode worker's step does it
         t = time.perf_counter()
         runner.forward(chunks).argmax(-1).tolist()
         wall.append((time.perf_counter() - t) * 1e3)
     wall_ms = sorted(wall)[len(wall) // 2]
-    floor_ms = (weight_bytes(model) + bs * (ctx + 1) * per_token) / bw * 1e3
+    floor_ms = decode_floor_bytes(model, spec, bs, ctx) / bw * 1e3
     name = f"decode_bs{bs}_ctx{ctx // 1024}k"
     if not save:
         print(f"{name}: {gpu_ms:.3f} ms a step ({one_ms:.3f} alone), floor {floor_ms:.3f} ms, "

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms, read_bandwidth  # noqa: E402
 from kernels import triton_gemv  # noqa: E402
 
 # (name, out_features, in_features) of Llama-3-8B's merged projections and its lm_head
@@ -31,15 +31,6 @@ def gemv(x, w, block_n, block_k, num_warps, num_stages):
     """kernels/triton_gemv.py's kernel at one tile choice."""
     tuning = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "num_stages": num_stages}
     return triton_gemv.gemv(x, w, tuning=tuning)[0]
-
-
-def read_bandwidth() -> float:
-    """Bytes/s of summing a 4 GiB bf16 buffer: reads only."""
-    t = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    ms = graph_time_ms(lambda: t.sum(dtype=torch.float32), iters=5)
-    t = None
-    torch.cuda.empty_cache()
-    return 2**32 / (ms / 1e3)
 
 
 def main() -> None:

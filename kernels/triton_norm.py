@@ -161,5 +161,4 @@ def fused_add_rms_norm_parts(
 
     parts: [S, ..., hidden] float32, contiguous; residual: [..., hidden]. Returns (normed, new_residual).
     """
-    out, new_residual = _launch(residual, residual, weight, eps, parts)
-    return out, new_residual
+    return _launch(residual, residual, weight, eps, parts)
