@@ -116,9 +116,12 @@ EARLY_READS = True
 # process: 16-token context (no splits) 3.944 / 3.950 ms a step, 128 tokens (2 splits + reduce) 3.983 / 3.981.
 # Safe: o_proj reads nothing but its constant weight before its wait, which returns once the reduce has completed,
 # and the reduce completes only after its own wait for the attention. (Every small kernel triggering first measured
-# no faster, before the GEMV preload existed: kernels/pdl.py.) Read at each call
-# (`model_bench --sweep kernels.triton_decode_attention.REDUCE_TRIGGER_FIRST=1,0 --batches 1,8`). Off until measured.
-REDUCE_TRIGGER_FIRST = False
+# no faster, before the GEMV preload existed: kernels/pdl.py.) Measured on / off alternating in one process (H200,
+# 8B shape, int8 KV, 1k context; bench/results/tune_settings_2026-12-04m.json): batch 1 3.981 / 4.005 and 3.982 /
+# 4.003 ms a step; batch 8 4.833 / 4.825, 4.829 / 4.831; batch 32 5.637 / 5.650, 5.664 / 5.652 (no difference there:
+# the skinny GEMM preloads nothing). Read at each call
+# (`model_bench --sweep kernels.triton_decode_attention.REDUCE_TRIGGER_FIRST=1,0 --batches 1,8`).
+REDUCE_TRIGGER_FIRST = True
 
 _LOG2E = 1.4426950408889634
 

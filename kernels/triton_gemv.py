@@ -50,6 +50,12 @@ ADD_RES_SUMSQ = 2
 # kernel measured slower with one chunk (above); this one adds nothing else. Read at each call
 # (`model_bench --sweep kernels.triton_gemv.PRELOAD=1,0`).
 PRELOAD = True
+# Where a program lets the next kernel launch (kernels/pdl.py): after its main loop (False), or right after its own PDL
+# wait (True), so that the next kernel's programs take the SMs this grid frees during its tail and read their first
+# weight chunk then (PRELOAD) instead of after the last program's loop. No wave is starved: the next grid launches
+# only once every program of this one has triggered, that is has started. Read at each call
+# (`model_bench --sweep kernels.triton_gemv.TRIGGER_AFTER_WAIT=1,0 --batches 1`).
+TRIGGER_AFTER_WAIT = False
 
 
 @triton.jit
@@ -79,7 +85,8 @@ def _input_chunk(x_ptr, res_ptr, nw_ptr, new_res_ptr, offs, K, inv_rms, WRITE_RE
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, sumsq_ptr, sumsq_count, N, K, stride_wn,
                  eps, HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SUMSQ_PAD: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                 BLOCK_K: tl.constexpr, SUMSQ_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+                 TRIGGER_AFTER_WAIT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -93,6 +100,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, sumsq
         if EPILOGUE == 1:
             w_up_first = tl.load(up_ptrs, mask=mask_n[:, None], other=0.0)
     pdl.wait(PDL)  # nothing else is read before the previous kernel is done (kernels/pdl.py)
+    if TRIGGER_AFTER_WAIT:
+        pdl.trigger(PDL)
     inv_rms = 0.0
     if PROLOGUE == 2 or PROLOGUE == 3:
         # Every program needs the norm of the whole row: a first pass over it (8 KB at hidden 4096, from L2).
@@ -121,7 +130,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, new_res_ptr, sumsq
         acc += w.to(tl.float32) * x[None, :]
         if EPILOGUE == 1:
             acc_up += w_up.to(tl.float32) * x[None, :]
-    pdl.trigger(PDL)  # after the loop: a multi-wave grid keeps its SMs until then
+    if not TRIGGER_AFTER_WAIT:
+        pdl.trigger(PDL)
     y = tl.sum(acc, axis=1)
     y_up = tl.sum(acc_up, axis=1)
     if PROLOGUE == 4:
@@ -236,6 +246,7 @@ def gemv(
         BLOCK_K=block_k,
         SUMSQ_PAD=triton.next_power_of_2(sumsq.numel()) if prologue == NORM_SUMSQ else 1,
         PRELOAD=bool(PRELOAD if preload is None else preload),
+        TRIGGER_AFTER_WAIT=bool(TRIGGER_AFTER_WAIT),
         num_warps=num_warps,
         **({"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}),
         **pdl.launch_options(x.device),

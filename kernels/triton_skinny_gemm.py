@@ -45,6 +45,10 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 # bench/results/tune_settings_2026-12-04h.json): off. Read at each call
 # (`model_bench --sweep kernels.triton_skinny_gemm.PRELOAD=1,0 --batches 64`).
 PRELOAD = False
+# The next kernel may launch right after this one's PDL wait instead of after its loop (kernels/triton_gemv.py
+# TRIGGER_AFTER_WAIT says why). Read at each call
+# (`model_bench --sweep kernels.triton_skinny_gemm.TRIGGER_AFTER_WAIT=1,0 --batches 64`).
+TRIGGER_AFTER_WAIT = False
 
 
 @triton.jit
@@ -64,6 +68,7 @@ def _skinny_kernel(
     BLOCK_K: tl.constexpr,
     EPILOGUE: tl.constexpr,
     PRELOAD: tl.constexpr,
+    TRIGGER_AFTER_WAIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -83,6 +88,8 @@ def _skinny_kernel(
         if EPILOGUE == 1:
             w_up_first = tl.load(up_ptrs, mask=mask_n[None, :], other=0.0)
     pdl.wait(PDL)  # nothing else is read before the previous kernel is done
+    if TRIGGER_AFTER_WAIT:
+        pdl.trigger(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_begin = 0
@@ -97,7 +104,8 @@ def _skinny_kernel(
         acc = tl.dot(x, tl.load(w_ptrs + k0, mask=mask_n[None, :], other=0.0), acc)
         if EPILOGUE == 1:
             acc_up = tl.dot(x, tl.load(up_ptrs + k0, mask=mask_n[None, :], other=0.0), acc_up)
-    pdl.trigger(PDL)  # after the loop: a multi-wave grid keeps its SMs until then
+    if not TRIGGER_AFTER_WAIT:
+        pdl.trigger(PDL)
     y = acc
     if EPILOGUE == 1:
         # rounded where the unfused kernels round: gate and up as a GEMM stores them, then kernels/activation.py
@@ -198,6 +206,7 @@ def skinny_gemm(
         BLOCK_K=block_k,
         EPILOGUE=epilogue,
         PRELOAD=preload,
+        TRIGGER_AFTER_WAIT=bool(TRIGGER_AFTER_WAIT),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl.launch_options(x.device),

@@ -140,7 +140,7 @@ gemv_ptrs = {
 for (pro, epi), preload in itertools.product(((0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (0, 1), (0, 2)),
                                             (False, True)):  # fmt: skip
     attempt(
-        f"gemv prologue={pro} epilogue={epi} preload={preload}",
+        f"gemv prologue={pro} epilogue={epi} preload={preload} trigger_after_wait={preload}",
         gv._gemv_kernel,
         gemv_ptrs,
         dict(
@@ -151,6 +151,7 @@ for (pro, epi), preload in itertools.product(((0, 0), (1, 0), (2, 0), (3, 0), (4
             BLOCK_K=1024,
             SUMSQ_PAD=512,
             PRELOAD=preload,
+            TRIGGER_AFTER_WAIT=preload,  # both places of the trigger compile, in half the variants each
             PDL=True,
         ),
     )
@@ -169,10 +170,10 @@ for parts in (0, 2):
     )
 for epi, preload in itertools.product((0, 1), (False, True)):
     attempt(
-        f"skinny epilogue={epi} preload={preload}",
+        f"skinny epilogue={epi} preload={preload} trigger_after_wait={preload}",
         sg._skinny_kernel,
         {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
-        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, EPILOGUE=epi, PRELOAD=preload, PDL=True),
+        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, EPILOGUE=epi, PRELOAD=preload, TRIGGER_AFTER_WAIT=preload, PDL=True),
         {"num_stages": 6},
     )
 

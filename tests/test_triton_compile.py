@@ -48,8 +48,9 @@ def test_decode_attention_conversions_compile_for_sm90(compiled: dict[str, str])
 def test_kernel_variants_compile_for_sm90(compiled: dict[str, str]) -> None:
     """Decode attention (bf16, int8 with and without the pairs/bias tricks, fp8; one split and several; with the new
     token's rotary and store in the kernel), its reduce kernel (letting the next kernel launch before or after its
-    wait), the batch-1 GEMV's prologues and epilogues with and without the weight chunk read before the PDL wait, the
-    skinny GEMM's two epilogues with and without its preloaded tile (one launch of it takes split-K shares), the fused
+    wait), the batch-1 GEMV's prologues and epilogues with and without the weight chunk read before the PDL wait (the
+    next kernel let launch after the wait with it, after the loop without), the skinny GEMM's two epilogues with and
+    without its preloaded tile (the trigger likewise; one launch of it takes split-K shares), the fused
     add + norm of a row and of float32 partial sums: 16 + 2 + 8 x 2 + 2 x 2 + 2."""
     variants = {k: v for k, v in compiled.items() if not k.startswith("_to_dot")}
     assert len(variants) == 40
