@@ -53,9 +53,11 @@ PRELOAD = True
 # Where a program lets the next kernel launch (kernels/pdl.py): after its main loop (False), or right after its own PDL
 # wait (True), so that the next kernel's programs take the SMs this grid frees during its tail and read their first
 # weight chunk then (PRELOAD) instead of after the last program's loop. No wave is starved: the next grid launches
-# only once every program of this one has triggered, that is has started. Read at each call
-# (`model_bench --sweep kernels.triton_gemv.TRIGGER_AFTER_WAIT=1,0 --batches 1`).
-TRIGGER_AFTER_WAIT = False
+# only once every program of this one has triggered, that is has started. H200, 8B shape, int8 KV, 1k context, one
+# process, on / off alternating (bench/results/tune_settings_2026-12-04n.json): batch-1 decode 3.936 / 3.976, 3.922 /
+# 3.977, 3.922 / 3.976 ms a step. Read at each call (`model_bench --sweep kernels.triton_gemv.TRIGGER_AFTER_WAIT=1,0
+# --batches 1`).
+TRIGGER_AFTER_WAIT = True
 
 
 @triton.jit

@@ -46,9 +46,11 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 # (`model_bench --sweep kernels.triton_skinny_gemm.PRELOAD=1,0 --batches 64`).
 PRELOAD = False
 # The next kernel may launch right after this one's PDL wait instead of after its loop (kernels/triton_gemv.py
-# TRIGGER_AFTER_WAIT says why). Read at each call
-# (`model_bench --sweep kernels.triton_skinny_gemm.TRIGGER_AFTER_WAIT=1,0 --batches 64`).
-TRIGGER_AFTER_WAIT = False
+# TRIGGER_AFTER_WAIT says why). H200, 8B shape, int8 KV, 1k context, one process (bench/results/
+# tune_settings_2026-12-04o.json): on / off, batch 8 4.771 and 4.776 / 4.840 and 4.840 ms a step, batch 64 6.026 and
+# 6.049 / 6.108 and 6.122; on with PRELOAD as well: 4.858 / 6.095 and 4.859 / 6.084, so PRELOAD stays off. Read at
+# each call (`model_bench --sweep kernels.triton_skinny_gemm.TRIGGER_AFTER_WAIT=1,0 --batches 64`).
+TRIGGER_AFTER_WAIT = True
 
 
 @triton.jit

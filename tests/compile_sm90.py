@@ -117,7 +117,8 @@ for (name, (ptrs, consts)), one, rotary in itertools.product(kv.items(), (True, 
         f"decode_split {name} one_split={one} rotary={rotary}",
         da._decode_split_kernel,
         common_ptrs | ptrs,
-        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
+        # the trigger before the wait compiles in the rotary half of the variants
+        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, TRIGGER_FIRST=rotary),
         {"num_stages": 3, "maxnreg": 128},
     )
 for first in (False, True):
@@ -239,7 +240,8 @@ for one, rotary, options in itertools.product((True, False), (False, True), (cap
     name = f"decode_split int8_pairs one_split={one} rotary={rotary} " + ("capped" if options is capped else "uncapped")
     try:
         kernel = as_launched(da._decode_split_kernel, common_ptrs | ptrs, DECODE_VALUES,
-                             base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
+                             # the trigger before the wait compiles in the rotary half of the variants
+        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, TRIGGER_FIRST=rotary),
                              options)  # fmt: skip
     except Exception as exc:
         launched[name] = {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
