@@ -167,7 +167,7 @@ for parts in (0, 2):
             "out_ptr": "*bf16",
             "new_residual_ptr": "*bf16",
         },
-        dict(BLOCK=4096, HAS_RESIDUAL=True, EARLY_WEIGHT=True, NUM_PARTS=parts, PDL=True),
+        dict(BLOCK=4096, HAS_RESIDUAL=True, EARLY_WEIGHT=True, NUM_PARTS=parts, TRIGGER_FIRST=parts > 0, PDL=True),
     )
 for epi, preload in itertools.product((0, 1), (False, True)):
     attempt(
