@@ -125,7 +125,9 @@ REDUCE_TRIGGER_FIRST = True
 # The split kernel lets the next kernel launch at its very start, before its wait (and its early reads), instead of
 # after the wait: the reduce (or, with one split, o_proj) and, through the reduce's early trigger, o_proj's programs
 # then launch during the qkv projection's tail and read their first weight chunk there. Safe for the same reason as
-# above: every kernel after it waits before it reads anything but constants. Read at each call
+# above: every kernel after it waits before it reads anything but constants. Measured slower at batch 1 and no
+# different at 64 (H200, one process, on / off alternating, bench/results/tune_settings_2026-12-04p.json): batch 1
+# 3.893 / 3.880 and 3.887 / 3.863 ms a step, batch 64 5.884 / 5.892 and 5.887 / 5.905: off. Read at each call
 # (`model_bench --sweep kernels.triton_decode_attention.SPLIT_TRIGGER_FIRST=1,0 --batches 1,64`).
 SPLIT_TRIGGER_FIRST = False
 

@@ -56,8 +56,10 @@ def default_model_dir() -> Path:
 
     try:
         return resolve_model(None, progress=False)
-    except ModelConfigError as exc:
-        if torch.cuda.is_available():  # the GPU machine has no package registry: say so, do not fail
+    except (ModelConfigError, ImportError) as exc:
+        # the GPU machine has no package registry (the default model's package, or gguf to convert it, may be
+        # missing): say so, do not fail
+        if torch.cuda.is_available():
             pytest.skip(f"default model not installed here: {exc}")
         raise
 
