@@ -9,7 +9,8 @@ Why: record runs of one commit on different H200s read the copy bandwidth at 4.1
 fraction is a stable measure and the spread is between machines; if the copy reading drifts alone, the floor is the
 noise. The step is model_bench's (`decode_step`, `chained_step_ms`). Prints a table; writes
 bench/results/floor_drift.json; no records. (The committed JSON, 2026-12-04, was measured by this script's first
-version: the read bandwidth timed eagerly rather than in a graph, the pool's blocks in order rather than shuffled.)
+version: the read bandwidth timed eagerly rather than in a graph, the pool's blocks in order rather than shuffled;
+floor_drift_2026-12-04b.json by this one, 4 rounds with 10 s of heat, at 2665a29.)
 """
 
 from __future__ import annotations
