@@ -22,8 +22,9 @@ EARLY_WEIGHT = True
 # The next kernel (a decode batch's skinny GEMM, or its attention) may launch at this one's start, before its wait,
 # instead of after it (kernels/pdl.py). Measured slower (H200, one process, on / off alternating,
 # bench/results/tune_settings_2026-12-04q.json): batch 8 5.004 / 4.678 and 5.003 / 4.683 ms a step, batch 64 6.015 /
-# 5.892 and 6.014 / 5.901 (the skinny GEMM's programs, parked in their waits, take the SMs' shared memory from the
-# GEMM still running): off. Read at each call (`model_bench --sweep kernels.triton_norm.TRIGGER_FIRST=1,0`).
+# 5.892 and 6.014 / 5.901 (why is not established: the skinny GEMM's parked programs can only take SMs that every
+# program of the GEMM before the norm has already reached): off. Read at each call
+# (`model_bench --sweep kernels.triton_norm.TRIGGER_FIRST=1,0`).
 TRIGGER_FIRST = False
 
 
