@@ -55,7 +55,9 @@ SUMSQ_NORM = os.environ.get("KVRELAY_SUMSQ_NORM", "1") != "0"
 # per program (bench/tune_skinny_gemm.py --no-sum, H200, 64 rows: 31.4 us in 2 splits of 64-column tiles against ~33
 # unsplit, without the sum). Decode steps, H200, 8B shape, int8 KV, 1k context, one process, 2 / 1 alternating
 # (bench/results/tune_settings_2026-12-04h.json, i.json): batch 8 4.752 / 4.785 ms, batch 32 5.545 / 5.658, batch 64
-# 5.996-6.003 / 6.025-6.103 (the skinny GEMM's PRELOAD on or off: no difference). Read at each call
+# 5.996-6.003 / 6.025-6.103 (the skinny GEMM's PRELOAD on or off: no difference); again with the skinny GEMM's early
+# trigger (tune_settings_2026-12-04t.json): batch 8 4.754 and 4.761 / 4.746 and 4.767, batch 64 6.019 and 6.035 /
+# 6.072 and 6.102. Read at each call
 # (`model_bench --sweep kernels.ops.SPLIT_DOWN=2,1 --batches 64`).
 SPLIT_DOWN = 2
 

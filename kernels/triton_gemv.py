@@ -47,8 +47,9 @@ ADD_RES_SUMSQ = 2
 # one process: 3.996 / 3.995 ms a step against 4.015 / 4.019 (the o_proj alone preloading: 4.012 / 4.008 against
 # 4.015 / 4.023). Two chunks (the second held in registers too) measured slower: 4.139 / 4.133 against 3.947 / 3.933
 # (bench/results/tune_settings_2026-12-04g.json, the setting then named PRELOAD_CHUNKS). An older variant of this
-# kernel measured slower with one chunk (above); this one adds nothing else. Read at each call
-# (`model_bench --sweep kernels.triton_gemv.PRELOAD=1,0`).
+# kernel measured slower with one chunk (above); this one adds nothing else. With TRIGGER_AFTER_WAIT (below) the
+# programs launch earlier and the preload is worth more: 3.929 / 4.032 and 3.926 / 4.037 ms (2026-12-04s.json). Read at
+# each call (`model_bench --sweep kernels.triton_gemv.PRELOAD=1,0`).
 PRELOAD = True
 # Where a program lets the next kernel launch (kernels/pdl.py): after its main loop (False), or right after its own PDL
 # wait (True), so that the next kernel's programs take the SMs this grid frees during its tail and read their first
