@@ -56,9 +56,7 @@ def trigger(PDL: tl.constexpr):
 
 
 @triton.jit
-def enter(PDL: tl.constexpr, TRIGGERED: tl.constexpr = False):
-    """A small kernel's first line: wait for the previous kernel, then let the next one launch (unless the kernel
-    `TRIGGERED` already, before its wait)."""
+def enter(PDL: tl.constexpr):
+    """A small kernel's first line: wait for the previous kernel, then let the next one launch."""
     wait(PDL)
-    if not TRIGGERED:
-        trigger(PDL)
+    trigger(PDL)

@@ -122,14 +122,10 @@ EARLY_READS = True
 # the skinny GEMM preloads nothing). Read at each call
 # (`model_bench --sweep kernels.triton_decode_attention.REDUCE_TRIGGER_FIRST=1,0 --batches 1,8`).
 REDUCE_TRIGGER_FIRST = True
-# The split kernel lets the next kernel launch at its very start, before its wait (and its early reads), instead of
-# after the wait: the reduce (or, with one split, o_proj) and, through the reduce's early trigger, o_proj's programs
-# then launch during the qkv projection's tail and read their first weight chunk there. Safe for the same reason as
-# above: every kernel after it waits before it reads anything but constants. Measured slower at batch 1 and no
-# different at 64 (H200, one process, on / off alternating, bench/results/tune_settings_2026-12-04p.json): batch 1
-# 3.893 / 3.880 and 3.887 / 3.863 ms a step, batch 64 5.884 / 5.892 and 5.887 / 5.905: off. Read at each call
-# (`model_bench --sweep kernels.triton_decode_attention.SPLIT_TRIGGER_FIRST=1,0 --batches 1,64`).
-SPLIT_TRIGGER_FIRST = False
+# Tried and dropped: the split kernel letting the next kernel launch at its very start, before its wait, so that the
+# reduce's and o_proj's programs launch during the qkv projection's tail. Slower at batch 1 and no different at 64
+# (H200, one process, on / off alternating, bench/results/tune_settings_2026-12-04p.json): batch 1 3.893 / 3.880 and
+# 3.887 / 3.863 ms a step, batch 64 5.884 / 5.892 and 5.887 / 5.905.
 
 _LOG2E = 1.4426950408889634
 
@@ -308,14 +304,10 @@ def _decode_split_kernel(
     FP8_MIN_NORMAL_EXP: tl.constexpr,
     FP8_MANTISSA_BITS: tl.constexpr,
     EARLY_READS: tl.constexpr,
-    TRIGGER_FIRST: tl.constexpr,  # `SPLIT_TRIGGER_FIRST`
     PDL: tl.constexpr,
 ):
-    if TRIGGER_FIRST:
-        pdl.trigger(PDL)  # the next kernels may launch now and read their weights during the qkv projection
     if not (ROTARY and EARLY_READS):
-        # nothing is read before the previous kernel is done; the next may launch (kernels/pdl.py)
-        pdl.enter(PDL, TRIGGER_FIRST)
+        pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next may launch (kernels/pdl.py)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -343,7 +335,7 @@ def _decode_split_kernel(
         lo, c_lo, c_hi = _rope_factors(positions_ptr, seq, cos_sin_ptr, stride_cache, offs_d, HALF)
         if EARLY_READS:
             # the length, position and rotary factors above were read before the wait (`EARLY_READS`)
-            pdl.enter(PDL, TRIGGER_FIRST)
+            pdl.enter(PDL)
         q = _rotated_rows(q_ptr + seq * stride_q_s, stride_q_h, tl.where(mask_g, heads, num_heads), num_heads, offs_d,
                           lo, c_lo, c_hi, 2 * HALF, HALF, HEAD_DIM).to(K_DOT_DTYPE)  # fmt: skip
         if (context_len - 1 >= start) & (context_len - 1 < end):
@@ -496,7 +488,9 @@ def _decode_reduce_kernel(
 ):
     if TRIGGER_FIRST:
         pdl.trigger(PDL)  # the next kernel (o_proj) may launch now and read its weight during the attention
-    pdl.enter(PDL, TRIGGER_FIRST)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+        pdl.wait(PDL)  # nothing is read before the previous kernel is done (kernels/pdl.py)
+    else:
+        pdl.enter(PDL)  # nothing is read before the previous kernel is done; the next kernels may launch
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -714,7 +708,6 @@ def paged_decode_attention(
         # the rotated key is rounded to its dtype before it is quantized, as the rotary_store_kv kernel does
         **quantize_constexprs(layer, *((new.key.dtype, new.value.dtype) if new else (query.dtype,) * 2), query.device),
         EARLY_READS=bool(EARLY_READS),
-        TRIGGER_FIRST=bool(SPLIT_TRIGGER_FIRST),
         num_warps=tuning.get("num_warps", 4),
         **extra,
         **pdl.launch_options(query.device),

@@ -19,13 +19,11 @@ from kernels import pdl
 # process: 5.978 / 5.994 ms a step against 6.008 / 6.013 (bench/results/tune_settings_2026-12-04d.json). Read at each
 # call, for in-process A/B (`model_bench --sweep kernels.triton_norm.EARLY_WEIGHT=1,0`).
 EARLY_WEIGHT = True
-# The next kernel (a decode batch's skinny GEMM, or its attention) may launch at this one's start, before its wait,
-# instead of after it (kernels/pdl.py). Measured slower (H200, one process, on / off alternating,
-# bench/results/tune_settings_2026-12-04q.json): batch 8 5.004 / 4.678 and 5.003 / 4.683 ms a step, batch 64 6.015 /
-# 5.892 and 6.014 / 5.901 (why is not established: the skinny GEMM's parked programs can only take SMs that every
-# program of the GEMM before the norm has already reached): off. Read at each call
-# (`model_bench --sweep kernels.triton_norm.TRIGGER_FIRST=1,0`).
-TRIGGER_FIRST = False
+# Tried and dropped: letting the next kernel (a decode batch's skinny GEMM) launch at this one's start, before its
+# wait (kernels/pdl.py). Slower (H200, one process, on / off alternating, bench/results/tune_settings_2026-12-04q.json):
+# batch 8 5.004 / 4.678 and 5.003 / 4.683 ms a step, batch 64 6.015 / 5.892 and 6.014 / 5.901. Why is not
+# established: the skinny GEMM's parked programs can only take SMs that every program of the GEMM before the norm has
+# already reached.
 
 
 @triton.jit
@@ -46,17 +44,14 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     EARLY_WEIGHT: tl.constexpr,
     NUM_PARTS: tl.constexpr,
-    TRIGGER_FIRST: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if TRIGGER_FIRST:
-        pdl.trigger(PDL)  # `TRIGGER_FIRST`
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     if EARLY_WEIGHT:
         weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a constant (`EARLY_WEIGHT`)
     # nothing else is read before the previous kernel is done; the next kernels may launch (kernels/pdl.py)
-    pdl.enter(PDL, TRIGGER_FIRST)
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     if NUM_PARTS > 0:
         # x as a projection would have stored it: its partial sums added in order, rounded to the output's dtype
@@ -139,7 +134,6 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             HAS_RESIDUAL=residual is not None,
             EARLY_WEIGHT=bool(EARLY_WEIGHT),
             NUM_PARTS=parts.shape[0] if parts is not None else 0,
-            TRIGGER_FIRST=bool(TRIGGER_FIRST),
             num_warps=_num_warps(block),
             **pdl.launch_options(x.device),
         )

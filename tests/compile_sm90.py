@@ -117,8 +117,7 @@ for (name, (ptrs, consts)), one, rotary in itertools.product(kv.items(), (True, 
         f"decode_split {name} one_split={one} rotary={rotary}",
         da._decode_split_kernel,
         common_ptrs | ptrs,
-        # the trigger before the wait compiles in the rotary half of the variants
-        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, TRIGGER_FIRST=rotary),
+        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
         {"num_stages": 3, "maxnreg": 128},
     )
 for first in (False, True):
@@ -167,7 +166,7 @@ for parts in (0, 2):
             "out_ptr": "*bf16",
             "new_residual_ptr": "*bf16",
         },
-        dict(BLOCK=4096, HAS_RESIDUAL=True, EARLY_WEIGHT=True, NUM_PARTS=parts, TRIGGER_FIRST=parts > 0, PDL=True),
+        dict(BLOCK=4096, HAS_RESIDUAL=True, EARLY_WEIGHT=True, NUM_PARTS=parts, PDL=True),
     )
 for epi, preload in itertools.product((0, 1), (False, True)):
     attempt(
@@ -240,8 +239,7 @@ for one, rotary, options in itertools.product((True, False), (False, True), (cap
     name = f"decode_split int8_pairs one_split={one} rotary={rotary} " + ("capped" if options is capped else "uncapped")
     try:
         kernel = as_launched(da._decode_split_kernel, common_ptrs | ptrs, DECODE_VALUES,
-                             # the trigger before the wait compiles in the rotary half of the variants
-        base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, TRIGGER_FIRST=rotary),
+                             base | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary),
                              options)  # fmt: skip
     except Exception as exc:
         launched[name] = {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
