@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode waits for each step's tokens before queueing the next (the loop before overlap; for comparisons)",
     )
+    up.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="torch threads of each prefill/decode process (default: the cores split among them)",
+    )
     up.add_argument("--mps", action="store_true", help="NVIDIA: start the MPS daemon so services run concurrently")
     up.add_argument("--prefill-sm-pct", type=int, default=80, help="with --mps: prefill's SM share (percent)")
     up.add_argument("--decode-sm-pct", type=int, default=100, help="with --mps: decode's SM share (percent)")

@@ -56,9 +56,18 @@ class AsyncClient:
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     async def generate(self, *, timeout: float | None = None, **kwargs) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        """Streamed responses; the last carries `finish`. Raises grpc.aio.AioRpcError with the server's status."""
-        async for message in self.stub.Generate(build_request(**kwargs), timeout=timeout):
-            yield message
+        """Streamed responses; the last carries `finish`. Raises grpc.aio.AioRpcError with the server's status.
+
+        Leaving the loop early (break, an exception) cancels the call, so the server stops generating at once.
+        """
+        call = self.stub.Generate(build_request(**kwargs), timeout=timeout)
+        try:
+            async for message in call:
+                yield message
+        finally:
+            # Not left to garbage collection: a grpc.aio call sits in a reference cycle with its own message
+            # iterator, so it lives (and the server keeps generating) until the cyclic collector happens to run.
+            call.cancel()
 
     async def complete(self, *, timeout: float | None = None, **kwargs) -> gateway_pb2.CompleteResponse:
         return await self.stub.Complete(build_request(**kwargs), timeout=timeout)

@@ -91,6 +91,16 @@ class Launcher:
             env["HSA_CU_MASK"] = mask
         return env
 
+    def cpu_threads(self) -> int:
+        """torch threads of each compute process: the cores this launcher may use, split among them (what they
+        compute on the CPU, a model on a CPU machine above all, then never fights over the same cores)."""
+        a = self.args
+        if a.cpu_threads > 0:
+            return a.cpu_threads
+        processes = a.decode_replicas + (a.prefill_replicas if a.mode == "disaggregated" else 0)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // max(1, processes))
+
     def ensure_redis(self) -> str:
         url = self.args.redis_url
         if redis_answers(url):
@@ -168,6 +178,7 @@ class Launcher:
         )
         self.wait_healthy("kvstore", f"127.0.0.1:{kv_port}", "kvrelay.v1.KVStore", kvstore, a.start_timeout)
         worker = ["--kvstore", f"127.0.0.1:{kv_port}", *common, "--max-batch-tokens", str(a.max_batch_tokens)]
+        worker += ["--cpu-threads", str(self.cpu_threads())]
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
         decode_only = ["--no-overlap"] if a.no_decode_overlap else []
         waits = []

@@ -335,9 +335,10 @@ class _Runner:
             trace.status = "CLIENT_ERROR"
             trace.error = repr(exc)
         finally:
-            if trace.status == "DRAIN_TIMEOUT":  # cancelled locally (see finish): the end is the cut-off time
-                call.cancel()
-            else:
+            # A no-op on an ended call; one this task leaves early (cancelled, see finish) ends at once, not when a
+            # garbage collection happens to find it.
+            call.cancel()
+            if trace.status != "DRAIN_TIMEOUT":  # cancelled locally (see finish): the end is the cut-off time
                 trace.end = time.perf_counter()
             self.in_flight -= 1
             self.bar.update(1)

@@ -77,17 +77,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is starting: the model is not ready yet")
 
     async def Generate(self, request, context):  # noqa: N802
-        async for message in self._generate(request, context):
-            yield message
+        # context.write, not yield: a client that goes away cancels this coroutine wherever it waits, and the stream
+        # is closed (its cleanup frees the blocks) right here. A handler written as an async generator that is
+        # suspended in a send when the client goes is closed only whenever it is garbage collected.
+        async with contextlib.aclosing(self._generate(request, context)) as stream:
+            async for message in stream:
+                await context.write(message)
 
     async def Complete(self, request, context):  # noqa: N802
         out = gateway_pb2.CompleteResponse()
-        async for message in self._generate(request, context):
-            out.token_ids.extend(message.token_ids)
-            out.text += message.text
-            out.logprobs.extend(message.logprobs)
-            if message.HasField("finish"):
-                out.finish.CopyFrom(message.finish)
+        async with contextlib.aclosing(self._generate(request, context)) as stream:
+            async for message in stream:
+                out.token_ids.extend(message.token_ids)
+                out.text += message.text
+                out.logprobs.extend(message.logprobs)
+                if message.HasField("finish"):
+                    out.finish.CopyFrom(message.finish)
         return out
 
     async def GetModelInfo(self, request, context):  # noqa: N802

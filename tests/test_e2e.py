@@ -105,10 +105,26 @@ def test_text_streams_and_stop_string(deployment):
     assert cut.text == full.text[: full.text.index("5")]
 
 
+def test_leaving_the_stream_stops_the_generation(deployment):
+    """Leaving AsyncClient.generate's loop cancels the call at once: the server stops and frees the blocks long
+    before the 1000 tokens asked for would be done (minutes on a CPU; the audit waits 10 s)."""
+
+    async def main():
+        async with AsyncClient(deployment.address) as client:
+            async for _ in client.generate(**chat(QUESTIONS[1]) | {"max_tokens": 1000}, ignore_eos=True):
+                break
+            report, stats = await asyncio.to_thread(deployment.audit)
+            assert report.ok, report.message
+            assert stats.used == 0 and stats.active_sessions == 0  # the channel is still open here
+
+    asyncio.run(main())
+
+
 def test_blocks_come_back_after_completed_cancelled_and_rejected(deployment):
     async def cancel_mid_stream(client):
         seen = 0
-        async for _ in client.generate(**chat("Write a long story about a lighthouse."), ignore_eos=True):
+        long = chat("Write a long story about a lighthouse.") | {"max_tokens": 300}  # a leak would outlast the audit
+        async for _ in client.generate(**long, ignore_eos=True):
             seen += 1
             if seen == 3:
                 break  # leaving the iterator cancels the call: the decode worker must free the session
@@ -136,7 +152,8 @@ def test_blocks_come_back_when_the_request_ends_at_the_hand_off(deployment):
     assert first.text.strip()
 
     async def leave_after_first(client):
-        async for _ in client.generate(**chat(QUESTIONS[0]), ignore_eos=True):
+        # 200 tokens: a session left decoding would outlast the audit; 6 of them still fit in the pool
+        async for _ in client.generate(**chat(QUESTIONS[0]) | {"max_tokens": 200}, ignore_eos=True):
             break
 
     async def main():

@@ -148,3 +148,23 @@ def test_service_env_splits_the_gpu_per_role(tmp_path):
     prefill, decode = launcher.service_env("prefill"), launcher.service_env("decode")
     assert prefill["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50" and prefill["CUDA_MPS_CLIENT_PRIORITY"] == "1"
     assert decode == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"}
+
+
+def test_cpu_threads_split_the_cores_among_compute_processes(monkeypatch):
+    """kvrelay up gives each prefill/decode process its share of the cores (two processes each taking every core of
+    a CPU machine made concurrent requests 3.7x slower); --cpu-threads overrides."""
+    import argparse
+
+    from gateway.launcher import Launcher
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+
+    def threads(**kw):
+        args = dict(cpu_threads=0, mode="disaggregated", prefill_replicas=1, decode_replicas=1) | kw
+        return Launcher(argparse.Namespace(**args)).cpu_threads()
+
+    assert threads() == 8
+    assert threads(prefill_replicas=2, decode_replicas=3) == 3
+    assert threads(mode="colocated", decode_replicas=2) == 8  # colocated: one process a replica, no prefill ones
+    assert threads(prefill_replicas=20, decode_replicas=20) == 1
+    assert threads(cpu_threads=5) == 5

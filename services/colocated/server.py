@@ -18,7 +18,7 @@ from services.common.attach import attach, fetch_layout
 from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
 from services.common.health import wait_healthy
 from services.common.lifecycle import stop_event_on_signals, unless_stopped
-from services.common.worker import WORKER_TTL_MS, OwnStream, worker_args
+from services.common.worker import WORKER_TTL_MS, OwnStream, set_cpu_threads, worker_args
 from services.decode.server import SERVICE as DECODE
 from services.decode.server import DecodeWorker, add_decode_args
 from services.prefill.server import SERVICE as PREFILL
@@ -80,6 +80,7 @@ def main() -> None:
     add_decode_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    set_cpu_threads(args.cpu_threads)
     install_uvloop()
     asyncio.run(serve(args))
 

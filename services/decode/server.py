@@ -79,7 +79,10 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
                 if first:
                     trace.mark(seq.session_id, "dc_yield")
                     first = False
-                yield message
+                # context.write, not yield: the gateway cancelling the call cancels this coroutine wherever it
+                # waits, so the finally below runs at once (an async generator suspended in a send would be closed
+                # only when garbage collected, its sequence decoding on meanwhile)
+                await context.write(message)
                 if message.finish != common_pb2.FINISH_REASON_UNSPECIFIED:
                     return
         finally:
