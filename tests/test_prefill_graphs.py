@@ -5,6 +5,7 @@ the reference kernels, against the runner's plain forward of the same chunk. On 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvstore.block_table import slot_mapping
@@ -14,8 +15,9 @@ from services.model.runner import SeqChunk
 from services.model.sampling_params import SamplingParams
 
 
-def test_padded_prefill_chunks_equal_the_plain_forward(default_model_dir):
-    cfg = EngineConfig(model_dir=default_model_dir, dtype="float32", kv_dtype="int8", num_blocks=32)
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+def test_padded_prefill_chunks_equal_the_plain_forward(default_model_dir, kv_dtype):
+    cfg = EngineConfig(model_dir=default_model_dir, dtype="float32", kv_dtype=kv_dtype, num_blocks=32)
     engine = Engine(cfg, progress=False)
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1))  # builds the pool (fixed size) and the runner
     runner, pool = engine.runner, engine.runner.pool
@@ -35,8 +37,15 @@ def test_padded_prefill_chunks_equal_the_plain_forward(default_model_dir):
         slots = slot_mapping(list(table), 100, 100 + t, size)
         got = graphs.replay(chunk.token_ids, 100, slots, chunk.block_table)
         assert got.shape == want.shape == (1, want.shape[-1])
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        # The padded pass wrote the chunk's K/V again (int8: the same bytes but for a rounding tie) and nothing else.
+        if kv_dtype == "fp32":
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            # The padded pass recomputes the chunk's K/V with GEMMs of another shape (another summation order): a value
+            # on an int8 rounding tie may round the other way, which moves the logits by up to ~1e-2 of their norm
+            # (measured: 0.009 between one and two threads of the same plain forward). A padding bug moves them O(1).
+            assert ((got - want).norm() / want.norm()).item() < 3e-2, t
+            assert got.argmax() == want.argmax(), t
+        # The padded pass wrote the chunk's K/V again (the same values but for summation order) and nothing else.
         chunk_rows = torch.tensor(slots)
         for i, (k_before, v_before) in enumerate(written):
             layer = pool.layer(i)
@@ -45,4 +54,9 @@ def test_padded_prefill_chunks_equal_the_plain_forward(default_model_dir):
                 others = torch.ones(before.shape[0], dtype=torch.bool)
                 others[chunk_rows] = False
                 assert torch.equal(before[others], after[others]), (t, i)
-                assert (before[chunk_rows].int() - after[chunk_rows].int()).abs().max() <= 1, (t, i)
+                if kv_dtype == "fp32":
+                    torch.testing.assert_close(after[chunk_rows], before[chunk_rows], rtol=1e-4, atol=1e-4)
+                else:  # int8: rounding ties, and in deep layers the hidden states the ties above moved (measured
+                    # up to 0.012 of the norm; a wrong row written would be O(1))
+                    b, a = before[chunk_rows].float(), after[chunk_rows].float()
+                    assert ((a - b).norm() / b.norm()).item() < 5e-2, (t, i)
