@@ -92,8 +92,9 @@ class Launcher:
         return env
 
     def cpu_threads(self) -> int:
-        """torch threads of each compute process: the cores this launcher may use, split among them (what they
-        compute on the CPU, a model on a CPU machine above all, then never fights over the same cores)."""
+        """torch threads of each compute process: the cores this launcher may use, split among them, so that what
+        they compute on the CPU (the whole model, on a CPU machine) does not fight over the same cores
+        (services/common/worker.py set_cpu_threads has the measurements)."""
         a = self.args
         if a.cpu_threads > 0:
             return a.cpu_threads
