@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, copy_bandwidth_samples, matmul_rate, record, time_ms, write_benchmarks_md
+from kvstore.block_table import blocks_needed, slot_mapping
 from kvstore.formats import bytes_per_token, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 from services.model.config import ModelConfig
@@ -65,7 +66,7 @@ def decode_step(model, spec, bs: int, ctx: int, block_size: int):
     """A pool of random K/V for bs sequences at context ctx (their blocks in random order), a runner with CUDA graphs
     for the batch, and one step's device inputs: (runner, chunks, inputs for runner.graphs.replay)."""
     c = model.config
-    blocks_per_seq = -(-(ctx + 1) // block_size)
+    blocks_per_seq = blocks_needed(ctx + 1, block_size)
     need = bs * blocks_per_seq
     pool = KVPool.allocate(PoolGeometry(c.num_layers, need, block_size, c.num_kv_heads, c.head_dim), spec, "cuda")
     fill_random(pool)
@@ -73,7 +74,7 @@ def decode_step(model, spec, bs: int, ctx: int, block_size: int):
     runner.enable_cuda_graphs(bs, ctx + 1)
     perm = torch.randperm(need).tolist()
     chunks = [SeqChunk((7,), ctx, tuple(perm[i * blocks_per_seq : (i + 1) * blocks_per_seq])) for i in range(bs)]
-    slots = [ch.block_table[ctx // block_size] * block_size + ctx % block_size for ch in chunks]
+    slots = [slot_mapping(list(ch.block_table), ctx, ctx + 1, block_size)[0] for ch in chunks]
     ids, positions, slots = (t.cuda() for t in (torch.full((bs,), 7), torch.full((bs,), ctx), torch.tensor(slots)))
     tables = torch.tensor([list(ch.block_table) for ch in chunks], dtype=torch.int32, device="cuda")
     lens = torch.full((bs,), ctx + 1, dtype=torch.int32, device="cuda")
@@ -98,7 +99,7 @@ def decode_one(model, config: ModelConfig, spec, bw: float, bs: int, ctx: int, b
     """One (batch, context) point, recorded when `save`; returns the fraction of the floor. A function so that its
     pool is freed when it returns."""
     per_token = bytes_per_token(spec, config.num_layers, config.num_kv_heads, config.head_dim)
-    need = bs * -(-(ctx + 1) // block_size)
+    need = bs * blocks_needed(ctx + 1, block_size)
     torch.cuda.empty_cache()
     if need * block_size * per_token > 0.9 * torch.cuda.mem_get_info()[0]:
         gib = need * block_size * per_token / 2**30
@@ -184,7 +185,7 @@ def prefill_flops(config: ModelConfig, n: int, model) -> float:
 
 def prefill_bench(model, config: ModelConfig, spec, rate: float, lengths, block_size: int) -> None:
     for n in lengths:
-        blocks = -(-n // block_size)
+        blocks = blocks_needed(n, block_size)
         geometry = PoolGeometry(config.num_layers, blocks, block_size, config.num_kv_heads, config.head_dim)
         pool = KVPool.allocate(geometry, spec, "cuda")
         runner = ModelRunner(model, pool)
