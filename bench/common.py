@@ -7,14 +7,12 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 SUMMARY = RESULTS / "summary.json"
 

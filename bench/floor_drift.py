@@ -2,7 +2,7 @@
 bandwidth (the floor's rate), a read-only bandwidth, the batch-1 x 1k decode step, and the GPU's temperatures, with a
 stretch of back-to-back copies between rounds to heat the memory.
 
-    python bench/floor_drift.py --model DIR [--rounds 6] [--heat-s 15]
+    python -m bench.floor_drift --model DIR [--rounds 6] [--heat-s 15]
 
 Why: record runs of one commit on different H200s read the copy bandwidth at 4.11-4.26 TB/s and the batch-1 step at
 3.95-4.01 ms, so the decode fractions moved by 4%. If the floor's rate and the step move together on one machine, the
@@ -21,16 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS, copy_bandwidth_samples, gpu_name, read_bandwidth  # noqa: E402
-from bench.model_bench import chained_step_ms, decode_floor_bytes, decode_step  # noqa: E402
-from kvstore.formats import parse_kv_dtype  # noqa: E402
-from services.model.loader import load_model  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth_samples, gpu_name, read_bandwidth
+from bench.model_bench import chained_step_ms, decode_floor_bytes, decode_step
+from kvstore.formats import parse_kv_dtype
+from services.model.loader import load_model
 
 SMI_FIELDS = "temperature.gpu,temperature.memory,clocks.sm,clocks.mem,power.draw,clocks_throttle_reasons.active"
 

@@ -1,6 +1,6 @@
 """Kernel benchmarks (Llama-3-8B attention shape: 32 query heads, 8 KV heads, head_dim 128).
 
-    python bench/kernel_bench.py
+    python -m bench.kernel_bench
 
 paged decode attention: bytes of K/V (+ scales) read over the measured copy bandwidth; store_kv: bytes written.
 Kernels are timed inside a CUDA graph, as the decode worker runs them.
@@ -9,20 +9,17 @@ Kernels are timed inside a CUDA graph, as the decode worker runs them.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import copy_bandwidth, graph_time_ms, record, write_benchmarks_md
+from bench.tune_decode_attention import BLOCK, HEAD_DIM, KV_HEADS, setup
+from kernels import ops
+from kernels.rotary import compute_inv_freq, make_cos_sin_cache
+from kvstore.formats import parse_kv_dtype
+from kvstore.pool import KVPool, PoolGeometry
 
-from bench.common import copy_bandwidth, graph_time_ms, record, write_benchmarks_md  # noqa: E402
-from bench.tune_decode_attention import BLOCK, HEAD_DIM, KV_HEADS, setup  # noqa: E402
-from kernels import ops  # noqa: E402
-from kernels.rotary import compute_inv_freq, make_cos_sin_cache  # noqa: E402
-from kvstore.formats import parse_kv_dtype  # noqa: E402
-from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
-
-COMMAND = "python bench/kernel_bench.py"
+COMMAND = "python -m bench.kernel_bench"
 
 
 def decode_attention(bw: float, bs: int, ctx: int, kv: str) -> None:

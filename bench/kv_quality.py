@@ -1,6 +1,6 @@
 """KV format quality table: teacher-forced top-1 agreement with the unquantized run and perplexity, per format.
 
-    python bench/kv_quality.py [--model PATH] [--tokens 1024] [--dtype float32]
+    python -m bench.kv_quality [--model PATH] [--tokens 1024] [--dtype float32]
 
 Runs on the CPU in about a minute with the default model; writes bench/results/kv_quality.json.
 """
@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import date
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from gateway.tokenizer import Tokenizer
+from services.model.default_model import resolve_model
+from services.model.kv_quality import measure
 
-from gateway.tokenizer import Tokenizer  # noqa: E402
-from services.model.default_model import resolve_model  # noqa: E402
-from services.model.kv_quality import measure  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FORMATS = ["bf16", "fp8", "int8", "k=int8,v=bf16", "k=fp8,v=bf16"]
 

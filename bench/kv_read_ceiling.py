@@ -1,6 +1,6 @@
 """How fast can decode attention's K/V bytes be read with its access pattern alone, without its math?
 
-    python bench/kv_read_ceiling.py
+    python -m bench.kv_read_ceiling
 
 A Triton kernel that does only the reads of `_decode_split_kernel` (block ids, then K, V and their scales, tile by
 tile through the block table; plain loads, which Triton does not pipeline in a loop without a dot: more splits put
@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms
 
 KV_HEADS, HEAD_DIM, BLOCK = 8, 128, 16
 

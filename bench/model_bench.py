@@ -1,6 +1,6 @@
 """Decode and prefill of a whole model on one GPU, through the code the workers run (ModelRunner, decode graphs).
 
-    python bench/model_bench.py --model DIR [--kv-dtype int8] [--decode] [--prefill]
+    python -m bench.model_bench --model DIR [--kv-dtype int8] [--decode] [--prefill]
 
 Decode: steps of batch 1..128 at 1k and 8k contexts (random K/V in the pool, random block ids), timed as the decode
 worker runs them: 20 graph replays queued back to back, each one's input ids the previous one's argmax on the device
@@ -16,21 +16,18 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.common import RESULTS, copy_bandwidth_samples, matmul_rate, record, time_ms, write_benchmarks_md
+from kvrelay.model_config import ModelConfig
 from kvstore.block_table import blocks_needed, slot_mapping
 from kvstore.formats import bytes_per_token, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
-from services.model.config import ModelConfig
 from services.model.loader import load_model
 from services.model.runner import ModelRunner, SeqChunk
 
-COMMAND = "python bench/model_bench.py --model DIR"
+COMMAND = "python -m bench.model_bench --model DIR"
 
 
 # Steps timed back to back (queued ahead, as the worker queues them); one step alone is recorded beside it.

@@ -1,7 +1,7 @@
 """Run the paged decode attention kernel a few times at batch 32 x 4k, for Nsight Compute's hardware counters.
 
     ncu --clock-control none -k regex:_decode_split -s 2 -c 1 --section SpeedOfLight --section WarpStateStats \
-        --section Occupancy python bench/ncu_decode_attention.py int8,bf16
+        --section Occupancy python -m bench.ncu_decode_attention int8,bf16
 
 (`--clock-control none`: the device's own clocks, as every other benchmark here runs.) What this showed on an H200
 (2026-12-03), int8 KV, 2 stages: 62% of DRAM bandwidth, 0.39 warps issued per scheduler, long-scoreboard stalls
@@ -11,14 +11,11 @@ first, against 88% for bf16 KV: the int8 kernel waited on memory with too little
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.tune_decode_attention import HEAD_DIM, setup  # noqa: E402
-from kernels.triton_decode_attention import paged_decode_attention  # noqa: E402
+from bench.tune_decode_attention import HEAD_DIM, setup
+from kernels.triton_decode_attention import paged_decode_attention
 
 
 def main() -> None:

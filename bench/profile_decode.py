@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: per-kernel device time of one eager step (the same kernels a graph replays).
 
-    python bench/profile_decode.py --model DIR [--batch 1] [--ctx 1024] [--graph]
+    python -m bench.profile_decode --model DIR [--batch 1] [--ctx 1024] [--graph]
 
 Writes bench/results/profile_decode_bs{B}_ctx{C}.txt: kernels grouped by name, total device microseconds per step,
 and the GEMM share against the bytes-over-bandwidth floor. A kernel launched the same number of times in every layer
@@ -12,21 +12,17 @@ projection against its own weight's floor. With PDL a kernel's time includes its
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS, copy_bandwidth  # noqa: E402
-from bench.model_bench import fill_random, weight_bytes  # noqa: E402
-from kernels import pdl  # noqa: E402
-from kvstore.formats import parse_kv_dtype  # noqa: E402
-from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
-from services.model.loader import load_model  # noqa: E402
-from services.model.runner import ModelRunner, SeqChunk  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth
+from bench.model_bench import fill_random, weight_bytes
+from kernels import pdl
+from kvstore.formats import parse_kv_dtype
+from kvstore.pool import KVPool, PoolGeometry
+from services.model.loader import load_model
+from services.model.runner import ModelRunner, SeqChunk
 
 
 def by_position(durations: list[float], steps: int, num_layers: int) -> list[tuple[str, float, int]]:

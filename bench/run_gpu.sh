@@ -33,30 +33,30 @@ for stage in "$@"; do
       fi ;;
     ckpt)
       log "checkpoint"
-      [ -f "$CKPT/config.json" ] || python -m gateway.cli make-checkpoint --preset llama3-8b --out "$CKPT" --device cuda ;;
+      [ -f "$CKPT/config.json" ] || python -m kvrelay.cli make-checkpoint --preset llama3-8b --out "$CKPT" --device cuda ;;
     tests)
       log "GPU tests"
       need_ckpt
-      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_prefill_and_small_kernels.py tests/test_triton_gemv.py tests/test_triton_skinny_gemm.py tests/test_triton_fused_decode.py 2>&1 | tail -40 ;;
+      python -m pytest -q -s -m gpu -p no:cacheprovider tests/services/test_gpu.py tests/kernels/test_triton_kernels.py tests/kernels/test_triton_prefill_and_small_kernels.py tests/kernels/test_triton_gemv.py tests/kernels/test_triton_skinny_gemm.py tests/kernels/test_triton_fused_decode.py 2>&1 | tail -40 ;;
     tests-model)
       log "GPU tests of whole models (the default model's need gguf-b first)"
       need_ckpt
-      python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 ;;
+      python -m pytest -q -s -m gpu -p no:cacheprovider tests/services/test_gpu.py 2>&1 | tail -30 ;;
     kernels)
       log "kernel benchmarks"
-      python bench/kernel_bench.py ;;
+      python -m bench.kernel_bench ;;
     model)
       log "model benchmarks"
-      python bench/model_bench.py --model "$CKPT" --kv-dtype int8 --decode --prefill ;;
+      python -m bench.model_bench --model "$CKPT" --kv-dtype int8 --decode --prefill ;;
     serve)
       log "client latency"
-      python bench/serve_latency.py --model "$CKPT" --kv-dtype int8 ;;
+      python -m bench.serve_latency --model "$CKPT" --kv-dtype int8 ;;
     trace)
       log "hand-off timeline (no records written)"
-      python bench/serve_latency.py --model "$CKPT" --kv-dtype int8 --trace ;;
+      python -m bench.serve_latency --model "$CKPT" --kv-dtype int8 --trace ;;
     modes)
       log "colocated vs disaggregated, multi-turn"
-      python bench/serve_modes.py --model "$CKPT" --modes "${MODES:-colocated,disaggregated,mps}" ${MODES_ARGS:-} --multiturn ;;
+      python -m bench.serve_modes --model "$CKPT" --modes "${MODES:-colocated,disaggregated,mps}" ${MODES_ARGS:-} --multiturn ;;
   esac
 done
 # At most 8 files come back from the GPU machine: the summary, the tables, and whatever RETURN names.

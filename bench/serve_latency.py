@@ -1,7 +1,7 @@
 """Latency seen by a gRPC client of a real deployment (`kvrelay up`): inter-token latency, time to first token, and
 the hand-off's added latency (prefill reply -> decode's first token, minus one decode step).
 
-    python bench/serve_latency.py --model DIR [--kv-dtype int8] [--max-model-len 4096] [--no-decode-overlap]
+    python -m bench.serve_latency --model DIR [--kv-dtype int8] [--max-model-len 4096] [--no-decode-overlap]
 
 --no-decode-overlap runs the decode loop that waits for every step (records named *_no_overlap), for comparison.
 --trace logs the hand-off's timeline in every process (KVRELAY_TRACE_HANDOFF=1) and prints its medians relative to
@@ -14,24 +14,20 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import copy_bandwidth, record, write_benchmarks_md
+from bench.model_bench import weight_bytes
+from kvrelay import trace
+from kvrelay.client import AsyncClient
+from kvrelay.deployment import Deployment
+from kvrelay.model_config import ModelConfig
+from kvstore.formats import bytes_per_token, parse_kv_dtype
+from services.model.llama import LlamaForCausalLM
 
-from bench.common import copy_bandwidth, record, write_benchmarks_md  # noqa: E402
-from bench.model_bench import weight_bytes  # noqa: E402
-from gateway.client import AsyncClient  # noqa: E402
-from kvstore.formats import bytes_per_token, parse_kv_dtype  # noqa: E402
-from services.common import trace  # noqa: E402
-from services.model.config import ModelConfig  # noqa: E402
-from services.model.llama import LlamaForCausalLM  # noqa: E402
-from tests.deployment import Deployment  # noqa: E402
-
-COMMAND = "python bench/serve_latency.py --model DIR"
+COMMAND = "python -m bench.serve_latency --model DIR"
 
 
 async def stream(client: AsyncClient, ids: list[int], max_tokens: int):

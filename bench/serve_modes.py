@@ -1,6 +1,6 @@
 """Disaggregation on one GPU against the colocated baseline, and multi-turn KV reuse, through `kvrelay up`.
 
-    python bench/serve_modes.py --model DIR --modes colocated,disaggregated,mps [--multiturn]
+    python -m bench.serve_modes --model DIR --modes colocated,disaggregated,mps [--multiturn]
 
 For each mode: Poisson arrivals of 2k-8k-token prompts with 256-token outputs (`kvrelay bench serve`), goodput at
 the given SLOs, and decode's ITL p99 while some prefill was running over its ITL p99 while none was, in the same run
@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 
+from bench.common import RESULTS, record, write_benchmarks_md
+from kvrelay.client import Client
+from kvrelay.deployment import Deployment
+from kvrelay.loadgen.report import RequestRecord, Slo
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, record, write_benchmarks_md  # noqa: E402
-from gateway.client import Client  # noqa: E402
-from gateway.loadgen_report import RequestRecord, Slo  # noqa: E402
-from tests.deployment import Deployment  # noqa: E402
-
-COMMAND = "python bench/serve_modes.py --model DIR"
+COMMAND = "python -m bench.serve_modes --model DIR"
 
 
 def mode_flags(mode: str, args) -> list[str]:
@@ -67,7 +66,7 @@ def loadgen(address: str, label: str, *flags: str) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "gateway.cli",
+        "kvrelay.cli",
         "bench",
         "serve",
         "--address",

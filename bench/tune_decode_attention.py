@@ -1,6 +1,6 @@
 """Sweep the int8 paged decode attention kernel's launch choices and int8 conversions on the GPU.
 
-    python bench/tune_decode_attention.py [--shapes 32x4096,64x1024] [--grid '{"pairs": [true, false], ...}']
+    python -m bench.tune_decode_attention [--shapes 32x4096,64x1024] [--grid '{"pairs": [true, false], ...}']
 
 Each variant is checked against the torch reference before it is timed (a fast wrong kernel is not a result), timed
 inside a CUDA graph as the decode worker runs it, and reported as a fraction of the measured copy bandwidth. (Scales
@@ -13,19 +13,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms  # noqa: E402
-from bench.model_bench import fill_random  # noqa: E402
-from kernels.decode_attention import paged_decode_attention_ref  # noqa: E402
-from kernels.triton_decode_attention import paged_decode_attention  # noqa: E402
-from kvstore.formats import parse_kv_dtype  # noqa: E402
-from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms
+from bench.model_bench import fill_random
+from kernels.decode_attention import paged_decode_attention_ref
+from kernels.triton_decode_attention import paged_decode_attention
+from kvstore.formats import parse_kv_dtype
+from kvstore.pool import KVPool, PoolGeometry
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 

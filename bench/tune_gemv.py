@@ -1,7 +1,7 @@
 """Batch-1 decode's GEMMs are matrix-vector products that stream the weights once: can a Triton GEMV stream them
 faster than cuBLAS? Sweeps a plain Triton GEMV's tile choices on the Llama-3-8B projection shapes.
 
-    python bench/tune_gemv.py
+    python -m bench.tune_gemv
 
 Prints, per shape, cuBLAS's time and the best Triton variant's, both against the floor (weight bytes over the
 measured copy bandwidth), plus the read-only bandwidth of a large reduction (what streaming reads can reach on this
@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms, read_bandwidth  # noqa: E402
-from kernels import triton_gemv  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms, read_bandwidth
+from kernels import triton_gemv
 
 # (name, out_features, in_features) of Llama-3-8B's merged projections and its lm_head
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),

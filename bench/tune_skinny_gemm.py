@@ -2,7 +2,7 @@
 there? Sweeps a plain tl.dot kernel, optionally split along K (float32 partials to a workspace, then one small kernel
 sums them and casts: the structure a real split-K integration has), on the Llama-3-8B projection shapes.
 
-    python bench/tune_skinny_gemm.py [--batches 64] [--shapes qkv,o,down]
+    python -m bench.tune_skinny_gemm [--batches 64] [--shapes qkv,o,down]
 
 Weight copies are used in turn so that no call finds its weight in L2. Times include the reduce kernel for split-K.
 --no-sum times split-K without the sum kernel: what it would cost if the kernel after it summed the partials.
@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms  # noqa: E402
+from bench.common import RESULTS, copy_bandwidth, gpu_name, graph_time_ms
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 

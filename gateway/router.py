@@ -8,8 +8,8 @@ import time
 
 import grpc
 
+from kvrelay.rpc.grpc_server import channel_options
 from kvstore.sessions import SessionStore, WorkerInfo
-from services.common.grpc_server import channel_options
 
 REFRESH_S = 0.5  # registry re-read interval: cheap, and a dead worker drops out within a heartbeat TTL anyway
 

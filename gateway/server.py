@@ -21,23 +21,16 @@ from gateway.router import NoWorkers, Router
 from gateway.stop_strings import StopMatcher
 from gateway.tokenizer import Tokenizer
 from gateway.validation import InvalidRequest, ValidRequest, validate
-from kvrelay.v1 import (
-    common_pb2,
-    decode_pb2,
-    decode_pb2_grpc,
-    gateway_pb2,
-    gateway_pb2_grpc,
-    prefill_pb2,
-    prefill_pb2_grpc,
-)
+from kvrelay import trace
+from kvrelay.internal.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from kvrelay.model_config import ModelConfig
+from kvrelay.rpc.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from kvrelay.rpc.health import wait_healthy
+from kvrelay.rpc.lifecycle import stop_event_on_signals, unless_stopped
+from kvrelay.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from kvstore.sessions import SessionState, SessionStore, WrongState
-from services.common import trace
 from services.common.attach import fetch_layout
 from services.common.convert import params_to_proto
-from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
-from services.common.health import wait_healthy
-from services.common.lifecycle import stop_event_on_signals, unless_stopped
-from services.model.config import ModelConfig
 
 log = logging.getLogger("kvrelay.gateway")
 SERVICE = "kvrelay.v1.Gateway"
@@ -327,7 +320,7 @@ async def serve(args) -> None:
     stores: list[SessionStore] = []
 
     async def startup() -> None:
-        await wait_healthy(args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
+        await wait_healthy(args.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
         layout = await fetch_layout(args.kvstore)
         config = ModelConfig.from_dir(layout.model_dir)
         has_tokenizer = os.path.exists(os.path.join(layout.model_dir, "tokenizer.json"))

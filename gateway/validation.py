@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import grpc
 
 from gateway.tokenizer import Tokenizer
+from kvrelay.sampling import MAX_LOGPROBS, SamplingParams
 from kvrelay.v1 import gateway_pb2
-from services.model.sampling_params import MAX_LOGPROBS, SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16

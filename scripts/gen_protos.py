@@ -1,8 +1,11 @@
-"""Generate the Python gRPC code of protos/kvrelay/v1/*.proto into the package kvrelay/v1/ (or into --out DIR).
+"""Generate the Python gRPC code of protos/ into kvrelay/v1/ (public API) and kvrelay/internal/v1/ (worker APIs).
 
-The generated files are committed, so the services import them without a build step; tests/test_protos.py regenerates
-them into a temporary folder and checks they are byte for byte what is committed. The grpcio-tools version that made
-them is written into kvrelay/v1/__init__.py, because another version may write different (equally valid) bytes.
+The generated files are committed, so the services import them without a build step; tests/kvrelay/test_protos.py
+regenerates them into a temporary folder and checks they are byte for byte what is committed. The grpcio-tools
+version that made them is written into each generated package's __init__.py, because another version may write
+different (equally valid) bytes. The public contract (`kvrelay.v1`: the gateway and the messages it shares) and the
+internal one (`kvrelay.internal.v1`: prefill, decode, kvstore) are separate proto packages, as TGI separates its
+public and internal protos: a client needs only the first.
 
 Run from anywhere: python scripts/gen_protos.py [--out DIR]
 """
@@ -18,15 +21,11 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PACKAGE = Path("kvrelay") / "v1"
+PACKAGES = (Path("kvrelay") / "v1", Path("kvrelay") / "internal" / "v1")
 
-TOP_INIT = (
-    '"""kvrelay\'s gRPC contracts. The code in kvrelay/v1 is generated from protos/ by scripts/gen_protos.py."""\n'
-)
+V1_INIT = '''"""Generated gRPC code of protos/{package}/*.proto. Do not edit: run `python scripts/gen_protos.py`."""
 
-V1_INIT = '''"""Generated gRPC code of protos/kvrelay/v1/*.proto. Do not edit: run `python scripts/gen_protos.py`."""
-
-# The grpcio-tools version that generated these files; tests/test_protos.py only compares bytes under the same one.
+# The grpcio-tools version that generated these files; tests/kvrelay/test_protos.py compares bytes only under it.
 GRPC_TOOLS_VERSION = "{version}"
 '''
 
@@ -37,11 +36,11 @@ def grpc_tools_version() -> str:
 
 def proto_files() -> list[Path]:
     """The .proto sources (absolute paths)."""
-    return sorted((PROTO_ROOT / PACKAGE).glob("*.proto"))
+    return sorted(p for package in PACKAGES for p in (PROTO_ROOT / package).glob("*.proto"))
 
 
 def generate(out: Path) -> list[Path]:
-    """Write the *_pb2.py, *_pb2.pyi, *_pb2_grpc.py and __init__.py files under out/kvrelay/v1; return their paths."""
+    """Write the *_pb2.py, *_pb2.pyi, *_pb2_grpc.py and __init__.py files of each package under out; return them."""
     out.mkdir(parents=True, exist_ok=True)
     # google/protobuf/*.proto ship inside grpc_tools; the CLI adds them itself, protoc.main does not.
     well_known = resources.files("grpc_tools") / "_proto"
@@ -58,15 +57,16 @@ def generate(out: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    (out / "kvrelay" / "__init__.py").write_text(TOP_INIT)
-    (out / PACKAGE / "__init__.py").write_text(V1_INIT.format(version=grpc_tools_version()))
-    return sorted(p for p in (out / PACKAGE).iterdir() if p.is_file())
+    for package in PACKAGES:
+        init = V1_INIT.format(package=package.as_posix(), version=grpc_tools_version())
+        (out / package / "__init__.py").write_text(init)
+    return sorted(p for package in PACKAGES for p in (out / package).iterdir() if p.is_file())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=ROOT, help="output root; files go to OUT/kvrelay/v1 (default: repo)"
+        "--out", type=Path, default=ROOT, help="output root: OUT/kvrelay/v1 and OUT/kvrelay/internal/v1 (default: repo)"
     )
     args = parser.parse_args()
     written = generate(args.out.resolve())

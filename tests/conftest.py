@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from services.model.config import ModelConfigError
+    from kvrelay.model_config import ModelConfigError
     from services.model.default_model import resolve_model
 
     try:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvrelay.v1 import decode_pb2_grpc, prefill_pb2_grpc
+from kvrelay.internal.v1 import decode_pb2_grpc, prefill_pb2_grpc
+from kvrelay.rpc.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from kvrelay.rpc.health import wait_healthy
+from kvrelay.rpc.lifecycle import stop_event_on_signals, unless_stopped
 from kvstore.sessions import SessionStore
 from services.common.attach import attach, fetch_layout
-from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
-from services.common.health import wait_healthy
-from services.common.lifecycle import stop_event_on_signals, unless_stopped
 from services.common.worker import WORKER_TTL_MS, OwnStream, set_cpu_threads, worker_args
 from services.decode.server import SERVICE as DECODE
 from services.decode.server import DecodeWorker, add_decode_args
@@ -45,7 +45,7 @@ async def serve(args) -> None:
     stores: list[SessionStore] = []
 
     async def startup() -> None:
-        await wait_healthy(args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
+        await wait_healthy(args.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
         attached = await asyncio.to_thread(attach, await fetch_layout(args.kvstore), args.max_model_len)
         gpu = OwnStream(attached.runner.device)  # shared: its lock makes the two loops take turns
         store = await SessionStore.connect(args.redis_url, args.name)

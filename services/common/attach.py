@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from kvrelay.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvrelay.internal.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvrelay.model_config import ModelConfig
+from kvrelay.rpc.grpc_server import channel_options
 from kvstore.formats import parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 from kvstore.sharing import RegionHandle, TensorSlice, open_region, view_tensors
-from services.common.grpc_server import channel_options
-from services.model.config import ModelConfig
 from services.model.llama import LlamaForCausalLM
 from services.model.loader import build_model
 from services.model.runner import ModelRunner

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from kvrelay.sampling import SamplingParams
 from kvrelay.v1 import common_pb2
 from services.model.sampler import SampleOutput
-from services.model.sampling_params import SamplingParams
 
 FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import torch
 
+from kvrelay.rpc.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from kvrelay.rpc.health import wait_healthy
+from kvrelay.rpc.lifecycle import stop_event_on_signals, unless_stopped
 from kvstore.sessions import SessionStore
 from services.common.attach import Attached, attach, fetch_layout
-from services.common.grpc_server import install_uvloop, set_serving, start_server, stop_server
-from services.common.health import wait_healthy
-from services.common.lifecycle import stop_event_on_signals, unless_stopped
 
 HEARTBEAT_S = 1.0
 WORKER_TTL_MS = 5_000  # a worker missing 5 heartbeats drops out of routing
@@ -129,7 +129,7 @@ class Worker:
         tasks = []
 
         async def startup() -> None:
-            await wait_healthy(self.args.kvstore, "kvrelay.v1.KVStore", timeout_s=600)
+            await wait_healthy(self.args.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
             layout = await fetch_layout(self.args.kvstore)
             t0 = time.perf_counter()
             self.attached = await asyncio.to_thread(attach, layout, self.args.max_model_len)

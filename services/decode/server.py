@@ -15,16 +15,17 @@ import time
 
 import grpc
 
-from kvrelay.v1 import common_pb2, decode_pb2_grpc
+from kvrelay import trace
+from kvrelay.internal.v1 import decode_pb2_grpc
+from kvrelay.v1 import common_pb2
 from kvstore.sessions import SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
-from services.common import trace
 from services.common.convert import params_from_proto
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.decode.step_loop import RunningSeq, StepLoop
 from services.model.sampler import Sampler, make_generator
 
 log = logging.getLogger("kvrelay.decode")
-SERVICE = "kvrelay.v1.Decode"
+SERVICE = "kvrelay.internal.v1.Decode"
 PREFILL_POLL_S = 0.5  # a call waiting for its hand-off also tries to adopt this often (announcements can be lost)
 CLAIM_MS = 5000  # a waiting call's claim on its session (kvstore/sessions.py), renewed by each of its polls
 

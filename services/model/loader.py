@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from kernels.rotary import compute_inv_freq, make_cos_sin_cache
-from services.model.config import ModelConfig, ModelConfigError
+from kvrelay.model_config import ModelConfig, ModelConfigError
 from services.model.llama import LlamaForCausalLM
 from services.model.loader_hf import iter_safetensors
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from services.model.config import ModelConfigError
+from kvrelay.model_config import ModelConfigError
 from services.model.gguf_tokenizer import tokenizer_files_from_gguf
 
 # GGUF architecture -> HF architectures entry

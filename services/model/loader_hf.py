@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from services.model.config import ModelConfigError
+from kvrelay.model_config import ModelConfigError
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:

@@ -27,7 +27,7 @@ is left is the rounding of the unit-scale residual stream itself, 64 times over 
 shows too. HF in bf16 against HF in fp32, 512 random tokens: 0.0148 on the 8B shape (ours in bf16 against HF in bf16:
 0.0127), 0.010-0.014 at hidden 512-2048 with the 8B's depth and head layout, where the naive init gives 0.013, 0.018,
 0.037 (doubling with each doubling of the width, up to 0.071 at 4096); the trained SmolLM2-135M (30 layers) 0.010 on
-random tokens, 0.017 on English. tests/test_make_checkpoint.py checks a narrow model with the 8B's gains.
+random tokens, 0.017 on English. tests/services/test_make_checkpoint.py checks a narrow model with the 8B's gains.
 """
 
 from __future__ import annotations

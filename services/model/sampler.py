@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.model.sampling_params import SamplingParams
+from kvrelay.sampling import SamplingParams
 from services.model.transfer import to_device, to_host
 
 # 2**64: torch.Generator.manual_seed takes an unsigned 64-bit seed; a client's negative or larger seed wraps into it.

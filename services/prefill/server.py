@@ -14,19 +14,20 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvrelay.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from kvrelay import trace
+from kvrelay.internal.v1 import prefill_pb2, prefill_pb2_grpc
+from kvrelay.sampling import SamplingParams
+from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
 from kvstore.sessions import SessionError, SessionState
-from services.common import trace
 from services.common.convert import FINISH, logprob_to_proto, params_from_proto
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
 from services.model.runner import SeqChunk
 from services.model.sampler import Sampler, finish_reason, make_generator
-from services.model.sampling_params import SamplingParams
 
 log = logging.getLogger("kvrelay.prefill")
-SERVICE = "kvrelay.v1.Prefill"
+SERVICE = "kvrelay.internal.v1.Prefill"
 MAX_WAITING = 256  # prompts waiting for KV blocks; beyond this a request is refused at once (RESOURCE_EXHAUSTED)
 
 

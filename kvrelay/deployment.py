@@ -1,0 +1,102 @@
+"""A real deployment for end-to-end tests: `kvrelay up` as a child process (kvstore, prefill, decode, gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from kvstore.sessions import SessionStore
+from kvstore.sharing import shm_path
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_run(n: int) -> int:
+    """The first of n consecutive free ports."""
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        if all(port_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+class Deployment:
+    def __init__(self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1) -> None:
+        self.name = f"kvtest{uuid.uuid4().hex[:8]}"
+        self.base_port = free_port_run(2 + decode_replicas + prefill_replicas)
+        self.port = free_port_run(1)
+        self.address = f"127.0.0.1:{self.port}"
+        argv = [
+            sys.executable,
+            "-m",
+            "kvrelay.cli",
+            "up",
+            "--name",
+            self.name,
+            "--port",
+            str(self.port),
+            "--base-port",
+            str(self.base_port),
+            "--redis-url",
+            REDIS_URL,
+            "--decode-replicas",
+            str(decode_replicas),
+            "--prefill-replicas",
+            str(prefill_replicas),
+            *extra,
+        ]
+        self.log = Path(f"/tmp/{self.name}.log")
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while "kvrelay is up" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"kvrelay up failed:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def audit(self, timeout_s: float = 10.0):
+        """Poll until every block is free and no session is active (cancellations land asynchronously)."""
+
+        async def poll():
+            async with SessionStore(REDIS_URL, self.name) as store:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    report = await store.audit()
+                    stats = await store.stats()
+                    if (report.ok and stats.used == 0) or time.monotonic() > deadline:
+                        return report, stats
+
+        return asyncio.run(poll())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.returncode
+
+    def leftovers(self) -> list[str]:
+        """Processes or /dev/shm files of this deployment still around after stop()."""
+        out = [str(p) for p in (shm_path(f"{self.name}-weights"), shm_path(f"{self.name}-pool")) if p.exists()]
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        out += [line for line in ps.splitlines() if self.name in line or f"127.0.0.1:{self.base_port}" in line]
+        return out
