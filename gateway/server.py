@@ -6,7 +6,6 @@ workers, incremental detokenizing, stop strings, deadlines, and cancellation tha
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -24,13 +23,14 @@ from gateway.validation import InvalidRequest, ValidRequest, validate
 from kvrelay import trace
 from kvrelay.internal.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from kvrelay.model_config import ModelConfig
-from kvrelay.rpc.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from kvrelay.rpc.grpc_server import install_uvloop
 from kvrelay.rpc.health import wait_healthy
-from kvrelay.rpc.lifecycle import stop_event_on_signals, unless_stopped
+from kvrelay.rpc.layout import fetch_layout
+from kvrelay.rpc.lifecycle import serve
+from kvrelay.sampling import params_to_proto
+from kvrelay.settings import GatewaySettings, parse
 from kvrelay.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from kvstore.sessions import SessionState, SessionStore, WrongState
-from services.common.attach import fetch_layout
-from services.common.convert import params_to_proto
 
 log = logging.getLogger("kvrelay.gateway")
 SERVICE = "kvrelay.v1.Gateway"
@@ -307,59 +307,43 @@ class _Stream:
                 )
 
 
-async def serve(args) -> None:
+async def run(settings: GatewaySettings) -> None:
     servicer = GatewayServicer()
-    server, health = await start_server(
-        [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)],
-        [SERVICE],
-        args.port,
-        args.host,
-        max_receive_bytes=MAX_REQUEST_BYTES,
-    )
-    stop = stop_event_on_signals()
     stores: list[SessionStore] = []
 
-    async def startup() -> None:
-        await wait_healthy(args.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
-        layout = await fetch_layout(args.kvstore)
+    async def startup(stop: asyncio.Event) -> None:
+        await wait_healthy(settings.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
+        layout = await fetch_layout(settings.kvstore)
         config = ModelConfig.from_dir(layout.model_dir)
         has_tokenizer = os.path.exists(os.path.join(layout.model_dir, "tokenizer.json"))
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, layout.model_dir) if has_tokenizer else None
-        store = await SessionStore.connect(args.redis_url, args.name)
+        store = await SessionStore.connect(settings.redis_url, settings.name)
         stores.append(store)
-        limit = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        name = args.model_name or os.path.basename(layout.model_dir.rstrip("/"))
+        limit = min(settings.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        name = settings.model_name or os.path.basename(layout.model_dir.rstrip("/"))
         servicer.configure(tokenizer, config, name, layout, store, limit)
         while True:  # serving means a request can complete: one prefill and one decode worker are up
             roles = {w.role for w in await store.list_workers()}
             if {"prefill", "decode"} <= roles:
                 break
             await asyncio.sleep(0.2)
-        await set_serving(health, [SERVICE], True)
-        log.info("gateway serving %s on %s:%d", name, args.host, args.port)
+        log.info("gateway serving %s on %s:%d", name, settings.host, settings.port)
 
-    try:
-        if await unless_stopped(startup(), stop):
-            await stop.wait()
-    finally:
-        await stop_server(server, health, grace_s=2.0)
+    async def shutdown() -> None:
         for store in stores:
             await store.close()
 
+    servicers = [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)]
+    await serve(
+        servicers, [SERVICE], settings.host, settings.port, startup, shutdown, max_receive_bytes=MAX_REQUEST_BYTES
+    )
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="kvrelay gateway: the public gRPC API")
-    parser.add_argument("--kvstore", default="127.0.0.1:50070")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--name", default="kvrelay", help="deployment name: the Redis key prefix")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--model-name", default=None, help="name clients may send in GenerateRequest.model")
-    args = parser.parse_args()
+    settings = parse(GatewaySettings, description="kvrelay gateway: the public gRPC API")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     install_uvloop()
-    asyncio.run(serve(args))
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

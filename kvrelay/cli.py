@@ -6,11 +6,13 @@ Bad arguments end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from kvrelay.errors import UsageError
 from kvrelay.model_config import DTYPES
+from kvrelay.settings import UpSettings, add_arguments, from_namespace
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +20,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights/activations dtype")
     parser.add_argument("--kv-dtype", default="auto", help="KV format: auto, bf16, int8, fp8 or k=int8,v=bf16")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+
+
+def resolve_model_dir(model: str | None) -> str:
+    """The model as an HF directory, converting a GGUF once (with its progress bar) before any process starts.
+    It runs the model code, so it is imported here, lazily: the rest of the CLI stays torch-free."""
+    if model is not None and os.path.isdir(model):
+        return model
+    from services.model.default_model import resolve_model
+
+    try:
+        return str(resolve_model(model))
+    except Exception as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,41 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
     up = sub.add_parser("up", help="start kvstore, prefill, decode and gateway processes; Ctrl-C stops them all")
-    add_model_args(up)
-    up.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: --kv-cache-mb)")
-    up.add_argument("--kv-cache-mb", type=int, default=1024, help="KV pool size when --num-blocks is not given")
-    up.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    up.add_argument("--max-batch-tokens", type=int, default=2048, help="prefill token budget per forward pass")
-    up.add_argument("--prefill-replicas", type=int, default=1)
-    up.add_argument("--decode-replicas", type=int, default=1)
-    up.add_argument(
-        "--mode",
-        choices=["disaggregated", "colocated"],
-        default="disaggregated",
-        help="colocated: one process per replica prefills and decodes (the baseline)",
-    )
-    up.add_argument(
-        "--no-decode-overlap",
-        action="store_true",
-        help="decode waits for each step's tokens before queueing the next (the loop before overlap; for comparisons)",
-    )
-    up.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=0,
-        help="torch threads of each prefill/decode process (default: the cores split among them)",
-    )
-    up.add_argument("--mps", action="store_true", help="NVIDIA: start the MPS daemon so services run concurrently")
-    up.add_argument("--prefill-sm-pct", type=int, default=80, help="with --mps: prefill's SM share (percent)")
-    up.add_argument("--decode-sm-pct", type=int, default=100, help="with --mps: decode's SM share (percent)")
-    up.add_argument("--prefill-cu-mask", default="", help="AMD: HSA_CU_MASK for prefill (e.g. 0:0-151)")
-    up.add_argument("--decode-cu-mask", default="", help="AMD: HSA_CU_MASK for decode (e.g. 0:152-303)")
-    up.add_argument("--host", default="127.0.0.1", help="gateway listen address")
-    up.add_argument("--port", type=int, default=50051, help="gateway port")
-    up.add_argument("--base-port", type=int, default=50070, help="kvstore port; workers take the ports after it")
-    up.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    up.add_argument("--name", default="kvrelay", help="deployment name: Redis key prefix and /dev/shm file names")
-    up.add_argument("--start-timeout", type=float, default=600, help="seconds each process may take to be healthy")
+    add_arguments(up, UpSettings)
 
     gen = sub.add_parser("generate", help="stream an answer from a running gateway")
     gen.add_argument("prompt", help="user message (chat template applied unless --raw)")
@@ -94,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = sub.add_parser("make-checkpoint", help="write a random-weight HF checkpoint of a real model's shape")
     ckpt.add_argument("--preset", required=True, help="llama3-8b, llama3.2-1b, qwen2.5-0.5b, mistral-7b, tiny-llama3")
     ckpt.add_argument("--out", required=True)
-    ckpt.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ckpt.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     ckpt.add_argument("--seed", type=int, default=0)
     ckpt.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda is much faster)")
 
@@ -121,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             from kvrelay.launcher import up_command
 
-            return up_command(args)
+            settings = from_namespace(UpSettings, args)
+            return up_command(dataclasses.replace(settings, model=resolve_model_dir(settings.model)))
         if args.command == "make-checkpoint":
             from services.model.make_checkpoint import make_checkpoint
 

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from kvstore.sessions import SessionStore
-from kvstore.sharing import shm_path
+from kvstore.shm import shm_path
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -4,9 +4,9 @@ wait until each is healthy; stop them all, in order, on Ctrl-C or SIGTERM (no or
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
@@ -18,8 +18,11 @@ import time
 from urllib.parse import urlparse
 
 from kvrelay.errors import UsageError
-from kvstore.sharing import shm_path
+from kvrelay.settings import KVStoreSettings, UpSettings, to_argv
+from kvstore.shm import shm_path
 
+# UpSettings fields a child process also has but must not inherit as they are: the launcher sets them per child.
+LAUNCHER_ONLY = ("host", "port", "redis_url", "name")
 REDIS_HINT = "no Redis answers at {url}: install it (apt-get install redis-server) or pass --redis-url/REDIS_URL"
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -46,8 +49,8 @@ def free_port() -> int:
 
 
 class Launcher:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, settings: UpSettings) -> None:
+        self.settings = settings
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.stopping = False
         self.tmp = tempfile.mkdtemp(prefix="kvrelay-")
@@ -72,13 +75,13 @@ class Launcher:
         subprocess.run([exe, "-d"], env=os.environ | self.gpu_env, check=True)
         self.mps = exe
         print(
-            f"kvrelay: started the MPS daemon (pipe {pipe}); SM shares: prefill {self.args.prefill_sm_pct}%, "
-            f"decode {self.args.decode_sm_pct}%"
+            f"kvrelay: started the MPS daemon (pipe {pipe}); SM shares: prefill {self.settings.prefill_sm_pct}%, "
+            f"decode {self.settings.decode_sm_pct}%"
         )
 
     def service_env(self, role: str) -> dict:
         """The compute split of one service: MPS thread percentage on NVIDIA, HSA_CU_MASK on AMD."""
-        a, env = self.args, {}
+        a, env = self.settings, {}
         if self.mps:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(a.prefill_sm_pct if role == "prefill" else a.decode_sm_pct)
             if role == "prefill":
@@ -95,7 +98,7 @@ class Launcher:
         """torch threads of each compute process: the cores this launcher may use, split among them, so that what
         they compute on the CPU (the whole model, on a CPU machine) does not fight over the same cores
         (services/common/worker.py set_cpu_threads has the measurements)."""
-        a = self.args
+        a = self.settings
         if a.cpu_threads > 0:
             return a.cpu_threads
         processes = a.decode_replicas + (a.prefill_replicas if a.mode == "disaggregated" else 0)
@@ -103,7 +106,7 @@ class Launcher:
         return max(1, cores // max(1, processes))
 
     def ensure_redis(self) -> str:
-        url = self.args.redis_url
+        url = self.settings.redis_url
         if redis_answers(url):
             return url
         if not shutil.which("redis-server"):
@@ -130,7 +133,7 @@ class Launcher:
         url = f"redis://127.0.0.1:{port}/0"
         for _ in range(100):
             if redis_answers(url):
-                print(f"kvrelay: started a private redis-server at {url} (none answered at {self.args.redis_url})")
+                print(f"kvrelay: started a private redis-server at {url} (none answered at {self.settings.redis_url})")
                 return url
             time.sleep(0.1)
         raise UsageError(f"redis-server did not start (log: {self.tmp}/redis.log)")
@@ -150,38 +153,21 @@ class Launcher:
                     raise
 
     def start(self) -> str:
-        a = self.args
+        a = self.settings
         redis_url = self.ensure_redis()
         if a.mps:
             self.start_mps()
         py = [sys.executable, "-m"]
         common = ["--redis-url", redis_url, "--name", a.name]
-        model = [] if a.model is None else ["--model", a.model]
         kv_port = a.base_port
-        kvstore = self.spawn(
-            "kvstore",
-            py
-            + [
-                "services.kvstore.server",
-                *model,
-                "--dtype",
-                a.dtype,
-                "--kv-dtype",
-                a.kv_dtype,
-                "--block-size",
-                str(a.block_size),
-                "--port",
-                str(kv_port),
-                *common,
-            ]
-            + (["--num-blocks", str(a.num_blocks)] if a.num_blocks else [])
-            + ["--kv-cache-mb", str(a.kv_cache_mb)],
-        )
+        # the model, pool and KV settings the kvstore shares with `kvrelay up`, by name (kvrelay/settings.py)
+        pool = to_argv(dataclasses.replace(a, num_blocks=a.num_blocks or None), KVStoreSettings, skip=LAUNCHER_ONLY)
+        kvstore = self.spawn("kvstore", py + ["services.kvstore.server", "--port", str(kv_port), *common, *pool])
         self.wait_healthy("kvstore", f"127.0.0.1:{kv_port}", "kvrelay.internal.v1.KVStore", kvstore, a.start_timeout)
         worker = ["--kvstore", f"127.0.0.1:{kv_port}", *common, "--max-batch-tokens", str(a.max_batch_tokens)]
         worker += ["--cpu-threads", str(self.cpu_threads())]
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
-        decode_only = ["--no-overlap"] if a.no_decode_overlap else []
+        decode_only = [] if a.decode_overlap else ["--no-overlap"]
         waits = []
         port = kv_port
         if a.mode == "colocated":  # the baseline: each replica is one process that prefills and decodes
@@ -196,7 +182,7 @@ class Launcher:
                 argv = py + [f"services.{role}.server", "--port", str(port), *worker]
                 argv += decode_only if role == "decode" else []
                 proc = self.spawn(f"{role}-{i}", argv, self.service_env(role))
-                waits.append((f"{role}-{i}", f"127.0.0.1:{port}", f"kvrelay.v1.{role.capitalize()}", proc))
+                waits.append((f"{role}-{i}", f"127.0.0.1:{port}", f"kvrelay.internal.v1.{role.capitalize()}", proc))
         for name, address, service, proc in waits:
             self.wait_healthy(name, address, service, proc, a.start_timeout)
         gateway = self.spawn(
@@ -226,18 +212,13 @@ class Launcher:
         if self.mps:
             subprocess.run([self.mps], input="quit\n", text=True, env=os.environ | self.gpu_env, check=False)
         for suffix in ("weights", "pool"):  # kvstore removes them itself; a killed one leaves them behind
-            shm_path(f"{self.args.name}-{suffix}").unlink(missing_ok=True)
+            shm_path(f"{self.settings.name}-{suffix}").unlink(missing_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def up_command(args: argparse.Namespace) -> int:
-    from services.model.default_model import resolve_model
-
-    try:
-        if args.model is None or not os.path.isdir(args.model):
-            args.model = str(resolve_model(args.model))  # convert a GGUF once here, with its progress bar
-    except Exception as exc:
-        raise UsageError(str(exc)) from exc
+def up_command(args: UpSettings) -> int:
+    """args.model must already be an HF directory (kvrelay/cli.py resolves it, converting a GGUF once with its
+    progress bar, before any child starts)."""
     launcher = Launcher(args)
     stop_requested = []
 

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 # architectures name -> whether q/k/v projections carry a bias by default (Qwen2 does, the rest do not)
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": False,
@@ -15,7 +13,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": True,
 }
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The weight/activation dtypes a checkpoint may be run in, by name (services/model/engine.py maps them to torch's).
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ModelConfigError(ValueError):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvrelay.v1 import common_pb2
+
 # Below this a temperature is treated as greedy: dividing logits by ~0 overflows to inf and softmax turns it into NaN.
 # Same threshold as vLLM, so a client that sends 1e-6 to mean "greedy" gets greedy.
 GREEDY_TEMPERATURE = 1e-5
@@ -74,3 +76,37 @@ class SamplingParams:
 def _is_int(value: object) -> bool:
     # bool is an int subclass, but top_k=True is a bug in the caller, not a request for one token.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def params_to_proto(p: SamplingParams) -> common_pb2.WorkerRequestSampling:
+    msg = common_pb2.WorkerRequestSampling(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        max_tokens=p.max_tokens,
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def params_from_proto(msg: common_pb2.WorkerRequestSampling) -> SamplingParams:
+    """Raises ValueError (-> INVALID_ARGUMENT) naming the bad field."""
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=msg.max_tokens,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+    )

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-SHM_DIR = Path(os.environ.get("KVRELAY_SHM_DIR", "/dev/shm"))
+from kvstore.shm import shm_path
+
 ALIGN = 256  # bytes: every tensor view starts on a boundary any dtype (and a GPU vector load) accepts
 
 
@@ -31,10 +32,6 @@ class RegionHandle:
 
 def align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def shm_path(name: str) -> Path:
-    return SHM_DIR / name
 
 
 def create_shm_region(name: str, nbytes: int) -> tuple[torch.Tensor, RegionHandle]:

@@ -1,11 +1,21 @@
-"""Start-up that a stop signal can interrupt: a process told to stop while it still waits for its dependencies
+"""The one lifecycle of every kvrelay process (gateway, kvstore, prefill, decode, colocated): `serve()`.
+
+Start-up can be interrupted by a stop signal: a process told to stop while it still waits for its dependencies
 (kvstore not up, model loading) must exit promptly instead of finishing its start first."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
+
+from kvrelay.rpc.grpc_server import (
+    MAX_MESSAGE_BYTES,
+    AddServicerFn,
+    set_serving,
+    start_server,
+    stop_server,
+)
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -27,3 +37,36 @@ async def unless_stopped(startup: Awaitable, stop: asyncio.Event) -> bool:
         return True
     task.cancel()
     return False
+
+
+async def serve(
+    servicers: Sequence[tuple[AddServicerFn, object]],
+    service_names: Sequence[str],
+    host: str,
+    port: int,
+    startup: Callable[[asyncio.Event], Awaitable[None]],
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+    *,
+    grace_s: float = 2.0,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
+) -> None:
+    """The life of every kvrelay process, in order:
+
+    1. listen at once, health NOT_SERVING (a process is reachable long before its model is loaded);
+    2. `startup(stop)`: wait for dependencies, load, register; a SIGTERM/SIGINT meanwhile cancels it;
+    3. health SERVING, until a stop signal;
+    4. drain: health NOT_SERVING, running calls get grace_s to finish (`stop_server`);
+    5. `shutdown()`: cancel loops, deregister, close connections, free memory; it runs even when startup failed.
+
+    `stop` is the event the signals set; a process's own loops watch it too.
+    """
+    server, health = await start_server(servicers, service_names, port, host, max_receive_bytes=max_receive_bytes)
+    stop = stop_event_on_signals()
+    try:
+        if await unless_stopped(startup(stop), stop):
+            await set_serving(health, service_names, True)
+            await stop.wait()
+    finally:
+        await stop_server(server, health, grace_s=grace_s)
+        if shutdown is not None:
+            await shutdown()

@@ -13,76 +13,56 @@ import asyncio
 import logging
 
 from kvrelay.internal.v1 import decode_pb2_grpc, prefill_pb2_grpc
-from kvrelay.rpc.grpc_server import install_uvloop, set_serving, start_server, stop_server
-from kvrelay.rpc.health import wait_healthy
-from kvrelay.rpc.lifecycle import stop_event_on_signals, unless_stopped
-from kvstore.sessions import SessionStore
-from services.common.attach import attach, fetch_layout
-from services.common.worker import WORKER_TTL_MS, OwnStream, set_cpu_threads, worker_args
+from kvrelay.rpc.grpc_server import install_uvloop
+from kvrelay.rpc.lifecycle import serve
+from kvrelay.settings import ColocatedSettings, parse
+from services.common.worker import Runtime, set_cpu_threads
 from services.decode.server import SERVICE as DECODE
-from services.decode.server import DecodeWorker, add_decode_args
+from services.decode.server import DecodeWorker
 from services.prefill.server import SERVICE as PREFILL
-from services.prefill.server import PrefillWorker, add_prefill_args
+from services.prefill.server import PrefillWorker
 
 log = logging.getLogger("kvrelay.colocated")
 
 
-async def serve(args) -> None:
-    prefill, decode = PrefillWorker(args), DecodeWorker(args)
-    names = [PREFILL, DECODE]
-    server, health = await start_server(
-        [
-            (prefill_pb2_grpc.add_PrefillServicer_to_server, prefill),
-            (decode_pb2_grpc.add_DecodeServicer_to_server, decode),
-        ],
-        names,
-        args.port,
-        args.host,
-    )
-    stop = stop_event_on_signals()
-    prefill.stopping = decode.stopping = stop
+async def run(settings: ColocatedSettings) -> None:
+    prefill, decode = PrefillWorker(settings), DecodeWorker(settings)
     tasks: list[asyncio.Task] = []
-    stores: list[SessionStore] = []
+    runtimes: list[Runtime] = []
 
-    async def startup() -> None:
-        await wait_healthy(args.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
-        attached = await asyncio.to_thread(attach, await fetch_layout(args.kvstore), args.max_model_len)
-        gpu = OwnStream(attached.runner.device)  # shared: its lock makes the two loops take turns
-        store = await SessionStore.connect(args.redis_url, args.name)
-        stores.append(store)
+    async def startup(stop: asyncio.Event) -> None:
+        runtime = await Runtime.start(settings, "colocated")  # one stream: its lock makes the two loops take turns
+        runtimes.append(runtime)
         for worker in (prefill, decode):
-            worker.attached, worker.gpu, worker.store = attached, gpu, store
-        await asyncio.to_thread(gpu.run, decode.prepare)
-        await asyncio.to_thread(gpu.run, prefill.prepare)
+            worker.adopt_runtime(runtime)
+        await asyncio.to_thread(runtime.gpu.run, decode.prepare)
+        await asyncio.to_thread(runtime.gpu.run, prefill.prepare)
         for worker in (prefill, decode):
-            await store.register_worker(worker.worker_id, worker.role, worker.address, WORKER_TTL_MS, {"colocated": 1})
-            tasks.append(asyncio.create_task(worker.heartbeat_loop()))
-        tasks.extend([asyncio.create_task(loop) for loop in [prefill.batch_loop(), *decode.loops()]])
-        await set_serving(health, names, True)
+            tasks.extend(await worker.register(stop, {"colocated": 1}))
+        tasks.extend(asyncio.create_task(loop) for loop in [*prefill.loops(), *decode.loops()])
         log.info("colocated worker serving on %s", prefill.address)
 
-    try:
-        if await unless_stopped(startup(), stop):
-            await stop.wait()
-    finally:
-        await stop_server(server, health, grace_s=2.0)
+    async def shutdown() -> None:
         for task in tasks:
             task.cancel()
-        for store in stores:
-            for worker in (prefill, decode):
-                await store.deregister_worker(worker.worker_id)
-            await store.close()
+        for worker in (prefill, decode):
+            await worker.deregister()
+        for runtime in runtimes:
+            await runtime.close()
+
+    servicers = [
+        (prefill_pb2_grpc.add_PrefillServicer_to_server, prefill),
+        (decode_pb2_grpc.add_DecodeServicer_to_server, decode),
+    ]
+    await serve(servicers, [PREFILL, DECODE], settings.host, settings.port, startup, shutdown)
 
 
 def main() -> None:
-    parser = worker_args("kvrelay colocated worker (prefill + decode in one process: the baseline)", 50071)
-    add_prefill_args(parser)
-    add_decode_args(parser)
-    args = parser.parse_args()
+    settings = parse(ColocatedSettings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    set_cpu_threads(args.cpu_threads)
+    set_cpu_threads(settings.cpu_threads)
     install_uvloop()
-    asyncio.run(serve(args))
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
 import torch
 
-from kvrelay.internal.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvrelay.internal.v1 import kvstore_pb2
 from kvrelay.model_config import ModelConfig
-from kvrelay.rpc.grpc_server import channel_options
 from kvstore.formats import parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 from kvstore.sharing import RegionHandle, TensorSlice, open_region, view_tensors
@@ -30,11 +28,6 @@ class Attached:
 
 def _handle(region: kvstore_pb2.SharedRegion) -> RegionHandle:
     return RegionHandle(region.kind, region.nbytes, region.path, region.ipc_handle, region.device_uuid)
-
-
-async def fetch_layout(kvstore_address: str) -> kvstore_pb2.Layout:
-    async with grpc.aio.insecure_channel(kvstore_address, options=channel_options()) as channel:
-        return await kvstore_pb2_grpc.KVStoreStub(channel).GetLayout(kvstore_pb2.GetLayoutRequest(), timeout=30)
 
 
 def attach(layout: kvstore_pb2.Layout, max_model_len: int | None = None) -> Attached:

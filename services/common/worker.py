@@ -1,8 +1,8 @@
-"""What prefill and decode workers share: arguments, attaching to the kvstore, registry heartbeats and lease upkeep."""
+"""What prefill and decode workers share: attaching to the kvstore, registry heartbeats and lease upkeep, and their
+life (kvrelay.rpc.lifecycle.serve)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -10,15 +10,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from kvrelay.rpc.grpc_server import install_uvloop, set_serving, start_server, stop_server
+from kvrelay.rpc.grpc_server import install_uvloop
 from kvrelay.rpc.health import wait_healthy
-from kvrelay.rpc.lifecycle import stop_event_on_signals, unless_stopped
+from kvrelay.rpc.layout import fetch_layout
+from kvrelay.rpc.lifecycle import serve
+from kvrelay.settings import WorkerSettings, parse
 from kvstore.sessions import SessionStore
-from services.common.attach import Attached, attach, fetch_layout
+from services.common.attach import Attached, attach
 
 HEARTBEAT_S = 1.0
 WORKER_TTL_MS = 5_000  # a worker missing 5 heartbeats drops out of routing
@@ -26,25 +28,6 @@ LEASE_MS = 10_000  # a session whose owner stops renewing for this long is recla
 HANDOFF_LEASE_MS = 30_000  # a PREFILLED session nobody adopts within this is reclaimed (the gateway went away)
 
 log = logging.getLogger("kvrelay.worker")
-
-
-def worker_args(description: str, default_port: int) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--kvstore", default="127.0.0.1:50070", help="kvstore address")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--name", default="kvrelay", help="deployment name: the Redis key prefix")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=default_port)
-    parser.add_argument("--worker-id", default=None)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one forward pass")
-    parser.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=int(os.environ.get("KVRELAY_CPU_THREADS", "0")),
-        help="torch's CPU threads in this process (0: torch's default, every core; `kvrelay up` splits the cores)",
-    )
-    return parser
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -92,10 +75,11 @@ class Worker:
 
     role = "worker"
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.worker_id = args.worker_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.address = f"{args.host}:{args.port}"
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        host_pid = f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = settings.worker_id or f"{self.role}-{host_pid}-{uuid.uuid4().hex[:6]}"
+        self.address = f"{settings.host}:{settings.port}"
         self.store: SessionStore | None = None
         self.attached: Attached | None = None
         self.stopping = asyncio.Event()
@@ -123,42 +107,74 @@ class Worker:
             except TimeoutError:
                 pass
 
-    async def run(self, servicers: list, service_names: list[str], start_loops: Callable[[], list]) -> None:
-        server, health = await start_server(servicers, service_names, self.args.port, self.args.host)
-        self.stopping = stop_event_on_signals()
-        tasks = []
+    def adopt_runtime(self, runtime: Runtime) -> None:
+        """Take the attached model, the stream and the Redis store this worker computes with (its own, or shared with
+        the other role of a colocated process)."""
+        self.attached, self.gpu, self.store = runtime.attached, runtime.gpu, runtime.store
 
-        async def startup() -> None:
-            await wait_healthy(self.args.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
-            layout = await fetch_layout(self.args.kvstore)
-            t0 = time.perf_counter()
-            self.attached = await asyncio.to_thread(attach, layout, self.args.max_model_len)
-            self.gpu = OwnStream(self.attached.runner.device, priority=-1 if self.role == "decode" else 0)
+    async def register(self, stop: asyncio.Event, info: dict | None = None) -> list[asyncio.Task]:
+        """Announce this worker in the registry and start its heartbeat; returns the heartbeat task."""
+        self.stopping = stop
+        await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, info or {})
+        return [asyncio.create_task(self.heartbeat_loop())]
+
+    async def deregister(self) -> None:
+        if self.store is not None:
+            await self.store.deregister_worker(self.worker_id)
+
+    def loops(self) -> list:
+        """The coroutines this worker runs beside its gRPC handlers."""
+        return []
+
+    async def run(self, servicers: list, service_names: list[str]) -> None:
+        tasks: list[asyncio.Task] = []
+        runtimes: list[Runtime] = []
+
+        async def startup(stop: asyncio.Event) -> None:
+            runtime = await Runtime.start(self.settings, self.role, priority=-1 if self.role == "decode" else 0)
+            runtimes.append(runtime)
+            self.adopt_runtime(runtime)
             await asyncio.to_thread(self.gpu.run, self.prepare)
-            log.info("%s attached to %s in %.2fs", self.worker_id, layout.model_dir, time.perf_counter() - t0)
-            self.store = await SessionStore.connect(self.args.redis_url, self.args.name)
-            await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, {})
-            tasks.extend([asyncio.create_task(self.heartbeat_loop()), *start_loops()])
-            await set_serving(health, service_names, True)
+            tasks.extend(await self.register(stop))
+            tasks.extend(asyncio.create_task(loop) for loop in self.loops())
 
-        try:
-            if await unless_stopped(startup(), self.stopping):
-                await self.stopping.wait()
-        finally:
-            await stop_server(server, health, grace_s=2.0)
+        async def shutdown() -> None:
             for task in tasks:
                 task.cancel()
-            if self.store is not None:
-                await self.store.deregister_worker(self.worker_id)
-                await self.store.close()
+            await self.deregister()
+            for runtime in runtimes:
+                await runtime.close()
+
+        host, port = self.settings.host, self.settings.port
+        await serve(servicers, service_names, host, port, startup, shutdown)
 
 
-def main_for(worker_cls, description: str, default_port: int, extra_args=None) -> None:
-    parser = worker_args(description, default_port)
-    if extra_args is not None:
-        extra_args(parser)
-    args = parser.parse_args()
+@dataclass
+class Runtime:
+    """What a worker process computes with: the model and pool mapped from the kvstore, its stream, its Redis store."""
+
+    attached: Attached
+    gpu: OwnStream
+    store: SessionStore
+
+    @classmethod
+    async def start(cls, settings: WorkerSettings, name: str, priority: int = 0) -> Runtime:
+        await wait_healthy(settings.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
+        layout = await fetch_layout(settings.kvstore)
+        t0 = time.perf_counter()
+        attached = await asyncio.to_thread(attach, layout, settings.max_model_len)
+        log.info("%s attached to %s in %.2fs", name, layout.model_dir, time.perf_counter() - t0)
+        gpu = OwnStream(attached.runner.device, priority=priority)
+        store = await SessionStore.connect(settings.redis_url, settings.name)
+        return cls(attached, gpu, store)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def main_for(worker_cls, settings_cls: type[WorkerSettings]) -> None:
+    settings = parse(settings_cls, description=worker_cls.__doc__.strip().splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    set_cpu_threads(args.cpu_threads)
+    set_cpu_threads(settings.cpu_threads)
     install_uvloop()
-    worker_cls(args).main_sync()
+    worker_cls(settings).main_sync()

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 
 import grpc
 
 from kvrelay import trace
 from kvrelay.internal.v1 import decode_pb2_grpc
+from kvrelay.sampling import params_from_proto
+from kvrelay.settings import DecodeSettings
 from kvrelay.v1 import common_pb2
 from kvstore.sessions import SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
-from services.common.convert import params_from_proto
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.decode.step_loop import RunningSeq, StepLoop
 from services.model.sampler import Sampler, make_generator
@@ -31,11 +31,13 @@ CLAIM_MS = 5000  # a waiting call's claim on its session (kvstore/sessions.py), 
 
 
 class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
+    """kvrelay decode worker: adopts prefilled sessions, decodes them in one continuous batch, streams tokens."""
+
     role = "decode"
 
-    def __init__(self, args) -> None:
-        super().__init__(args)
-        self.init_steps(overlap=not args.no_overlap)
+    def __init__(self, settings: DecodeSettings) -> None:
+        super().__init__(settings)
+        self.init_steps(overlap=settings.overlap)
         self.sampler = Sampler()
         self.awaiting: dict[str, set[asyncio.Event]] = {}  # session id -> notices of calls waiting for its hand-off
         # session id -> (record, when it arrived): sessions prefill handed to this worker's claim, for the waiting call
@@ -232,30 +234,14 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         return common_pb2.AbortResponse(found=False)
 
     def prepare(self) -> None:
-        self.attached.runner.enable_cuda_graphs(self.args.max_decode_batch, self.attached.max_model_len)
+        self.attached.runner.enable_cuda_graphs(self.settings.max_decode_batch, self.attached.max_model_len)
 
     def main_sync(self) -> None:
-        asyncio.run(
-            self.run(
-                [(decode_pb2_grpc.add_DecodeServicer_to_server, self)],
-                [SERVICE],
-                lambda: [asyncio.create_task(loop) for loop in self.loops()],
-            )
-        )
+        asyncio.run(self.run([(decode_pb2_grpc.add_DecodeServicer_to_server, self)], [SERVICE]))
 
 
 def main() -> None:
-    main_for(DecodeWorker, "kvrelay decode worker", 50072, extra_args=add_decode_args)
-
-
-def add_decode_args(parser) -> None:
-    parser.add_argument("--max-decode-batch", type=int, default=128, help="largest batch captured in a CUDA graph")
-    parser.add_argument(
-        "--no-overlap",
-        action="store_true",
-        default=os.environ.get("KVRELAY_DECODE_OVERLAP", "1") == "0",
-        help="wait for each step's tokens before queueing the next (default from KVRELAY_DECODE_OVERLAP=0)",
-    )
+    main_for(DecodeWorker, DecodeSettings)
 
 
 if __name__ == "__main__":

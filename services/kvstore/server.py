@@ -8,17 +8,16 @@ Workers call GetLayout and map the two regions. The process keeps them alive as 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 
 import torch
 
 from kvrelay.internal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from kvrelay.model_config import ModelConfig
-from kvrelay.rpc.grpc_server import install_uvloop, set_serving, start_server, stop_server
-from kvrelay.rpc.lifecycle import stop_event_on_signals
+from kvrelay.rpc.grpc_server import install_uvloop
+from kvrelay.rpc.lifecycle import serve
+from kvrelay.settings import KVStoreSettings, parse
 from kvstore.formats import bytes_per_token, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 from kvstore.sessions import SessionStore
@@ -55,7 +54,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         return self.layout
 
 
-def build_regions(args) -> tuple[kvstore_pb2.Layout, list]:
+def build_regions(args: KVStoreSettings) -> tuple[kvstore_pb2.Layout, list]:
     model_dir = resolve_model(args.model)
     config = ModelConfig.from_dir(model_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -94,48 +93,31 @@ def build_regions(args) -> tuple[kvstore_pb2.Layout, list]:
     return layout, [weights_handle, pool_handle]
 
 
-async def serve(args) -> None:
-    # Health answers NOT_SERVING while the weights load, so start the server first and fill the layout in later.
+async def run(settings: KVStoreSettings) -> None:
+    # Health answers NOT_SERVING while the weights load, so the server starts first and the layout is filled in later.
     servicer = KVStoreServicer(kvstore_pb2.Layout())
-    server, health = await start_server(
-        [(kvstore_pb2_grpc.add_KVStoreServicer_to_server, servicer)], [SERVICE], args.port, args.host
-    )
     handles = []
-    stop = stop_event_on_signals()
-    try:
-        servicer.layout, handles = await asyncio.to_thread(build_regions, args)
+
+    async def startup(stop: asyncio.Event) -> None:
+        servicer.layout, regions = await asyncio.to_thread(build_regions, settings)
+        handles.extend(regions)
         # Fresh memory: any session a previous run left in Redis points at K/V that no longer exist.
-        async with SessionStore(args.redis_url, args.name) as store:
+        async with SessionStore(settings.redis_url, settings.name) as store:
             await store.init_pool(servicer.layout.pool.num_blocks, servicer.layout.pool.block_size, reset=True)
-        await set_serving(health, [SERVICE], True)
-        await stop.wait()
-    finally:
-        await stop_server(server, health)
+
+    async def shutdown() -> None:
         for handle in handles:
             remove_region(handle)
 
-
-def add_kvstore_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: --kv-cache-mb)")
-    parser.add_argument("--kv-cache-mb", type=int, default=1024, help="pool size when --num-blocks is not given")
+    servicers = [(kvstore_pb2_grpc.add_KVStoreServicer_to_server, servicer)]
+    await serve(servicers, [SERVICE], settings.host, settings.port, startup, shutdown, grace_s=5.0)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="kvrelay kvstore: owns the weights and the KV pool")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--kv-dtype", default="auto")
-    parser.add_argument("--block-size", type=int, default=16)
-    add_kvstore_args(parser)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50070)
-    parser.add_argument("--name", default="kvrelay", help="deployment name: /dev/shm file and Redis key prefix")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    args = parser.parse_args()
+    settings = parse(KVStoreSettings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     install_uvloop()
-    asyncio.run(serve(args))
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -50,10 +50,12 @@ class GenerationResult:
 
 def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return DTYPES.get(config.torch_dtype, torch.bfloat16) if device.type != "cpu" else torch.float32
+        if device.type == "cpu":
+            return torch.float32
+        return getattr(torch, config.torch_dtype) if config.torch_dtype in DTYPES else torch.bfloat16
     if name not in DTYPES:
         raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 class Engine:

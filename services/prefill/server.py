@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -16,12 +15,13 @@ import grpc
 
 from kvrelay import trace
 from kvrelay.internal.v1 import prefill_pb2, prefill_pb2_grpc
-from kvrelay.sampling import SamplingParams
+from kvrelay.sampling import SamplingParams, params_from_proto
+from kvrelay.settings import PrefillSettings
 from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
 from kvstore.sessions import SessionError, SessionState
-from services.common.convert import FINISH, logprob_to_proto, params_from_proto
+from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
 from services.model.runner import SeqChunk
 from services.model.sampler import Sampler, finish_reason, make_generator
@@ -48,10 +48,12 @@ class PrefillJob:
 
 
 class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
+    """kvrelay prefill worker: batches prompts, writes their K/V into the pool, hands sessions to decode."""
+
     role = "prefill"
 
-    def __init__(self, args) -> None:
-        super().__init__(args)
+    def __init__(self, settings: PrefillSettings) -> None:
+        super().__init__(settings)
         self.waiting: list[PrefillJob] = []  # no blocks yet
         self.ready: list[PrefillJob] = []  # blocks allocated, being computed (chunk by chunk)
         self.wakeup = asyncio.Event()
@@ -61,7 +63,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         return {"active": len(self.ready), "queued": len(self.waiting)}
 
     def prepare(self) -> None:
-        self.attached.runner.enable_prefill_graphs(self.args.prefill_graph_tokens, self.attached.max_model_len)
+        self.attached.runner.enable_prefill_graphs(self.settings.prefill_graph_tokens, self.attached.max_model_len)
 
     async def Prefill(self, request, context):  # noqa: N802
         if self.attached is None:
@@ -122,7 +124,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                     await self._resume(job, record, need)
                 self.ready.append(job)
             except OutOfBlocks as exc:
-                if time.perf_counter() - job.arrived > self.args.block_wait_s:
+                if time.perf_counter() - job.arrived > self.settings.block_wait_s:
                     job.future.set_exception(exc)
                 else:
                     still.append(job)
@@ -169,7 +171,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             await self.store.free(job.session_id, owner=self.worker_id)
 
     async def batch_loop(self) -> None:
-        budget = self.args.max_batch_tokens
+        budget = self.settings.max_batch_tokens
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
@@ -264,32 +266,14 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             trace.mark(job.session_id, "pf_replied")
 
     def main_sync(self) -> None:
-        asyncio.run(
-            self.run(
-                [(prefill_pb2_grpc.add_PrefillServicer_to_server, self)],
-                [SERVICE],
-                lambda: [asyncio.create_task(self.batch_loop())],
-            )
-        )
+        asyncio.run(self.run([(prefill_pb2_grpc.add_PrefillServicer_to_server, self)], [SERVICE]))
+
+    def loops(self) -> list:
+        return [self.batch_loop()]
 
 
 def main() -> None:
-    main_for(PrefillWorker, "kvrelay prefill worker", 50071, extra_args=add_prefill_args)
-
-
-def add_prefill_args(parser) -> None:
-    parser.add_argument(
-        "--prefill-graph-tokens",
-        type=int,
-        default=int(os.environ.get("KVRELAY_PREFILL_GRAPH_TOKENS", "256")),
-        help="one-sequence chunks of up to this many new tokens replay a CUDA graph (0: always eager)",
-    )
-    parser.add_argument(
-        "--block-wait-s",
-        type=float,
-        default=10.0,
-        help="how long a prompt waits for KV blocks before RESOURCE_EXHAUSTED",
-    )
+    main_for(PrefillWorker, PrefillSettings)
 
 
 if __name__ == "__main__":

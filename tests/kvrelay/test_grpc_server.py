@@ -111,7 +111,7 @@ def test_wait_healthy_times_out_while_not_serving():
     async def main() -> None:
         server, health, address = await start_tiny()
         try:
-            with pytest.raises(TimeoutError, match=r"service 'kvrelay\.v1\.KVStore'.*NOT_SERVING"):
+            with pytest.raises(TimeoutError, match=r"service 'kvrelay\.internal\.v1\.KVStore'.*NOT_SERVING"):
                 await wait_healthy(address, SERVICE, timeout_s=0.3)
         finally:
             await stop_server(server, health, grace_s=0)

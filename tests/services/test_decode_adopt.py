@@ -4,7 +4,6 @@ hands the session over and no adopt round trip is left (against a real Redis).""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import uuid
 from types import SimpleNamespace
@@ -13,9 +12,9 @@ import pytest
 import torch
 
 from kvrelay.internal.v1 import decode_pb2
-from kvrelay.sampling import SamplingParams
+from kvrelay.sampling import SamplingParams, params_to_proto
+from kvrelay.settings import DecodeSettings
 from kvstore.sessions import SessionRecord, SessionState, SessionStore, WrongState
-from services.common.convert import params_to_proto
 from services.decode import server as decode_server
 from services.decode.server import DecodeWorker
 from tests.kvstore.test_sessions import _SKIP as _NO_REDIS
@@ -62,7 +61,7 @@ class ScriptedStore:
 
 
 def worker(store: ScriptedStore) -> DecodeWorker:
-    w = DecodeWorker(argparse.Namespace(worker_id="decode-test", host="127.0.0.1", port=1, no_overlap=False))
+    w = DecodeWorker(DecodeSettings(worker_id="decode-test", host="127.0.0.1", port=1, overlap=True))
     w.store = store
     w.attached = SimpleNamespace(runner=SimpleNamespace(device=torch.device("cpu")))
     return w

@@ -9,7 +9,6 @@ released before its client hears the end; seeded sampling draws the same tokens 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from types import SimpleNamespace
@@ -19,12 +18,12 @@ import pytest
 import torch
 
 from kvrelay.internal.v1 import decode_pb2
-from kvrelay.sampling import SamplingParams
+from kvrelay.sampling import SamplingParams, params_to_proto
+from kvrelay.settings import DecodeSettings
 from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
 from kvstore.sessions import SessionRecord, SessionState
-from services.common.convert import params_to_proto
 from services.common.worker import OwnStream, sync_device
 from services.decode.server import DecodeWorker
 from services.model.cuda_graphs import HostInputs, InputLayout
@@ -152,7 +151,7 @@ class Harness:
         self.seqs: dict = {}
         self.store = MemoryStore(self.log)
         self.runner = ScriptedRunner(self.log, **runner_kwargs)
-        args = argparse.Namespace(worker_id="decode-test", host="127.0.0.1", port=1, no_overlap=not overlap)
+        args = DecodeSettings(worker_id="decode-test", host="127.0.0.1", port=1, overlap=overlap)
         w = self.worker = DecodeWorker(args)
         w.store, w.gpu, w.sampler = self.store, LoggingStream(self.log), LoggingSampler(self.runner, self.log)
         w.attached = SimpleNamespace(
