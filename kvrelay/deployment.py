@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -62,13 +63,15 @@ class Deployment:
             str(prefill_replicas),
             *extra,
         ]
-        self.log = Path(f"/tmp/{self.name}.log")
+        # the log lives as long as the deployment (stop() removes it; a failed start shows its tail first)
+        self.log = Path(tempfile.gettempdir()) / f"{self.name}.log"
+        self._output = ""
         self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while "kvrelay is up" not in self.log.read_text():
+        while "kvrelay is up" not in self.output():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"kvrelay up failed:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"kvrelay up failed:\n{self.output()[-3000:]}")
             time.sleep(0.2)
 
     def audit(self, timeout_s: float = 10.0):
@@ -86,13 +89,36 @@ class Deployment:
         return asyncio.run(poll())
 
     def stop(self) -> int:
+        """Stop every process, then remove what the deployment leaves on purpose (its Redis keys: the kvstore keeps
+        them for a restart) and its log."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        self.drop_keys()
+        self.output()  # keep the text: the file goes
+        self.log.unlink(missing_ok=True)
         return self.proc.returncode
+
+    def output(self) -> str:
+        """Everything the deployment printed so far (also after stop(), which removes the file)."""
+        if self.log.exists():
+            self._output = self.log.read_text()
+        return self._output
+
+    def drop_keys(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{self.name}:*", count=1000))
+            if keys:
+                client.unlink(*keys)
+        finally:
+            client.close()
 
     def leftovers(self) -> list[str]:
         """Processes or /dev/shm files of this deployment still around after stop()."""

@@ -192,11 +192,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = _base_type(hints[f.name])
+        optional = type(None) in typing.get_args(hints[f.name])
         default = f.default
         for var in env_names(f):
             if var in env:
                 try:
-                    default = _convert(env[var], kind, var)
+                    # an empty variable leaves an optional setting unset (compose's ${MODEL:-} when MODEL is not set)
+                    default = None if optional and env[var] == "" else _convert(env[var], kind, var)
                 except ValueError as exc:
                     parser.error(str(exc))
                 break

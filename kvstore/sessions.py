@@ -1,10 +1,10 @@
 """Redis-backed session store: block free-list, session records and block tables, leases, idle LRU, worker registry.
 
-Redis holds all of this (DESIGN.md: nothing in process memory is the source of truth), so every process of a
+Redis holds all of this (nothing in process memory is the source of truth), so every process of a
 deployment — gateway, prefill and decode workers, kvstore — sees one pool. Every state change is one Lua script
 (kvstore/lua/, one per operation): Redis runs a script atomically, so two workers can never take the same block and
 a failed allocation takes nothing. Times (leases, worker expiry, LRU) come from the Redis server's clock, so workers
-on hosts whose clocks disagree still agree on who has expired. docs/redis-schema.md describes every key.
+on hosts whose clocks disagree still agree on who has expired. ARCHITECTURE.md ("Redis schema") describes every key.
 
 Ownership protocol (who may change a session):
 - `allocate` creates a session owned by the caller (PREFILLING) or appends blocks to one the caller owns.

@@ -52,7 +52,7 @@ def generate(out: Path) -> list[Path]:
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
         # protoc names each file by its path under the -I root, so the descriptors embedded in the generated code say
-        # kvrelay/v1/x.proto (and the imports read `from kvrelay.v1 import ...`) whatever the checkout path.
+        # kvrelay/v1/<name>.proto (and the imports read `from kvrelay.v1 import ...`) whatever the checkout path.
         *(str(p) for p in proto_files()),
     ]
     if protoc.main(args) != 0:

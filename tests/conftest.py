@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +39,34 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_triton_interpreter()
 
 DATA = Path(__file__).parent / "data"
+
+# What tests create and must remove: deployments' Redis keys (prefixes kvtest*, kvrelay-test-*), their /dev/shm
+# regions and logs, the launcher's private folders. Anything new of these after the session fails the run.
+LEFTOVER_FILES = ("/tmp/kvtest*", "/tmp/kvrelay-*", "/dev/shm/kvtest*", "/dev/shm/kvrelay-*")
+LEFTOVER_KEYS = ("kvtest*", "kvrelay-test-*")
+
+
+def _leftovers() -> set[str]:
+    found = {path for pattern in LEFTOVER_FILES for path in glob.glob(pattern)}
+    try:
+        import redis
+
+        client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), socket_timeout=2)
+        for pattern in LEFTOVER_KEYS:
+            found |= {f"redis:{key.decode()}" for key in client.scan_iter(match=pattern, count=1000)}
+        client.close()
+    except Exception:  # no Redis here: the Redis tests skip themselves, and there is nothing to leave behind
+        pass
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    before = _leftovers()
+    yield
+    left = sorted(_leftovers() - before)
+    if left:
+        pytest.fail(f"the tests left {len(left)} things behind: {', '.join(left[:20])}", pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):

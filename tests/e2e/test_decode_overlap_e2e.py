@@ -68,7 +68,7 @@ def runs(reference) -> dict[str, dict]:
             out[mode] = asyncio.run(workload(d, stop_token))
             out[mode]["audit"] = d.audit()
         finally:
-            assert d.stop() == 0, d.log.read_text()[-3000:]
+            assert d.stop() == 0, d.output()[-3000:]
         assert d.leftovers() == []
     return out
 

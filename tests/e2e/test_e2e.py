@@ -34,7 +34,7 @@ def deployment():
         str(MAX_MODEL_LEN),
     )
     yield d
-    assert d.stop() == 0, d.log.read_text()[-3000:]
+    assert d.stop() == 0, d.output()[-3000:]
     assert d.leftovers() == []
 
 

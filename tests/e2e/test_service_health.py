@@ -114,7 +114,7 @@ def test_private_redis_and_two_decode_replicas():
     dead = free_port_run(1)
     d = Deployment("--num-blocks", "64", "--redis-url", f"redis://127.0.0.1:{dead}/0", decode_replicas=2)
     try:
-        assert "started a private redis-server" in d.log.read_text()
+        assert "started a private redis-server" in d.output()
 
         async def run():
             from kvrelay.client import AsyncClient

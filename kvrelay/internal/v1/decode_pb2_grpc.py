@@ -58,8 +58,9 @@ class DecodeServicer:
         """Adopt a session and stream its tokens until it finishes. The same call resumes a session whose decode worker
         died: the gateway sends every token it has received, and the new worker continues from the pool with no
         recomputation. The stream ends with OK after the message that carries `finish`.
-        If the caller cancels the call (the gateway matched a stop string), the worker drops the session from its batch
-        and releases ownership, but the session keeps its blocks for the next turn; to free them, call Abort.
+        If the caller cancels the call (the client left, its deadline passed, or the gateway matched a stop string), the
+        worker drops the session from its batch before its next step: a session kept for the next turn (keep_session) is
+        released as IDLE with its blocks, any other is freed. (The gateway cancels; it does not call Abort.)
         Status codes:
         - INVALID_ARGUMENT: empty session_id or token_ids, num_generated < 0 or >= sampling.max_tokens, sampling values
         out of range.
