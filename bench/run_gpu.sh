@@ -37,7 +37,7 @@ for stage in "$@"; do
     tests)
       log "GPU tests"
       need_ckpt
-      python -m pytest -q -s -m gpu -p no:cacheprovider tests/services/test_gpu.py tests/kernels/test_triton_kernels.py tests/kernels/test_triton_prefill_and_small_kernels.py tests/kernels/test_triton_gemv.py tests/kernels/test_triton_skinny_gemm.py tests/kernels/test_triton_fused_decode.py 2>&1 | tail -40 ;;
+      python -m pytest -q -s -m gpu -p no:cacheprovider tests/services/test_gpu.py tests/kernels 2>&1 | tail -40 ;;
     tests-model)
       log "GPU tests of whole models (the default model's need gguf-b first)"
       need_ckpt

@@ -1,8 +1,62 @@
-"""The one place the model calls kernels through.
+"""The one place the model calls kernels through, and the one table of which kernel runs when.
 
-Tensors on a GPU take the Triton kernels; tensors on the CPU take the torch references (Triton's CPU path is the
-interpreter, which the tests use, far too slow to serve). The model code never changes, and every kernel keeps its
-reference beside it for tests.
+A tensor on a GPU (`tensor.is_cuda`: CUDA or ROCm, with triton importable) takes a Triton kernel; a tensor on the CPU
+takes the torch reference (Triton's CPU path is the interpreter, which the tests use, far too slow to serve). The model
+code never changes, and every kernel keeps its reference beside it: kernels/<op>.py beside kernels/triton_<op>.py.
+
+op                             CPU                                  GPU
+store_kv                       store_kv.store_kv_ref                triton_store_kv.store_kv
+paged_decode_attention         decode_attention.                    triton_decode_attention.paged_decode_attention: the
+                                 paged_decode_attention_ref           split kernel, + the reduce kernel with > 1 split
+paged_prefill_attention        prefill_attention.                   triton_prefill_attention.paged_prefill_attention
+                                 paged_prefill_attention_ref
+rms_norm                       norm.rms_norm_ref                    triton_norm.rms_norm
+fused_add_rms_norm             norm.fused_add_rms_norm_ref          triton_norm.fused_add_rms_norm; x a `Partials`:
+                                 (a `Partials` x summed first)        triton_norm.fused_add_rms_norm_parts (sums them)
+rotary                         rotary.rotary_ref                    triton_rotary.rotary
+rotary_store_kv                rotary_ref, then store_kv_ref        triton_rotary_store_kv.rotary_store_kv (one kernel);
+                                                                      its FUSED off: the rotary, then store_kv kernel
+rotary_store_decode_attention  decode_attention.                    triton_decode_attention.FUSED_ROTARY on: the
+                                 rotary_store_decode_attention_ref    attention kernel given the new token (rotary and
+                                                                      K/V store inside; + reduce); off: rotary_store_kv
+                                                                      as above, then paged_decode_attention's kernels
+silu_and_mul                   activation.silu_and_mul_ref          triton_activation.silu_and_mul
+linear                         torch's F.linear                     1 row: triton_gemv.gemv (TRITON_GEMV); 2..64 rows
+                                                                      (SKINNY_ROWS), no bias, <= 32768 outputs
+                                                                      (SKINNY_MAX_COLUMNS): triton_skinny_gemm
+                                                                      (SKINNY_GEMM); otherwise, or where the kernel
+                                                                      declines the shape (returns None): F.linear
+                                                                      (cuBLAS, hipBLAS)
+
+Both take only a 2-D x of bf16 or fp16 with a weight of its dtype; gemv() declines a K that is not a multiple of 64,
+a weight not unit-stride along K or a non-contiguous x, skinny_gemm() a K not a multiple of 64 or operands not
+unit-stride along K. The fused forms below run on the GPU only; on the CPU each is the ops above in sequence (torch
+references and F.linear):
+
+linear_add      1 row, SUMSQ_NORM: triton_gemv ADD_RES_SUMSQ (y + residual and the partial sums of its squares, a
+                `Summed`); otherwise None: the caller projects, the next norm adds the residual
+norm_linear     x a `Summed`: triton_gemv NORM_SUMSQ (the norm from the partial sums; no norm kernel); x `Partials`:
+                fused_add_rms_norm_parts, then linear; 1 row with "norm" in FUSE: triton_gemv NORM / ADD_NORM;
+                otherwise rms_norm or fused_add_rms_norm, then linear
+norm_mlp        x a `Summed`: gate_up triton_gemv NORM_SUMSQ with the SILU_MUL_OUT epilogue (no gate_up bias), down
+                through linear_add; 1 row with GATE_UP_SILU (no bias, "norm" not in FUSE): the norm, then gate_up
+                triton_gemv SILU_MUL_OUT, then linear; 2..64 rows (linear's skinny case, SKINNY_GEMM): the norm, then
+                gate_up triton_skinny_gemm SILU_MUL_OUT, then down_proj triton_skinny_gemm in SPLIT_DOWN parts of K
+                left as `Partials` (SPLIT_DOWN 1, or the kernel declining: linear); otherwise norm_linear, then
+                silu_mul_linear. A GEMV/GEMM declining the shape falls back to the unfused ops
+silu_mul_linear 1 row with "silu" in FUSE: triton_gemv SILU_MUL; otherwise silu_and_mul, then linear
+
+`Summed` exists only after linear_add and `Partials` only after norm_mlp's split down_proj, both on a GPU. The model
+(services/model/llama.py) calls rotary_store_kv and paged_prefill_attention for a prefill, rotary_store_decode_attention
+for a decode step; with the defaults a batch-1 decode step on a GPU runs no norm kernel inside a layer once the first
+layer's o_proj has added the residual (linear_add).
+
+The switches are module attributes read at each call (A/B in one process: bench/model_bench.py --sweep
+kernels.ops.NAME=1,0): here TRITON_GEMV, FUSE, GATE_UP_SILU, SKINNY_GEMM, SUMSQ_NORM (from KVRELAY_TRITON_GEMV,
+KVRELAY_FUSE, ... at import; FUSE empty, the others on by default), SKINNY_ROWS, SKINNY_MAX_COLUMNS and SPLIT_DOWN;
+FUSED_ROTARY in kernels/triton_decode_attention.py and FUSED in kernels/triton_rotary_store_kv.py (both on). PDL is
+not chosen here: every Triton kernel launches with it on NVIDIA sm_90 and newer, off on ROCm, before sm_90 and with
+KVRELAY_PDL=0 (kernels/pdl.py).
 """
 
 from __future__ import annotations

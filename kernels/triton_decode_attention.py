@@ -32,8 +32,14 @@ from kernels import pdl
 from kernels.decode_attention import NewToken
 from kernels.rotary import check_rotary_args
 from kernels.store_kv import check_store_kv_args
-from kernels.triton_rotary_store_kv import _rope_factors, _rotate_store_token, _rotated_rows
-from kernels.triton_store_kv import quantize_constexprs
+from kernels.triton_helpers import (
+    quantize_constexprs,
+    rope_factors,
+    rotate_store_token,
+    rotated_rows,
+    scale_args,
+    to_dot,
+)
 from kvstore.formats import KVFormat
 from kvstore.pool import LayerKV
 
@@ -78,7 +84,7 @@ QUANTIZED_NUM_STAGES = 3
 # of 8 tiles) keeps the cap: 0.759 against 0.742 uncapped at 5 stages. Read at each call, for in-process A/B.
 FEW_PROGRAMS_UNCAPPED = True
 
-# int8 KV with 16-bit queries (`_to_dot`, `_pairs_to_dot`): K reaches the dot biased by 1152 (no subtraction per
+# int8 KV with 16-bit queries (`to_dot`, `_pairs_to_dot`): K reaches the dot biased by 1152 (no subtraction per
 # value), V as int16 pairs of dims (one ldmatrix.trans per 8x8 tile instead of one byte load per value). sm_90 SASS of
 # the loop, 128-token tiles, 4 warps, 128 registers: 1380 -> 960 instructions a tile. H200, int8, pairs on / off in
 # one process: batch 32 x 4k 0.83 / 0.69 of copy bandwidth, 64 x 1k 0.78 / 0.67 (no difference before the scales
@@ -131,55 +137,14 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _to_dot(x, DOT_DTYPE: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.constexpr = False):
-    """A loaded K/V tile [BLOCK_N, HEAD_DIM_PAD] as the dot's input dtype; exact for int8 and e4m3.
-
-    int8 -> fp16 without an integer-to-float conversion: x + 128 in 0..255 placed in the mantissa of 1024.0 (bits
-    0x6400) is the fp16 1024 + x + 128 exactly; subtracting 1152 leaves x. CONVERT picks how:
-    0: the plain cast (one I2F per element, a slow instruction); 1: the trick in Triton integer ops (portable: ROCm,
-    the interpreter); 2: the trick in PTX on four packed bytes at once (CUDA only): one xor and two byte permutes per
-    four values, then two packed half subtractions. BIASED (int8 -> fp16 with CONVERT 1 or 2): return x + 1152 and let
-    the caller take 1152 * sum(other operand) off the dot's float32 result, a few values a tile instead of one
-    subtraction per two K/V values.
-    """
-    # One return at the end: Triton's frontend still generates the statements after a `return` under a compile-time
-    # `if`, so an early return made every non-int8 tile go through the byte tricks below and fail to compile.
-    if x.dtype != tl.int8 or DOT_DTYPE != tl.float16 or CONVERT == 0:
-        out = x.to(DOT_DTYPE)
-    else:
-        if CONVERT == 2:
-            # (H200, batch 32 x 4k: 0.63 of copy bandwidth against 0.52 with 1 and 0.49 with 0)
-            biased = tl.inline_asm_elementwise(
-                asm="""
-                {
-                .reg .b32 t, e;
-                xor.b32 t, $2, 0x80808080;
-                mov.b32 e, 0x64646464;
-                prmt.b32 $0, t, e, 0x5150;
-                prmt.b32 $1, t, e, 0x5352;
-                }
-                """,
-                constraints="=r,=r,r",
-                args=[x],
-                dtype=tl.float16,
-                is_pure=True,
-                pack=4,
-            )
-        else:
-            biased = ((x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        out = biased if BIASED else biased - 1152.0
-    return out
-
-
-@triton.jit
 def _pairs_to_dot(x, CONVERT: tl.constexpr):
     """[BLOCK_N, HEAD_DIM_PAD // 2] int16 holding two int8 values of adjacent dims each (the even dim in the low byte)
-    -> two fp16 tiles of the same shape: the even dims and the odd dims, each value + 1152 (`_to_dot`'s BIASED).
+    -> two fp16 tiles of the same shape: the even dims and the odd dims, each value + 1152 (`to_dot`'s BIASED).
 
     Why pairs: P @ V reduces over tokens, so the dot wants V with tokens as its inner (k) dimension, while the pool
     stores each token's dims contiguously. Moving int8 V into that layout through shared memory costs one byte load
     per value (no 8-bit transposed ldmatrix on sm_80/sm_90); as 16-bit elements it is one ldmatrix.trans per 8x8 tile,
-    and the dot is split in two: P @ V[:, 0::2] and P @ V[:, 1::2]. Same bias trick as `_to_dot`.
+    and the dot is split in two: P @ V[:, 0::2] and P @ V[:, 1::2]. Same bias trick as `to_dot`.
     """
     if CONVERT == 2:
         return tl.inline_asm_elementwise(
@@ -290,11 +255,11 @@ def _decode_split_kernel(
     INPUT_PRECISION: tl.constexpr,
     NUM_SPLITS_IS_ONE: tl.constexpr,
     CONVERT: tl.constexpr,
-    K_BIASED: tl.constexpr,  # int8 K reaches the dot as k + 1152 (`_to_dot`)
+    K_BIASED: tl.constexpr,  # int8 K reaches the dot as k + 1152 (`to_dot`)
     V_PAIRS: tl.constexpr,  # v_cache_ptr is the int8 pool viewed as int16 (strides in int16 elements): `_pairs_to_dot`
     ROTARY: tl.constexpr,
     HALF: tl.constexpr,  # ROTARY: half the rotated dims
-    K_MODE: tl.constexpr,  # ROTARY: the store's quantization (kernels/triton_store_kv.py, quantize_constexprs)
+    K_MODE: tl.constexpr,  # ROTARY: the store's quantization (kernels/triton_helpers.py, quantize_constexprs)
     V_MODE: tl.constexpr,
     K_QMAX: tl.constexpr,
     V_QMAX: tl.constexpr,
@@ -332,21 +297,21 @@ def _decode_split_kernel(
     if ROTARY:
         # Every program rotates its query heads (a few hundred values); the one whose share holds the new token
         # rotates its key and stores it and the value, with store_kv's quantization, before its loop reads them back.
-        lo, c_lo, c_hi = _rope_factors(positions_ptr, seq, cos_sin_ptr, stride_cache, offs_d, HALF)
+        lo, c_lo, c_hi = rope_factors(positions_ptr, seq, cos_sin_ptr, stride_cache, offs_d, HALF)
         if EARLY_READS:
             # the length, position and rotary factors above were read before the wait (`EARLY_READS`)
             pdl.enter(PDL)
-        q = _rotated_rows(q_ptr + seq * stride_q_s, stride_q_h, tl.where(mask_g, heads, num_heads), num_heads, offs_d,
-                          lo, c_lo, c_hi, 2 * HALF, HALF, HEAD_DIM).to(K_DOT_DTYPE)  # fmt: skip
+        q = rotated_rows(q_ptr + seq * stride_q_s, stride_q_h, tl.where(mask_g, heads, num_heads), num_heads, offs_d,
+                         lo, c_lo, c_hi, 2 * HALF, HALF, HEAD_DIM).to(K_DOT_DTYPE)  # fmt: skip
         if (context_len - 1 >= start) & (context_len - 1 < end):
             # kv heads [kv_head, kv_head + 1), as a 2-wide vector (the second masked off)
-            _rotate_store_token(k_new_ptr + seq * stride_kn_s, v_new_ptr + seq * stride_vn_s, stride_kn_h,
-                                stride_vn_h, tl.load(slot_mapping_ptr + seq).to(tl.int64), kv_head + tl.arange(0, 2),
-                                kv_head + 1, BLOCK_SIZE, offs_d, lo, c_lo, c_hi, k_pool_ptr, v_pool_ptr, k_scale_ptr,
-                                v_scale_ptr, stride_kp_b, stride_kp_s, stride_kp_h, stride_kp_d, stride_vp_b,
-                                stride_vp_s, stride_vp_h, stride_vp_d, stride_ks_b, stride_ks_s, stride_ks_h,
-                                stride_vs_b, stride_vs_s, stride_vs_h, HALF, HEAD_DIM, K_MODE, V_MODE, K_QMAX, V_QMAX,
-                                K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+            rotate_store_token(k_new_ptr + seq * stride_kn_s, v_new_ptr + seq * stride_vn_s, stride_kn_h,
+                               stride_vn_h, tl.load(slot_mapping_ptr + seq).to(tl.int64), kv_head + tl.arange(0, 2),
+                               kv_head + 1, BLOCK_SIZE, offs_d, lo, c_lo, c_hi, k_pool_ptr, v_pool_ptr, k_scale_ptr,
+                               v_scale_ptr, stride_kp_b, stride_kp_s, stride_kp_h, stride_kp_d, stride_vp_b,
+                               stride_vp_s, stride_vp_h, stride_vp_d, stride_ks_b, stride_ks_s, stride_ks_h,
+                               stride_vs_b, stride_vs_s, stride_vs_h, HALF, HEAD_DIM, K_MODE, V_MODE, K_QMAX, V_QMAX,
+                               K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
         # The threads that stored are not the ones that load: the CTA's stores are visible to it after a barrier.
         tl.debug_barrier()
     else:
@@ -405,7 +370,7 @@ def _decode_split_kernel(
         mask_nd = mask_n[:, None] & mask_d[None, :]
 
         # [BLOCK_N, HEAD_DIM_PAD]
-        k = _to_dot(
+        k = to_dot(
             tl.load(
                 k_cache_ptr + (blocks * stride_kc_b + k_row_in_block)[:, None] + k_col[None, :], mask=mask_nd, other=0.0
             ),
@@ -438,7 +403,7 @@ def _decode_split_kernel(
             acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
             acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
         else:
-            v = _to_dot(
+            v = to_dot(
                 tl.load(
                     v_cache_ptr + (blocks * stride_vc_b + v_row_in_block)[:, None] + v_col[None, :],
                     mask=mask_nd,
@@ -543,7 +508,7 @@ def _dot_dtypes(query: torch.dtype, layer: LayerKV) -> tuple[tl.dtype, tl.dtype,
 
     A float32 query or float32 KV (tests, the CPU): float32 with IEEE products, never tf32, to match the float32
     reference. Otherwise an int8/fp8 side computes in fp16: int8 and e4m3 values are exact in fp16, int8 converts
-    with integer ops (`_to_dot`) and e4m3 with the hardware's conversion; q goes to fp16 too (exact unless
+    with integer ops (`to_dot`) and e4m3 with the hardware's conversion; q goes to fp16 too (exact unless
     |q| > 65504) and the probabilities keep 3 more bits than in bf16. A 16-bit side computes in its storage dtype.
     """
     if query not in (torch.float32, torch.float16, torch.bfloat16):
@@ -583,7 +548,7 @@ def paged_decode_attention(
     max_context_len: an upper bound of context_lens (e.g. a CUDA-graph bucket's) used only to choose the split
                      count; default max_blocks * block_size. Never read from context_lens: that would sync the host.
     tuning:          overrides of the launch choices for bench/tune_decode_attention.py: block_n, num_warps,
-                     num_stages, maxnreg, convert (see `_to_dot`), biased, pairs, programs_per_sm, num_splits
+                     num_stages, maxnreg, convert (see `to_dot`), biased, pairs, programs_per_sm, num_splits
     returns:         [num_seqs, num_heads, head_dim] in query's dtype
     """
     num_seqs, num_heads, head_dim = query.shape
@@ -660,10 +625,7 @@ def paged_decode_attention(
     )
     v_cache = layer.v_cache.view(torch.int16) if v_pairs else layer.v_cache
 
-    k_scale = layer.k_scale if layer.k_scale is not None else layer.k_cache
-    v_scale = layer.v_scale if layer.v_scale is not None else layer.v_cache
-    k_scale_strides = layer.k_scale.stride() if layer.k_scale is not None else (0, 0, 0)
-    v_scale_strides = layer.v_scale.stride() if layer.v_scale is not None else (0, 0, 0)
+    k_scale, v_scale, k_scale_strides, v_scale_strides = scale_args(layer)
 
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,

@@ -1,9 +1,9 @@
 """Batch-1 linear layer, Triton: y = x W^T (+ b) for one row x, the GEMV of every batch-1 decode step.
 
-Same function as `torch.nn.functional.linear` (the reference). At batch 1 a projection streams its weight once and does
-two FLOPs a weight: the only thing that matters is how close the weight read gets to the memory bandwidth. cuBLAS's
-batch-1 kernels leave some on the table on the Llama-3-8B shapes; this plain kernel (each program a few whole rows,
-a [BLOCK_N, BLOCK_K] float32 accumulator summed once at the end) reads them faster. H200, weights too big for L2
+Same function as `gemv_ref` (kernels/gemv.py: torch's linear in float32). At batch 1 a projection streams its weight
+once and does two FLOPs a weight: the only thing that matters is how close the weight read gets to the memory bandwidth.
+cuBLAS's batch-1 kernels leave some on the table on the Llama-3-8B shapes; this plain kernel (each program a few whole
+rows, a [BLOCK_N, BLOCK_K] float32 accumulator summed once at the end) reads them faster. H200, weights too big for L2
 (bench/tune_gemv.py), fraction of the copy-bandwidth floor, cuBLAS -> this kernel: qkv 0.76 -> 0.87, o 0.65 -> 0.75,
 gate_up 1.02 -> 1.05, down 0.93 -> 0.98, lm_head 1.07 -> 1.10 (above 1: a read-only stream beats a copy's rate).
 """

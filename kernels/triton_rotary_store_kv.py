@@ -5,14 +5,17 @@ rotated key to memory and read it back, this one keeps it in registers.
 
 Same bits as the two kernels in sequence:
 - The rotated key is rounded to the key's dtype before it is quantized, as it is when the rotary kernel writes it.
-  bf16 rounds to nearest even on the bits (`_round_to_bf16`; the interpreter's float32 -> bf16 cast truncates), which
+  bf16 rounds to nearest even on the bits (`round_to_bf16`; the interpreter's float32 -> bf16 cast truncates), which
   is what a GPU's cast does, so the result does not depend on where it runs. The query is rounded the same way.
 - The rotation is the same float32 arithmetic. x1 * cos - x2 * sin and x2 * cos + x1 * sin leave the compiler a
   choice: which product it fuses with the sum into an FMA. The rotary kernel, compiled by Triton 3.6 for sm_90,
   fuses x1 * cos in the first and x1 * sin in the second (read off its PTX); this kernel writes that choice out with
   `tl.fma`, so its bits do not hang on the compiler's. The interpreter's `tl.fma` rounds the product and the sum
   separately, as the torch reference does.
-- Quantization is store_kv's own code (`_store_at_slot`) on the same float32 values.
+- Quantization is store_kv's own code (`store_at_slot`) on the same float32 values.
+
+The rotation and the store (`rope_factors`, `rotated_rows`, `rotate_store_token`) are in kernels/triton_helpers.py:
+the decode attention kernel does the same for its new token.
 
 Grid (num_tokens, 2): program (t, 0) rotates token t's query heads, program (t, 1) rotates its key heads and stores
 its K and V. The two halves of a decode step's work run side by side instead of one after the other.
@@ -30,128 +33,12 @@ import triton.language as tl
 from kernels import pdl
 from kernels.rotary import check_rotary_args
 from kernels.store_kv import check_store_kv_args
-from kernels.triton_store_kv import _round_to_bf16, _store_at_slot, quantize_constexprs, scale_args
+from kernels.triton_helpers import quantize_constexprs, rope_factors, rotate_store_token, rotated_rows, scale_args
 from kvstore.pool import LayerKV
 
 # Read by kernels/ops.py at each call: False sends rotary_store_kv to the rotary and store_kv kernels in sequence, an
 # A/B in one process (bench/model_bench.py --sweep kernels.triton_rotary_store_kv.FUSED=0,1).
 FUSED = True
-
-
-@triton.jit
-def _round_to_element_of(x, ptr):
-    """float32 x rounded to nearest even in ptr's element type (bf16, fp16 or float32), still as float32: the later
-    cast to that type is exact."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        return _round_to_bf16(x)
-    elif ptr.dtype.element_ty == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
-
-
-@triton.jit
-def _rotated_rows(
-    x_ptr,  # this token's [num_heads, head_dim] rows
-    stride_h,
-    heads,  # [H_PAD] head indices
-    num_heads,
-    offs_d,  # [DIM_PAD]
-    lo,  # [DIM_PAD]: the first-half dim of d's pair (d - HALF in the second half), d itself past the rotated dims
-    c_lo,  # [DIM_PAD] float32: cos in the first half, sin in the second
-    c_hi,  # [DIM_PAD] float32: -sin in the first half, cos in the second
-    ROT_DIM: tl.constexpr,
-    HALF: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    """[H_PAD, DIM_PAD] float32, 0 for padded heads and dims: the heads rotated (dims past ROT_DIM as they are) and
-    rounded to x's dtype."""
-    head_mask = (heads < num_heads)[:, None]
-    rows = x_ptr + heads[:, None] * stride_h
-    rotated_dims = (offs_d < ROT_DIM)[None, :]
-    # x1 and x2 of each dim's pair, as [H_PAD, DIM_PAD] tiles (each element loaded twice: the second load hits L1).
-    x1 = tl.load(rows + lo[None, :], mask=head_mask & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
-    x2 = tl.load(rows + lo[None, :] + HALF, mask=head_mask & rotated_dims, other=0.0).to(tl.float32)
-    # First half x1 * cos - x2 * sin, second half x2 * cos + x1 * sin, the x1 product fused into an FMA in both.
-    rotated = tl.fma(x1, c_lo[None, :], x2 * c_hi[None, :])
-    return _round_to_element_of(tl.where(rotated_dims, rotated, x1), x_ptr)
-
-
-@triton.jit
-def _rope_factors(positions_ptr, token, cache_ptr, stride_cache, offs_d, HALF: tl.constexpr):
-    """(lo, c_lo, c_hi) of `_rotated_rows` for the token at positions[token]: its cos/sin laid out over a head's dims
-    (frequency d mod HALF)."""
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    first = offs_d < HALF
-    second = (offs_d >= HALF) & (offs_d < 2 * HALF)
-    lo = tl.where(second, offs_d - HALF, offs_d)
-    cache_row = cache_ptr + position * stride_cache
-    cos = tl.load(cache_row + lo, mask=first | second, other=0.0).to(tl.float32)
-    sin = tl.load(cache_row + HALF + lo, mask=first | second, other=0.0).to(tl.float32)
-    return lo, tl.where(first, cos, sin), tl.where(first, -sin, cos)
-
-
-@triton.jit
-def _rotate_store_token(
-    k_row_ptr,  # the token's [num_kv_heads, head_dim] key rows
-    v_row_ptr,
-    stride_kh,
-    stride_vh,
-    slot,  # int64; -1: a padding token, nothing is stored
-    kv_heads,  # [BLOCK_KH] the heads to store; those >= num_kv_heads are masked off
-    num_kv_heads,
-    block_size,
-    offs_d,
-    lo,
-    c_lo,
-    c_hi,
-    k_cache_ptr,
-    v_cache_ptr,
-    k_scale_ptr,
-    v_scale_ptr,
-    stride_kc_b,
-    stride_kc_s,
-    stride_kc_h,
-    stride_kc_d,
-    stride_vc_b,
-    stride_vc_s,
-    stride_vc_h,
-    stride_vc_d,
-    stride_ks_b,
-    stride_ks_s,
-    stride_ks_h,
-    stride_vs_b,
-    stride_vs_s,
-    stride_vs_h,
-    HALF: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    K_MODE: tl.constexpr,
-    V_MODE: tl.constexpr,
-    K_QMAX: tl.constexpr,
-    V_QMAX: tl.constexpr,
-    K_INV_QMAX: tl.constexpr,
-    V_INV_QMAX: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
-    FP8_MIN_NORMAL_EXP: tl.constexpr,
-    FP8_MANTISSA_BITS: tl.constexpr,
-):
-    """One token's key rotated and, with its value, quantized into the pool at `slot` (kv_heads of it)."""
-    valid = slot >= 0
-    block = slot // block_size
-    offset = slot % block_size
-    head_mask = (kv_heads < num_kv_heads) & valid
-    mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    # The value's load is issued before the key's arithmetic: both are in flight together.
-    value = tl.load(v_row_ptr + kv_heads[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    # A padding token's key is rotated too, but nothing of it is stored: every store is masked by `valid`.
-    key = _rotated_rows(k_row_ptr, stride_kh, kv_heads, num_kv_heads, offs_d, lo, c_lo, c_hi, 2 * HALF, HALF,
-                        HEAD_DIM)  # fmt: skip
-    _store_at_slot(key, mask, head_mask, k_cache_ptr, k_scale_ptr, block, offset, kv_heads, offs_d, stride_kc_b,
-                   stride_kc_s, stride_kc_h, stride_kc_d, stride_ks_b, stride_ks_s, stride_ks_h, K_MODE, K_QMAX,
-                   K_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
-    _store_at_slot(value, mask, head_mask, v_cache_ptr, v_scale_ptr, block, offset, kv_heads, offs_d, stride_vc_b,
-                   stride_vc_s, stride_vc_h, stride_vc_d, stride_vs_b, stride_vs_s, stride_vs_h, V_MODE, V_QMAX,
-                   V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
 
 
 @triton.jit
@@ -214,25 +101,25 @@ def _rotary_store_kv_kernel(
     role = tl.program_id(1)  # 0: the query heads; 1: the key heads, then the K/V store
 
     offs_d = tl.arange(0, DIM_PAD)
-    lo, c_lo, c_hi = _rope_factors(positions_ptr, token, cache_ptr, stride_cache, offs_d, HALF)
+    lo, c_lo, c_hi = rope_factors(positions_ptr, token, cache_ptr, stride_cache, offs_d, HALF)
 
     # Each branch names its own variables: Triton requires a name bound in both branches of an if to have one type.
     if role == 0:
         q_heads = tl.arange(0, BLOCK_H)
-        q = _rotated_rows(q_ptr + token * stride_qt, stride_qh, q_heads, num_heads, offs_d, lo, c_lo, c_hi,
-                          2 * HALF, HALF, HEAD_DIM)  # fmt: skip
+        q = rotated_rows(q_ptr + token * stride_qt, stride_qh, q_heads, num_heads, offs_d, lo, c_lo, c_hi,
+                         2 * HALF, HALF, HEAD_DIM)  # fmt: skip
         q_mask = (q_heads < num_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q_out = q_out_ptr + token * stride_qot + q_heads[:, None] * stride_qoh + offs_d[None, :]
         tl.store(q_out, q.to(q_out_ptr.dtype.element_ty), mask=q_mask)
     else:
         # slot -1 marks a padding token: every store is masked off (as in store_kv).
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        _rotate_store_token(k_ptr + token * stride_kt, v_ptr + token * stride_vt, stride_kh, stride_vh, slot,
-                            tl.arange(0, BLOCK_KH), num_kv_heads, block_size, offs_d, lo, c_lo, c_hi, k_cache_ptr,
-                            v_cache_ptr, k_scale_ptr, v_scale_ptr, stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_d,
-                            stride_vc_b, stride_vc_s, stride_vc_h, stride_vc_d, stride_ks_b, stride_ks_s, stride_ks_h,
-                            stride_vs_b, stride_vs_s, stride_vs_h, HALF, HEAD_DIM, K_MODE, V_MODE, K_QMAX, V_QMAX,
-                            K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
+        rotate_store_token(k_ptr + token * stride_kt, v_ptr + token * stride_vt, stride_kh, stride_vh, slot,
+                           tl.arange(0, BLOCK_KH), num_kv_heads, block_size, offs_d, lo, c_lo, c_hi, k_cache_ptr,
+                           v_cache_ptr, k_scale_ptr, v_scale_ptr, stride_kc_b, stride_kc_s, stride_kc_h, stride_kc_d,
+                           stride_vc_b, stride_vc_s, stride_vc_h, stride_vc_d, stride_ks_b, stride_ks_s, stride_ks_h,
+                           stride_vs_b, stride_vs_s, stride_vs_h, HALF, HEAD_DIM, K_MODE, V_MODE, K_QMAX, V_QMAX,
+                           K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)  # fmt: skip
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

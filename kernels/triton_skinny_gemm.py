@@ -1,5 +1,6 @@
 """Skinny GEMM, Triton: y = x W^T for the few rows of a decode batch (2..128), optionally with the MLP's activation
-as the epilogue. The reference is torch's linear (and kernels/activation.py's silu_and_mul_ref after it).
+as the epilogue. The reference is `skinny_gemm_ref` (kernels/skinny_gemm.py): torch's linear, and
+kernels/activation.py's silu_and_mul_ref after it.
 
 Why not cuBLAS there: on an H200 at batch 64 (bench/results/profile_decode_bs64_ctx1024.txt) cuBLAS's qkv, o and
 down kernels read their weights at 0.71, 0.68 and 0.78 of the copy bandwidth, and they do not take part in

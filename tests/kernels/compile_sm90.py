@@ -32,9 +32,9 @@ from kernels import triton_decode_attention as da
 from kernels import triton_gemv as gv
 from kernels import triton_norm as nm
 from kernels import triton_skinny_gemm as sg
-from kernels.triton_decode_attention import _to_dot
-from kernels.triton_store_kv import _fp8_grid, _inv_qmax, _mode
-from kvstore.formats import KVFormat
+from kernels.triton_helpers import quantize_constexprs, to_dot
+from kvstore.formats import KVFormat, KVSpec
+from kvstore.pool import KVPool, PoolGeometry
 
 SM90 = GPUTarget("cuda", 90, 32)
 FLOATS = {"qk_scale", "eps"}
@@ -80,11 +80,9 @@ def kv_variant(fmt, k_type, v_type, dot, convert, biased=False, pairs=False):
     store in the same format: quantize_constexprs)."""
     scaled = fmt.has_scale
     consts = dict(K_SCALED=scaled, V_SCALED=scaled, K_DOT_DTYPE=dot, V_DOT_DTYPE=dot, CONVERT=convert)
-    qmax = fmt.qmax if scaled else 1.0
-    min_exp, mantissa = _fp8_grid(KVFormat.FP8.storage_dtype)
-    store = dict(K_MODE=_mode(fmt, torch.bfloat16), V_MODE=_mode(fmt, torch.bfloat16), K_QMAX=qmax, V_QMAX=qmax,
-                 K_INV_QMAX=_inv_qmax(fmt), V_INV_QMAX=_inv_qmax(fmt), RECIPROCAL=True, FP8_MIN_NORMAL_EXP=min_exp,
-                 FP8_MANTISSA_BITS=mantissa)  # fmt: skip
+    # bf16 key and value rows stored on a GPU, into a (tiny) layer of this format
+    layer = KVPool.allocate(PoolGeometry(1, 1, 16, 1, 128), KVSpec(fmt, fmt), "cpu").layer(0)
+    store = quantize_constexprs(layer, torch.bfloat16, torch.bfloat16, torch.device("cuda"))
     pool = k_type  # the store's view of the pool (v_cache_ptr may be its int16 view)
     ptrs = {"k_cache_ptr": k_type, "v_cache_ptr": v_type, "k_pool_ptr": pool, "v_pool_ptr": pool}
     return ptrs, consts | store | dict(K_BIASED=biased, V_PAIRS=pairs)
@@ -182,14 +180,14 @@ for epi, preload in itertools.product((0, 1), (False, True)):
 def to_dot_kernel(x_ptr, y_ptr, DOT: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.constexpr):
     offs = tl.arange(0, 16)
     x = tl.load(x_ptr + offs[:, None] * 16 + offs[None, :])
-    tl.store(y_ptr + offs[:, None] * 16 + offs[None, :], _to_dot(x, DOT, CONVERT, BIASED))
+    tl.store(y_ptr + offs[:, None] * 16 + offs[None, :], to_dot(x, DOT, CONVERT, BIASED))
 
 
 pairs = [("*bf16", "bf16"), ("*fp16", "fp16"), ("*i8", "fp16"), ("*fp8e4nv", "fp16")]
 for (x_type, dot), convert, biased in itertools.product(pairs, (0, 1, 2), (False, True)):
     dot_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16}[dot]
     attempt(
-        f"_to_dot {x_type} {dot} convert={convert} biased={biased}",
+        f"to_dot {x_type} {dot} convert={convert} biased={biased}",
         to_dot_kernel,
         {"x_ptr": x_type, "y_ptr": "*" + dot},
         {"DOT": dot_dtype, "CONVERT": convert, "BIASED": biased},

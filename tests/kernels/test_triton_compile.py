@@ -1,7 +1,7 @@
 """The Triton kernels compiled for a Hopper GPU (sm_90) on this machine, GPU or not.
 
 The CPU suite runs the kernels under TRITON_INTERPRET=1, which executes their Python directly: code that the GPU
-compiler rejects can pass there. (It happened: an early `return` under a compile-time `if` in `_to_dot` ran fine in
+compiler rejects can pass there. (It happened: an early `return` under a compile-time `if` in `to_dot` ran fine in
 the interpreter, while Triton's frontend went on to generate the int8 byte tricks after it for bf16 tiles, and bf16
 decode attention failed to compile on the GPU.) Triton ships its own ptxas, so compiling to SASS needs no GPU;
 tests/kernels/compile_sm90.py compiles in a child process without TRITON_INTERPRET.
@@ -39,8 +39,9 @@ def compiled(report: dict) -> dict[str, str]:
 
 
 def test_decode_attention_conversions_compile_for_sm90(compiled: dict[str, str]) -> None:
-    """`_to_dot` for every tile dtype decode attention feeds it (bf16, fp16, int8, e4m3), conversion and bias."""
-    variants = {k: v for k, v in compiled.items() if k.startswith("_to_dot")}
+    """`to_dot` (kernels/triton_helpers.py) for every tile dtype decode attention feeds it (bf16, fp16, int8, e4m3),
+    conversion and bias."""
+    variants = {k: v for k, v in compiled.items() if k.startswith("to_dot")}
     assert len(variants) == 24
     assert all(v.startswith("ok") for v in variants.values()), variants
 
@@ -52,7 +53,7 @@ def test_kernel_variants_compile_for_sm90(compiled: dict[str, str]) -> None:
     next kernel let launch after the wait with it, after the loop without), the skinny GEMM's two epilogues with and
     without its preloaded tile (the trigger likewise; one launch of it takes split-K shares), the fused
     add + norm of a row and of float32 partial sums: 16 + 2 + 8 x 2 + 2 x 2 + 2."""
-    variants = {k: v for k, v in compiled.items() if not k.startswith("_to_dot")}
+    variants = {k: v for k, v in compiled.items() if not k.startswith("to_dot")}
     assert len(variants) == 40
     failed = {k: v for k, v in variants.items() if not v.startswith("ok")}
     assert not failed, failed

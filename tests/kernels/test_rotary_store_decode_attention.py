@@ -20,7 +20,8 @@ from kernels.rotary import compute_inv_freq, make_cos_sin_cache  # noqa: E402
 from kernels.triton_decode_attention import paged_decode_attention  # noqa: E402
 from kernels.triton_rotary_store_kv import rotary_store_kv  # noqa: E402
 from kvstore.formats import parse_kv_dtype  # noqa: E402
-from tests.kernels.test_triton_kernels import DEVICE, _stored_batch  # noqa: E402
+from tests.kernels.close import assert_same_kv  # noqa: E402
+from tests.kernels.inputs import DEVICE, stored_batch  # noqa: E402
 
 
 def _step(spec_text, lens, num_kv_heads, group, head_dim, rot_dim, block_size, dtype, max_blocks=None, seed=0):
@@ -30,9 +31,9 @@ def _step(spec_text, lens, num_kv_heads, group, head_dim, rot_dim, block_size, d
     spec = parse_kv_dtype(spec_text, torch.float32)
     layers = []
     for _ in range(2):
-        layer, tables, context_lens = _stored_batch(spec, [max(n - 1, 0) for n in lens], num_kv_heads, head_dim,
-                                                    block_size, dtype, max_blocks=max_blocks, seed=seed,
-                                                    spare=len(lens) + 3)  # fmt: skip
+        layer, tables, context_lens = stored_batch(spec, [max(n - 1, 0) for n in lens], num_kv_heads, head_dim,
+                                                   block_size, dtype, max_blocks=max_blocks, seed=seed,
+                                                   spare=len(lens) + 3)  # fmt: skip
         layers.append(layer)
     # The tables cover len - 1 tokens; the new token may need one block more, from the spare ones (the same in both
     # pools).
@@ -60,14 +61,6 @@ def _step(spec_text, lens, num_kv_heads, group, head_dim, rot_dim, block_size, d
     return layers, tables, context_lens, qkv[:, :heads], new
 
 
-def _assert_same_pool(expected, actual) -> None:
-    """Byte for byte (the garbage in a bf16 pool may hold NaNs, which torch.equal never finds equal)."""
-    for a, b in ((expected.k_cache, actual.k_cache), (expected.v_cache, actual.v_cache),
-                 (expected.k_scale, actual.k_scale), (expected.v_scale, actual.v_scale)):  # fmt: skip
-        if a is not None:
-            assert torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8)), "the pools differ"
-
-
 LENS = [1, 8, 9, 70, 200, 0]  # the new token alone, closing a block, opening one, several tiles, batch padding
 
 CASES = [
@@ -92,7 +85,7 @@ def test_fused_decode_matches_refs(spec_text, num_kv_heads, group, head_dim, rot
     scale = head_dim**-0.5
     expected = rotary_store_decode_attention_ref(query, expected_layer, tables, lens, scale, new)
     out = paged_decode_attention(query, layer, tables, lens, scale, num_splits=num_splits, new=new)
-    _assert_same_pool(expected_layer, layer)
+    assert_same_kv(expected_layer, layer)
     assert out.shape == query.shape and out[-1].eq(0).all()
     tol = {torch.float32: 2e-5, torch.float16: 4e-3}[dtype]
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
@@ -136,7 +129,7 @@ def test_fused_decode_gpu_real_sizes(spec_text: str, batch: int) -> None:
     scale = 128**-0.5
     expected = _expected_on_gpu(expected_layer, tables, lens, query, new, scale)
     out = paged_decode_attention(query, layer, tables, lens, scale, max_context_len=4096, new=new)
-    _assert_same_pool(expected_layer, layer)
+    assert_same_kv(expected_layer, layer)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
     # and against the references in sequence, pool and all (the rotary's roundings may differ by an ulp)
     (ref_layer, _), *_ = _step(spec_text, _gpu_lens(batch, 0), 8, 4, 128, 128, 16, torch.bfloat16)
@@ -151,7 +144,7 @@ def test_fused_decode_gpu_same_as_two_kernels() -> None:
     q = rotary_store_kv(new.positions, query, new.key, new.value, new.cos_sin_cache, first, new.slot_mapping)
     expected = paged_decode_attention(q, first, tables, lens, 0.088, max_context_len=4096)
     out = paged_decode_attention(query, second, tables, lens, 0.088, max_context_len=4096, new=new)
-    _assert_same_pool(first, second)
+    assert_same_kv(first, second)
     torch.testing.assert_close(out.float(), expected.float(), atol=1e-3, rtol=1e-3)
 
 
@@ -187,4 +180,4 @@ def test_fused_decode_cuda_graph() -> None:
         torch.cuda.synchronize()
         expected = _expected_on_gpu(expected_layer, tables, lens, query, new, scale)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
-        _assert_same_pool(expected_layer, layer)
+        assert_same_kv(expected_layer, layer)

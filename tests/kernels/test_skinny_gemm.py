@@ -1,4 +1,4 @@
-"""The Triton skinny GEMM (kernels/triton_skinny_gemm.py) against torch's linear and silu_and_mul_ref.
+"""The Triton skinny GEMM (kernels/triton_skinny_gemm.py) against skinny_gemm_ref (kernels/skinny_gemm.py).
 
 On the CPU under TRITON_INTERPRET=1 at small odd sizes in fp16 (Triton 3.6's interpreter computes bf16 dots wrongly:
 garbage of order 1e10 on random inputs, so bf16 is tested on the GPU only); on a GPU, the 8B projection shapes at
@@ -13,8 +13,9 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): no Triton kernel to test")
 
 from kernels import ops  # noqa: E402
-from kernels.activation import silu_and_mul_ref  # noqa: E402
+from kernels.skinny_gemm import skinny_gemm_ref  # noqa: E402
 from kernels.triton_skinny_gemm import MAX_ROWS, SILU_MUL_OUT, skinny_gemm  # noqa: E402
+from tests.kernels.close import rel_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,12 +25,6 @@ def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torc
     x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
     w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype).to(DEVICE)
     return x, w
-
-
-def _expected(x: torch.Tensor, w: torch.Tensor, silu: bool) -> torch.Tensor:
-    """float32 products rounded once to x's dtype; with silu, the activation of that rounded [gate, up]."""
-    y = torch.nn.functional.linear(x.float(), w.float()).to(x.dtype)
-    return silu_and_mul_ref(y) if silu else y
 
 
 # (rows, output columns, K): one row, a few, 17 (odd, BLOCK_M 32), MAX_ROWS; N not a multiple of the 32-column tile;
@@ -45,7 +40,7 @@ def test_skinny_gemm_matches_torch(m: int, n: int, k: int, silu: bool) -> None:
     y = skinny_gemm(x, w, SILU_MUL_OUT if silu else 0)
     assert y is not None and y.shape == (m, n) and y.dtype == dtype
     tol = 2e-3 if dtype == torch.float16 else 2e-2  # one rounding of the output, accumulated in another order
-    torch.testing.assert_close(y.float(), _expected(x, w, silu).float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(y.float(), skinny_gemm_ref(x, w, silu).float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(5, 96, 128), (17, 70, 192), (MAX_ROWS, 33, 64)])
@@ -58,7 +53,7 @@ def test_skinny_gemm_preload_changes_nothing(m: int, n: int, k: int, silu: bool)
     epilogue = SILU_MUL_OUT if silu else 0
     with_preload, without = skinny_gemm(x, w, epilogue, preload=True), skinny_gemm(x, w, epilogue, preload=False)
     assert with_preload is not None and torch.equal(with_preload, without)
-    torch.testing.assert_close(with_preload.float(), _expected(x, w, silu).float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(with_preload.float(), skinny_gemm_ref(x, w, silu).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize(("m", "n", "k", "splits"), [(5, 96, 256, 2), (17, 70, 384, 3), (MAX_ROWS, 33, 128, 2)])
@@ -121,7 +116,7 @@ SHAPES_8B = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 2
 def test_skinny_gemm_gpu_real_sizes(m: int, name: str, n: int, k: int, silu: bool) -> None:
     x, w = _inputs(m, n, k, torch.bfloat16, seed=m)
     y = skinny_gemm(x, w, SILU_MUL_OUT if silu else 0)
-    torch.testing.assert_close(y.float(), _expected(x, w, silu).float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y.float(), skinny_gemm_ref(x, w, silu).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
@@ -158,7 +153,7 @@ def test_mlp_through_ops_with_and_without_the_skinny_gemm(monkeypatch: pytest.Mo
         monkeypatch.setattr(ops, "SKINNY_GEMM", on)
         outs[on] = ops.norm_mlp(x, residual, norm_w, 1e-5, gate_up, None, down, None)
     torch.testing.assert_close(outs[True][1], outs[False][1], atol=0, rtol=0)  # the same new residual
-    rel = ((outs[True][0].float() - outs[False][0].float()).norm() / outs[False][0].float().norm()).item()
+    rel = rel_error(outs[True][0], outs[False][0])
     assert rel < 1e-2, rel
     # down_proj in 2 splits (ops.SPLIT_DOWN): its partial sums, which the next fused add + norm adds
     monkeypatch.setattr(ops, "SKINNY_GEMM", True)
@@ -166,7 +161,7 @@ def test_mlp_through_ops_with_and_without_the_skinny_gemm(monkeypatch: pytest.Mo
     split, new_residual = ops.norm_mlp(x, residual, norm_w, 1e-5, gate_up, None, down, None)
     assert isinstance(split, ops.Partials) and split.parts.shape == (2, 64, 4096)
     torch.testing.assert_close(new_residual, outs[True][1], atol=0, rtol=0)
-    rel = ((split.dense().float() - outs[True][0].float()).norm() / outs[True][0].float().norm()).item()
+    rel = rel_error(split.dense(), outs[True][0])
     assert rel < 1e-2, rel
     normed, added = ops.fused_add_rms_norm(split, new_residual, norm_w, 1e-5)
     want_normed, want_added = ops.fused_add_rms_norm(split.dense(), new_residual, norm_w, 1e-5)
