@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gateway.tokenizer import Tokenizer
+from kvrelay.tokenizer import Tokenizer
 from services.model.default_model import resolve_model
 from services.model.kv_quality import measure
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.tokenizer import Tokenizer
+from kvrelay.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt ids kept as context for the first generated token (vLLM uses the same 5).

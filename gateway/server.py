@@ -18,7 +18,6 @@ import grpc
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.router import NoWorkers, Router
 from gateway.stop_strings import StopMatcher
-from gateway.tokenizer import Tokenizer
 from gateway.validation import InvalidRequest, ValidRequest, validate
 from kvrelay import trace
 from kvrelay.internal.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -29,6 +28,7 @@ from kvrelay.rpc.layout import fetch_layout
 from kvrelay.rpc.lifecycle import serve
 from kvrelay.sampling import params_to_proto
 from kvrelay.settings import GatewaySettings, parse
+from kvrelay.tokenizer import Tokenizer
 from kvrelay.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from kvstore.sessions import SessionState, SessionStore, WrongState
 

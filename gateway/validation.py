@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from gateway.tokenizer import Tokenizer
 from kvrelay.sampling import MAX_LOGPROBS, SamplingParams
+from kvrelay.tokenizer import Tokenizer
 from kvrelay.v1 import gateway_pb2
 
 DEFAULT_MAX_TOKENS = 256

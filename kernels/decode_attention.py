@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.rotary_store_kv import rotary_store_kv_ref
-from kvstore.pool import LayerKV
+from kvstore.formats import LayerKV
 
 
 @dataclass(frozen=True)

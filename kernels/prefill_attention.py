@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.pool import LayerKV
+from kvstore.formats import LayerKV
 
 
 def paged_prefill_attention_ref(

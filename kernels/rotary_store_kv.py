@@ -6,7 +6,7 @@ import torch
 
 from kernels.rotary import rotary_ref
 from kernels.store_kv import store_kv_ref
-from kvstore.pool import LayerKV
+from kvstore.formats import LayerKV
 
 
 def rotary_store_kv_ref(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.formats import KVFormat, quantize
-from kvstore.pool import LayerKV
+from kvstore.formats import KVFormat, LayerKV, quantize
 
 
 def _scatter(

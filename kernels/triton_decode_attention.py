@@ -40,8 +40,7 @@ from kernels.triton_helpers import (
     scale_args,
     to_dot,
 )
-from kvstore.formats import KVFormat
-from kvstore.pool import LayerKV
+from kvstore.formats import KVFormat, LayerKV
 
 # Split heuristic (see `decode_num_splits`). Programs wanted per SM/CU: enough resident programs for the loads in
 # flight to saturate HBM; each split adds a [group, head_dim] float32 partial, negligible next to its K/V bytes.

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvstore.formats import AMAX_FLOOR, KVFormat
-from kvstore.pool import LayerKV
+from kvstore.formats import AMAX_FLOOR, KVFormat, LayerKV
 
 # How a row is converted, per K and V (a constexpr of the kernel).
 _MODE_CAST = tl.constexpr(0)  # unscaled, a plain cast (exact, or to nearest even everywhere: fp32, fp16, bf16->bf16)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvstore.pool import LayerKV
+from kvstore.formats import LayerKV
 
 LOG2E = 1.4426950408889634
 # Caches of at least this many elements index with int64 (int32 offset arithmetic is ~10% faster on H200).

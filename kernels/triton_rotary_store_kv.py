@@ -34,7 +34,7 @@ from kernels import pdl
 from kernels.rotary import check_rotary_args
 from kernels.store_kv import check_store_kv_args
 from kernels.triton_helpers import quantize_constexprs, rope_factors, rotate_store_token, rotated_rows, scale_args
-from kvstore.pool import LayerKV
+from kvstore.formats import LayerKV
 
 # Read by kernels/ops.py at each call: False sends rotary_store_kv to the rotary and store_kv kernels in sequence, an
 # A/B in one process (bench/model_bench.py --sweep kernels.triton_rotary_store_kv.FUSED=0,1).

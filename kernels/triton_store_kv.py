@@ -28,7 +28,7 @@ import triton.language as tl
 from kernels import pdl
 from kernels.store_kv import check_store_kv_args
 from kernels.triton_helpers import quantize_constexprs, scale_args, store_at_slot
-from kvstore.pool import LayerKV
+from kvstore.formats import LayerKV
 
 
 @triton.jit

@@ -174,3 +174,49 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor | None, fmt: KVFormat, ou
     if scale is None:
         raise ValueError(f"KV format {fmt} needs a scale to dequantize")
     return (data.float() * scale.unsqueeze(-1)).to(out_dtype)
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's views into the pool, plus the formats needed to read them: what kernels take (kvstore/pool.py makes
+    them; kernels import only this module of kvstore)."""
+
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim] in k_format.storage_dtype
+    v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim] in v_format.storage_dtype
+    k_scale: torch.Tensor | None  # [num_blocks, block_size, num_kv_heads] float32; None if k_format is unscaled
+    v_scale: torch.Tensor | None  # [num_blocks, block_size, num_kv_heads] float32; None if v_format is unscaled
+    k_format: KVFormat
+    v_format: KVFormat
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_cache.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_cache.shape[3]
+
+    def gather(
+        self, block_table: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized, contiguous K and V of one sequence's first `num_tokens` tokens.
+
+        block_table: [>= ceil(num_tokens / block_size)] block ids of the sequence, in order.
+        Returns (k, v), each [num_tokens, num_kv_heads, head_dim] in `dtype`.
+        """
+        num_blocks = -(-num_tokens // self.block_size)
+        blocks = block_table[:num_blocks].long()
+        # [num_blocks, block_size, ...] -> [num_blocks * block_size, ...] -> first num_tokens rows
+        k = self.k_cache[blocks].flatten(0, 1)[:num_tokens]
+        v = self.v_cache[blocks].flatten(0, 1)[:num_tokens]
+        k_scale = None if self.k_scale is None else self.k_scale[blocks].flatten(0, 1)[:num_tokens]
+        v_scale = None if self.v_scale is None else self.v_scale[blocks].flatten(0, 1)[:num_tokens]
+        return dequantize(k, k_scale, self.k_format, dtype), dequantize(v, v_scale, self.v_format, dtype)

@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from gateway.tokenizer import Tokenizer
 from kvrelay.errors import UsageError
 from kvrelay.model_config import ModelConfigError
 from kvrelay.sampling import SamplingParams
+from kvrelay.tokenizer import Tokenizer
 from kvstore.allocator import OutOfBlocks
 from services.model.default_model import resolve_model
 from services.model.engine import Engine, EngineConfig, PromptTooLongError

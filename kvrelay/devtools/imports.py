@@ -5,7 +5,8 @@
 The map (ARCHITECTURE.md shows it too):
 
     kvrelay.cli (and the launcher it starts) -> gateway, services     as processes, never as imports
-    gateway   -> kvrelay (its torch-free runtime: v1, rpc, settings, sampling, model_config, trace, errors), kvstore
+    gateway   -> kvrelay (its torch-free runtime: v1, rpc, settings, sampling, model_config, tokenizer, trace,
+                 errors), kvstore
     services  -> kvrelay (same), kernels, kvstore
     kernels   -> kvstore.formats only
     kvstore   -> kvstore, kvrelay's runtime
@@ -39,6 +40,7 @@ KVRELAY_RUNTIME = (
     "kvrelay.settings",
     "kvrelay.sampling",
     "kvrelay.model_config",
+    "kvrelay.tokenizer",
     "kvrelay.trace",
     "kvrelay.errors",
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.pool import KVPool, LayerKV
+from kvstore.formats import LayerKV
+from kvstore.pool import KVPool
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float = 0.0,

@@ -8,8 +8,8 @@ import torch
 from kernels.store_kv import store_kv_ref
 from kvstore.allocator import BlockAllocator
 from kvstore.block_table import blocks_needed, make_block_table_tensor, slot_mapping
-from kvstore.formats import KVSpec
-from kvstore.pool import KVPool, LayerKV, PoolGeometry
+from kvstore.formats import KVSpec, LayerKV
+from kvstore.pool import KVPool, PoolGeometry
 
 # Where random_pool and stored_batch put their tensors: interpreted kernels read CPU tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -22,8 +22,8 @@ from kernels.rotary import compute_inv_freq, make_cos_sin_cache, rotary_ref
 from kernels.store_kv import store_kv_ref
 from kvstore.allocator import BlockAllocator
 from kvstore.block_table import blocks_needed, make_block_table_tensor, slot_mapping
-from kvstore.formats import KVFormat, KVSpec, dequantize, parse_kv_dtype, quantize
-from kvstore.pool import KVPool, LayerKV, PoolGeometry
+from kvstore.formats import KVFormat, KVSpec, LayerKV, dequantize, parse_kv_dtype, quantize
+from kvstore.pool import KVPool, PoolGeometry
 from tests.kernels.close import rel_error
 from tests.kernels.inputs import LLAMA31
 

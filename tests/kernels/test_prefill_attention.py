@@ -28,8 +28,8 @@ from kernels.prefill_attention import paged_prefill_attention_ref  # noqa: E402
 from kernels.store_kv import store_kv_ref  # noqa: E402
 from kernels.triton_prefill_attention import paged_prefill_attention  # noqa: E402
 from kvstore.block_table import blocks_needed, make_block_table_tensor, slot_mapping  # noqa: E402
-from kvstore.formats import parse_kv_dtype  # noqa: E402
-from kvstore.pool import KVPool, LayerKV, PoolGeometry  # noqa: E402
+from kvstore.formats import LayerKV, parse_kv_dtype  # noqa: E402
+from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
 from tests.kernels.close import rel_error  # noqa: E402
 
 # Interpreted kernels read CPU tensors; on a GPU machine the small tests run on the GPU too.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.tokenizer import Tokenizer
 from kvrelay.sampling import SamplingParams
+from kvrelay.tokenizer import Tokenizer
 from services.model.engine import Engine, EngineConfig
 
 QUESTIONS = ["Name the planets of the solar system.", "How do I boil an egg?", "Translate 'good morning' to French."]

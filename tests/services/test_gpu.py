@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from gateway.tokenizer import Tokenizer
 from kvrelay.sampling import SamplingParams
+from kvrelay.tokenizer import Tokenizer
 from services.model.engine import Engine, EngineConfig
 
 pytestmark = pytest.mark.gpu

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.tokenizer import Tokenizer
+from kvrelay.tokenizer import Tokenizer
 from services.model.kv_quality import measure
 
 

@@ -35,7 +35,7 @@ def test_converted_weights_equal_transformers_gguf_loader(default_model_dir, hf_
 
 
 def test_logits_128_tokens_match_hf(engine, hf_reference_model, english_text):
-    from gateway.tokenizer import Tokenizer
+    from kvrelay.tokenizer import Tokenizer
 
     ids = Tokenizer.from_dir(engine.cfg.model_dir).encode(english_text)[:128]
     assert len(ids) == 128
@@ -54,7 +54,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def test_greedy_32_tokens_match_hf_batched(engine, hf_reference_model):
-    from gateway.tokenizer import Tokenizer
+    from kvrelay.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(engine.cfg.model_dir)
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]

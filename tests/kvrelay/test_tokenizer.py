@@ -19,7 +19,7 @@ import pytest
 import regex
 
 from gateway.detokenizer import IncrementalDetokenizer
-from gateway.tokenizer import Tokenizer
+from kvrelay.tokenizer import Tokenizer
 from services.model.gguf_tokenizer import tokenizer_files_from_gguf, write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
