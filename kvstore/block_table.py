@@ -7,7 +7,10 @@ offset p % block_size. Its slot, the flat row index into a layer's cache viewed 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Padding value of block tables. Padded entries are never read (kernels stop at context_lens), so any valid id works;
 # 0 keeps a stray read inside the pool.
@@ -40,6 +43,8 @@ def make_block_table_tensor(
     max_blocks defaults to the longest table (at least 1, so the tensor always has a column); pass a fixed width to
     keep shapes stable (CUDA graphs).
     """
+    import torch  # here, not at the top: blocks_needed serves the torch-free scheduler (services/scheduler.py)
+
     longest = max((len(t) for t in tables), default=0)
     width = max(longest, 1) if max_blocks is None else max_blocks
     if longest > width:

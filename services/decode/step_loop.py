@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import grpc
 import torch
@@ -34,10 +35,12 @@ from kvrelay.sampling import SamplingParams
 from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
-from kvstore.sessions import SessionError
+from kvstore.sessions import SessionError, SessionState
+from services.common.attach import Attached
 from services.common.convert import FINISH, logprob_to_proto
-from services.common.worker import LEASE_MS, sync_device
-from services.model.sampler import PendingSample, SampleOutput, finish_reason
+from services.common.worker import LEASE_MS, OwnStream, sync_device
+from services.model.sampler import PendingSample, SampleOutput, Sampler, finish_reason
+from services.scheduler import keeps_batch, preemption_victim, to_retire
 
 log = logging.getLogger("kvrelay.decode")
 
@@ -71,8 +74,41 @@ class Step:
     ending: list[tuple[RunningSeq, decode_pb2.DecodeResponse | None]] = field(default_factory=list)
 
 
+class DecodeStore(Protocol):
+    """The session-store calls the step loop makes (kvstore/sessions.py's SessionStore; the tests' in-memory store).
+
+    allocate appends n blocks to a session the caller owns and returns them, all or nothing (OutOfBlocks takes none;
+    create=False: SessionError when the session was reclaimed or taken over meanwhile).
+    """
+
+    async def allocate(self, session_id: str, n: int, owner: str, lease_ms: int, /, *, create: bool) -> list[int]: ...
+
+    async def update(
+        self, session_id: str, owner: str, state: SessionState | None, /, *, num_tokens: int, tokens: list[int]
+    ) -> object: ...
+
+    async def release(self, session_id: str, owner: str, /) -> None: ...
+
+    async def free(self, session_id: str, /, owner: str | None = None) -> int: ...
+
+
+class StepLoopHost(Protocol):
+    """What StepLoop needs of the worker it is mixed into (DecodeWorker sets these once attached)."""
+
+    attached: Attached  # runner, config.eos_token_ids, max_model_len, pool.geometry.block_size
+    gpu: OwnStream  # runs a launch on the worker's stream, one at a time (shared with prefill when colocated)
+    store: DecodeStore
+    worker_id: str  # the owner in Redis of every session in the batch
+    sampler: Sampler
+
+
 class StepLoop:
-    """The batch and its loop, mixed into DecodeWorker (which provides attached, gpu, store, worker_id, sampler)."""
+    """The batch and its loop, mixed into a StepLoopHost (DecodeWorker)."""
+
+    @property
+    def _host(self) -> StepLoopHost:
+        # A mixin cannot name its host's attributes as its own; this view types them. It is `self`, nothing else.
+        return cast(StepLoopHost, self)
 
     def init_steps(self, overlap: bool) -> None:
         self.running: list[RunningSeq] = []
@@ -86,7 +122,7 @@ class StepLoop:
                 self.wakeup.clear()
                 await self.wakeup.wait()
             queued = self.inflight.batch if self.inflight is not None else []
-            for seq in [s for s in self.running if s.cancelled and s not in queued]:
+            for seq in to_retire(self.running, queued):
                 await self._retire(seq)
             if self.inflight is None:
                 await self._start_from_host()
@@ -102,7 +138,7 @@ class StepLoop:
             (batch if await self._grow(seq) else paused).append(seq)
         if paused and not batch:
             # Nobody can grow, so nobody will free blocks: give up the newest sequence (its blocks free others).
-            victim = max(paused, key=lambda s: s.received)
+            victim = preemption_victim(paused)
             victim.out.put_nowait(grpc.StatusCode.RESOURCE_EXHAUSTED)
             await self._retire(victim)
         # Other paused sequences wait for blocks that finishing sequences return.
@@ -139,14 +175,8 @@ class StepLoop:
     async def _can_follow(self, step: Step) -> bool:
         """Whether the step after `step` runs the same sequences in the same order; grows their blocks one token
         ahead (the next step writes at num_cached + 1)."""
-        if not self.overlap or len(step.batch) != len(self.running):
+        if not self.overlap or not keeps_batch(step.batch, self.running, self._host.attached.max_model_len):
             return False
-        limit = self.attached.max_model_len
-        for seq, running in zip(step.batch, self.running, strict=True):
-            if seq is not running or seq.cancelled or seq.params.repetition_penalty != 1.0:
-                return False
-            if seq.num_generated + 1 >= seq.params.max_tokens or len(seq.history) + 1 >= limit:
-                return False  # ends by length at `step`: known already, so no row is computed for nothing
         for seq in step.batch:
             if not await self._grow(seq, ahead=1):
                 return False
@@ -157,7 +187,7 @@ class StepLoop:
     ) -> tuple[PendingSample | None, SampleOutput | None]:
         """In a worker thread: queue a step for `batch` (input ids: `prev`'s on the device, else the host's), then
         wait for `wait`'s sampled ids (or, with wait_own, for the step just queued)."""
-        pending = self.gpu.run(self._launch, batch, prev) if batch else None
+        pending = self._host.gpu.run(self._launch, batch, prev) if batch else None
         wait = pending if wait_own else wait
         return pending, (wait.result() if wait is not None else None)
 
@@ -166,10 +196,10 @@ class StepLoop:
         ahead = 0 if prev is None else 1
         tokens = prev.token_ids if prev is not None else [s.history[-1] for s in batch]
         self._mark_new(batch, "dc_launch")
-        logits = self.attached.runner.decode(
+        logits = self._host.attached.runner.decode(
             tokens, [s.num_cached + ahead for s in batch], [s.block_table for s in batch]
         )
-        pending = self.sampler.launch(
+        pending = self._host.sampler.launch(
             logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch]
         )
         self._mark_new(batch, "dc_queued")
@@ -193,8 +223,8 @@ class StepLoop:
                 seq.out.put_nowait(msg)
         self._mark_new(step.batch, "dc_read")
         queued = nxt.batch if nxt is not None else []
-        eos = self.attached.config.eos_token_ids
-        limit = self.attached.max_model_len
+        eos = self._host.attached.config.eos_token_ids
+        limit = self._host.attached.max_model_len
         for row, seq in enumerate(step.batch):
             if seq.finished:
                 continue  # ended at the step before; this row was computed for nothing
@@ -237,7 +267,7 @@ class StepLoop:
     async def _fail(self, steps: list[Step | None]) -> None:
         """A step raised: every sequence in it fails, and its blocks are freed once the device is idle."""
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.gpu.run, sync_device, self.attached.runner.device)
+            await asyncio.to_thread(self._host.gpu.run, sync_device, self._host.attached.runner.device)
         for step in steps:
             if step is None:
                 continue
@@ -258,24 +288,26 @@ class StepLoop:
         await self._release(seq)
 
     async def _release(self, seq: RunningSeq) -> None:
+        host = self._host
         try:
             if seq.keep_session and not seq.aborted:
                 # the blocks hold K/V for history[:num_cached]: the next turn reuses that prefix
                 tokens = seq.history[: seq.num_cached]
-                await self.store.update(seq.session_id, self.worker_id, None, num_tokens=seq.num_cached, tokens=tokens)
-                await self.store.release(seq.session_id, self.worker_id)
+                await host.store.update(seq.session_id, host.worker_id, None, num_tokens=seq.num_cached, tokens=tokens)
+                await host.store.release(seq.session_id, host.worker_id)
             else:
-                await self.store.free(seq.session_id, owner=self.worker_id)
+                await host.store.free(seq.session_id, owner=host.worker_id)
         except SessionError:
             log.warning("session %s was taken over before it could be freed", seq.session_id)
 
     async def _grow(self, seq: RunningSeq, ahead: int = 0) -> bool:
         """Blocks for the token the next step writes (`ahead` steps further); False when the pool is exhausted."""
-        need = blocks_needed(seq.num_cached + 1 + ahead, self.attached.pool.geometry.block_size) - len(seq.block_table)
+        host = self._host
+        need = blocks_needed(seq.num_cached + 1 + ahead, host.attached.pool.geometry.block_size) - len(seq.block_table)
         if need <= 0:
             return True
         try:
-            seq.block_table += await self.store.allocate(seq.session_id, need, self.worker_id, LEASE_MS, create=False)
+            seq.block_table += await host.store.allocate(seq.session_id, need, host.worker_id, LEASE_MS, create=False)
             return True
         except (OutOfBlocks, SessionError):
             return False

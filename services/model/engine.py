@@ -6,8 +6,10 @@ compare the gateway -> prefill -> decode path against.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -20,10 +22,20 @@ from kvstore.pool import KVPool, PoolGeometry
 from services.model.loader import build_model, load_weights
 from services.model.runner import ModelRunner, SeqChunk
 from services.model.sampler import Sampler, finish_reason, make_generator
+from services.scheduler import PromptProgress, fits_context, pack_prefill
 
 
 class PromptTooLongError(ValueError):
     pass
+
+
+class Allocator(Protocol):
+    """The block allocation the engine's loops rely on (kvstore/allocator.py's BlockAllocator): all or nothing, an
+    allocation that cannot be met raises OutOfBlocks and takes no block."""
+
+    def allocate(self, n: int) -> list[int]: ...
+
+    def free(self, block_ids: Iterable[int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class Engine:
     def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise PromptTooLongError("empty prompt")
-        if len(prompt) >= self.max_model_len:
+        if not fits_context(len(prompt), self.max_model_len):
             raise PromptTooLongError(
                 f"prompt has {len(prompt)} tokens; the context is {self.max_model_len} (room for at least one more)"
             )
@@ -139,22 +151,12 @@ class Engine:
 
     def _prefill(self, prompts, params, generators, tables, results, eos) -> None:
         """Varlen batches up to the token budget; a prompt larger than the budget is split into chunks."""
-        budget = self.cfg.max_batch_tokens
         progress = [0] * len(prompts)
         pending = list(range(len(prompts)))
         while pending:
-            batch, chunks, used = [], [], 0
-            for i in pending:
-                if used >= budget:
-                    break
-                take = min(len(prompts[i]) - progress[i], budget - used)
-                end = progress[i] + take
-                need = blocks_needed(end, self.cfg.block_size) - len(tables[i])
-                tables[i] += self.allocator.allocate(need) if need > 0 else []
-                chunks.append(SeqChunk(tuple(prompts[i][progress[i] : end]), progress[i], tuple(tables[i])))
-                batch.append(i)
-                progress[i] = end
-                used += take
+            batch, chunks = prefill_batch(
+                prompts, progress, tables, pending, self.allocator, self.cfg.block_size, self.cfg.max_batch_tokens
+            )
             logits = self.runner.forward(chunks)
             done = [j for j, i in enumerate(batch) if progress[i] == len(prompts[i])]
             self._sample([batch[j] for j in done], logits[done], prompts, params, generators, results, eos)
@@ -193,3 +195,29 @@ class Engine:
             return torch.cat(out)
         finally:
             self.allocator.free(table)
+
+
+def prefill_batch(
+    prompts: list[list[int]],
+    progress: list[int],
+    tables: list[list[int]],
+    pending: list[int],
+    allocator: Allocator,
+    block_size: int,
+    max_batch_tokens: int,
+) -> tuple[list[int], list[SeqChunk]]:
+    """The engine's next prefill pass over the `pending` prompts (indices into `prompts`, in order), packed by the
+    scheduler: the prompts it takes and their chunks. Grows each taken prompt's block table to cover its chunk (blocks
+    come as chunks need them, not all at admission: the engine's pool is sized for every request it was given) and
+    advances `progress` past the chunk.
+    """
+    plan = pack_prefill([PromptProgress(len(prompts[i]), progress[i]) for i in pending], max_batch_tokens)
+    batch, chunks = [], []
+    for chunk in plan:
+        i = pending[chunk.index]
+        need = blocks_needed(chunk.end, block_size) - len(tables[i])
+        tables[i] += allocator.allocate(need) if need > 0 else []
+        chunks.append(SeqChunk(tuple(prompts[i][chunk.start : chunk.end]), chunk.start, tuple(tables[i])))
+        batch.append(i)
+        progress[i] = chunk.end
+    return batch, chunks

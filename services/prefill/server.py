@@ -19,16 +19,22 @@ from kvrelay.sampling import SamplingParams, params_from_proto
 from kvrelay.settings import PrefillSettings
 from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
-from kvstore.block_table import blocks_needed
 from kvstore.sessions import SessionError, SessionState
 from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
 from services.model.runner import SeqChunk
 from services.model.sampler import Sampler, finish_reason, make_generator
+from services.scheduler import (
+    Admission,
+    PromptProgress,
+    fits_context,
+    pack_prefill,
+    queue_full,
+    reusable_prefix,
+)
 
 log = logging.getLogger("kvrelay.prefill")
 SERVICE = "kvrelay.internal.v1.Prefill"
-MAX_WAITING = 256  # prompts waiting for KV blocks; beyond this a request is refused at once (RESOURCE_EXHAUSTED)
 
 
 @dataclass(eq=False)
@@ -45,6 +51,20 @@ class PrefillJob:
     cancelled: bool = False
     keep_session: bool = False  # multi-turn: leave the KV in the pool (IDLE) when the request ends here
     cached: int = 0  # prompt tokens reused from the session's earlier turns
+
+
+def prefill_batch(ready: list[PrefillJob], max_batch_tokens: int) -> tuple[list[PrefillJob], list[SeqChunk]]:
+    """The next forward pass over the jobs whose blocks are allocated (in admission order), packed by the scheduler:
+    the jobs it takes and their chunks. Advances each taken job's progress past its chunk."""
+    plan = pack_prefill([PromptProgress(len(job.token_ids), job.progress) for job in ready], max_batch_tokens)
+    batch, chunks = [], []
+    for chunk in plan:
+        job = ready[chunk.index]
+        chunks.append(SeqChunk(tuple(job.token_ids[chunk.start : chunk.end]), chunk.start, tuple(job.block_table)))
+        batch.append(job)
+        job.started = job.started or time.perf_counter()
+        job.progress = chunk.end
+    return batch, chunks
 
 
 class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
@@ -74,11 +94,11 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         ids = list(request.token_ids)
         limit = self.attached.max_model_len
-        if not ids or len(ids) >= limit:
+        if not fits_context(len(ids), limit):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"prompt of {len(ids)} tokens; the context is {limit}"
             )
-        if len(self.waiting) >= MAX_WAITING:
+        if queue_full(len(self.waiting)):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill queue is full; retry later")
         job = PrefillJob(
             request.session_id, request.request_id, ids, params, asyncio.get_running_loop().create_future()
@@ -107,14 +127,15 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
 
     async def _admit(self) -> None:
         """Give waiting prompts their blocks, oldest first; one that cannot get them waits (bounded) or is refused."""
-        block_size = self.attached.pool.geometry.block_size
+        geometry = self.attached.pool.geometry
+        policy = Admission(geometry.block_size, geometry.num_blocks, self.settings.block_wait_s)
         still = []
         for job in self.waiting:
             if job.cancelled or job.future.done():
                 continue
-            need = blocks_needed(len(job.token_ids), block_size)
-            if need > self.attached.pool.geometry.num_blocks:  # would never fit: say so now, not after the wait
-                job.future.set_exception(OutOfBlocks(need, self.attached.pool.geometry.num_blocks))
+            need = policy.blocks_for(len(job.token_ids))
+            if policy.never_fits(need):
+                job.future.set_exception(OutOfBlocks(need, geometry.num_blocks))
                 continue
             try:
                 record = await self.store.get(job.session_id)
@@ -124,10 +145,10 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                     await self._resume(job, record, need)
                 self.ready.append(job)
             except OutOfBlocks as exc:
-                if time.perf_counter() - job.arrived > self.settings.block_wait_s:
-                    job.future.set_exception(exc)
-                else:
+                if policy.keeps_waiting(time.perf_counter() - job.arrived):
                     still.append(job)
+                else:
+                    job.future.set_exception(exc)
             except SessionError as exc:
                 job.future.set_exception(exc)
         self.waiting = still
@@ -140,10 +161,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             job.session_id, self.worker_id, LEASE_MS, expected_state=SessionState.IDLE, state=SessionState.PREFILLING
         )
         cached = record.token_ids()[: record.num_tokens]  # adopt's reply holds them: no round trip
-        reuse = 0
-        limit = min(len(cached), len(job.token_ids) - 1)  # at least the last prompt token is computed (its logits)
-        while reuse < limit and cached[reuse] == job.token_ids[reuse]:
-            reuse += 1
+        reuse = reusable_prefix(cached, job.token_ids)
         job.block_table = list(record.block_table)
         missing = need - len(job.block_table)
         if missing > 0:
@@ -208,17 +226,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         await self._drop_cancelled()
         if not self.ready:
             return
-        batch, chunks, used = [], [], 0
-        for job in self.ready:
-            if used >= budget:
-                break
-            take = min(len(job.token_ids) - job.progress, budget - used)
-            end = job.progress + take
-            chunks.append(SeqChunk(tuple(job.token_ids[job.progress : end]), job.progress, tuple(job.block_table)))
-            batch.append(job)
-            job.started = job.started or time.perf_counter()
-            job.progress = end
-            used += take
+        batch, chunks = prefill_batch(self.ready, budget)
         done = [i for i, job in enumerate(batch) if job.progress == len(job.token_ids)]
         jobs = [batch[i] for i in done]
         out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, jobs)
