@@ -40,7 +40,9 @@ def free_port_run(n: int) -> int:
 
 class Deployment:
     def __init__(self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1) -> None:
-        self.name = f"kvtest{uuid.uuid4().hex[:8]}"
+        # KVRELAY_TEST_RUN (set by tests/conftest.py) marks everything one test run creates, so that its leftover check
+        # sees its own things only, even beside another run or a live deployment
+        self.name = f"kvtest{os.environ.get('KVRELAY_TEST_RUN', '')}{uuid.uuid4().hex[:8]}"
         self.base_port = free_port_run(2 + decode_replicas + prefill_replicas)
         self.port = free_port_run(1)
         self.address = f"127.0.0.1:{self.port}"

@@ -53,7 +53,7 @@ class Launcher:
         self.settings = settings
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.stopping = False
-        self.tmp = tempfile.mkdtemp(prefix="kvrelay-")
+        self.tmp = ""  # the deployment's private folder (MPS pipes, a private Redis), made by start()
         self.gpu_env: dict = {}
         self.mps: str | None = None
 
@@ -154,6 +154,7 @@ class Launcher:
 
     def start(self) -> str:
         a = self.settings
+        self.tmp = tempfile.mkdtemp(prefix=f"kvrelay-{a.name}-")  # named: a leftover says whose
         redis_url = self.ensure_redis()
         if a.mps:
             self.start_mps()
@@ -213,7 +214,8 @@ class Launcher:
             subprocess.run([self.mps], input="quit\n", text=True, env=os.environ | self.gpu_env, check=False)
         for suffix in ("weights", "pool"):  # kvstore removes them itself; a killed one leaves them behind
             shm_path(f"{self.settings.name}-{suffix}").unlink(missing_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def up_command(args: UpSettings) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 DATA = Path(__file__).parent / "data"
 
-# What tests create and must remove: deployments' Redis keys (prefixes kvtest*, kvrelay-test-*), their /dev/shm
-# regions and logs, the launcher's private folders. Anything new of these after the session fails the run.
-LEFTOVER_FILES = ("/tmp/kvtest*", "/tmp/kvrelay-*", "/dev/shm/kvtest*", "/dev/shm/kvrelay-*")
-LEFTOVER_KEYS = ("kvtest*", "kvrelay-test-*")
+# What tests create and must remove: deployments' Redis keys, /dev/shm regions and logs, the launcher's private
+# folders. Every one of them carries this run's mark in its name (kvrelay/deployment.py names deployments
+# kvtest<run><id>; the Redis tests use the prefix kvtest<run>-<id>); anything of this run still there at the end fails
+# the run. The mark keeps another test run or a live deployment on the same machine out of the check.
+RUN = os.environ.setdefault("KVRELAY_TEST_RUN", uuid.uuid4().hex[:6])
+LEFTOVER_FILES = (f"/tmp/*kvtest{RUN}*", f"/dev/shm/*kvtest{RUN}*")
+LEFTOVER_KEYS = (f"kvtest{RUN}*",)
 
 
 def _leftovers() -> set[str]:
@@ -62,9 +66,8 @@ def _leftovers() -> set[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
-    before = _leftovers()
     yield
-    left = sorted(_leftovers() - before)
+    left = sorted(_leftovers())
     if left:
         pytest.fail(f"the tests left {len(left)} things behind: {', '.join(left[:20])}", pytrace=False)
 

@@ -32,7 +32,7 @@ def test_gateway_is_not_serving_until_the_model_is_ready():
             "--redis-url",
             REDIS_URL,
             "--name",
-            "kvtest-health",
+            f"kvtest{os.environ.get('KVRELAY_TEST_RUN', '')}health",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -136,12 +136,11 @@ def test_private_redis_and_two_decode_replicas():
 
 def test_service_env_splits_the_gpu_per_role(tmp_path):
     """MPS: each role's SM share, prefill below decode's priority; AMD: each role's CU mask (launcher only, no GPU)."""
-    import argparse
 
     from kvrelay.launcher import Launcher
+    from kvrelay.settings import UpSettings
 
-    args = argparse.Namespace(prefill_sm_pct=50, decode_sm_pct=100, prefill_cu_mask="0x0000ffff", decode_cu_mask="")
-    launcher = Launcher(args)
+    launcher = Launcher(UpSettings(prefill_sm_pct=50, decode_sm_pct=100, prefill_cu_mask="0x0000ffff"))
     assert launcher.service_env("prefill") == {"HSA_CU_MASK": "0x0000ffff"}  # no MPS daemon: no MPS variables
     assert launcher.service_env("decode") == {}
     launcher.mps = "nvidia-cuda-mps-control"  # as start_mps leaves it
@@ -153,15 +152,14 @@ def test_service_env_splits_the_gpu_per_role(tmp_path):
 def test_cpu_threads_split_the_cores_among_compute_processes(monkeypatch):
     """kvrelay up gives each prefill/decode process its share of the cores (two processes each taking every core of
     a CPU machine made concurrent requests 3.7x slower); --cpu-threads overrides."""
-    import argparse
 
     from kvrelay.launcher import Launcher
+    from kvrelay.settings import UpSettings
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
 
     def threads(**kw):
-        args = dict(cpu_threads=0, mode="disaggregated", prefill_replicas=1, decode_replicas=1) | kw
-        return Launcher(argparse.Namespace(**args)).cpu_threads()
+        return Launcher(UpSettings(**kw)).cpu_threads()
 
     assert threads() == 8
     assert threads(prefill_replicas=2, decode_replicas=3) == 3

@@ -47,7 +47,7 @@ def run(body: Callable[[SessionStore], Awaitable[None]], num_blocks: int = 16, b
     """Runs body against a fresh pool under a unique prefix, then deletes every key of that prefix."""
 
     async def main() -> None:
-        store = await SessionStore.connect(REDIS_URL, prefix=f"kvrelay-test-{uuid.uuid4().hex[:12]}")
+        store = await SessionStore.connect(REDIS_URL, prefix=new_prefix())
         try:
             await store.init_pool(num_blocks, block_size)
             await body(store)
@@ -594,3 +594,8 @@ def test_audit_catches_active_leaked_duplicated_and_dangling():
         assert report.ok, report.message
 
     run(body)
+
+
+def new_prefix() -> str:
+    """A key prefix of its own, marked with this test run (tests/conftest.py checks the run leaves none behind)."""
+    return f"kvtest{os.environ.get('KVRELAY_TEST_RUN', '')}-{uuid.uuid4().hex[:12]}"

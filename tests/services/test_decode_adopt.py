@@ -5,6 +5,7 @@ hands the session over and no adopt round trip is left (against a real Redis).""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from types import SimpleNamespace
 
@@ -156,7 +157,7 @@ class CountingStore(SessionStore):
 
 def with_redis(body, poll_s: float | None = None):
     async def main():
-        store = await CountingStore.connect(REDIS_URL, prefix=f"kvrelay-test-{uuid.uuid4().hex[:12]}")
+        store = await CountingStore.connect(REDIS_URL, prefix=new_prefix())
         try:
             await store.init_pool(16, 4)
             await body(store, worker(store))
@@ -258,3 +259,8 @@ def test_a_call_that_gives_up_leaks_nothing(monkeypatch, order):
         assert (await store.audit()).ok
 
     with_redis(body)
+
+
+def new_prefix() -> str:
+    """A key prefix of its own, marked with this test run (tests/conftest.py checks the run leaves none behind)."""
+    return f"kvtest{os.environ.get('KVRELAY_TEST_RUN', '')}-{uuid.uuid4().hex[:12]}"
