@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.sessions import SessionStore
@@ -36,6 +37,22 @@ def free_port_run(n: int) -> int:
         if all(port_is_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port range")
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    role: str  # kvstore, prefill, decode, colocated, gateway, redis: the module's package, or the program's name
+    args: str
+
+
+def role_of(args: str) -> str:
+    """`python -m services.decode.server ...` -> decode; `gateway.server` -> gateway; `redis-server ...` -> redis."""
+    argv = args.split()
+    if "-m" in argv[:-1]:
+        module = argv[argv.index("-m") + 1].split(".")
+        return module[-2] if len(module) > 1 else module[0]
+    return Path(argv[0]).name.removesuffix("-server") if argv else ""
 
 
 class Deployment:
@@ -76,6 +93,22 @@ class Deployment:
                 raise RuntimeError(f"kvrelay up failed:\n{self.output()[-3000:]}")
             time.sleep(0.2)
 
+    def processes(self) -> list[Process]:
+        """The live child processes of this deployment's `kvrelay up`, read from the process table (so a process it
+        restarted shows with its new pid). Zombies (exited, not yet reaped) are left out."""
+        ps = subprocess.run(
+            ["ps", "-o", "pid=,stat=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        ).stdout
+        out = []
+        for line in ps.splitlines():
+            pid, stat, args = line.strip().split(None, 2)
+            if not stat.startswith("Z"):
+                out.append(Process(int(pid), role_of(args), args))
+        return out
+
+    def pids(self, role: str) -> list[int]:
+        return sorted(p.pid for p in self.processes() if p.role == role)
+
     def audit(self, timeout_s: float = 10.0):
         """Poll until every block is free and no session is active (cancellations land asynchronously)."""
 
@@ -87,6 +120,7 @@ class Deployment:
                     stats = await store.stats()
                     if (report.ok and stats.used == 0) or time.monotonic() > deadline:
                         return report, stats
+                    await asyncio.sleep(0.1)  # the audit reads every key: do not hammer a shared Redis
 
         return asyncio.run(poll())
 

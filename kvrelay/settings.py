@@ -143,6 +143,11 @@ class UpSettings(ModelSettings):
     )
     name: str = setting("kvrelay", "deployment name: the Redis key prefix and the /dev/shm file names")
     start_timeout: float = setting(600.0, "seconds each process may take to be healthy")
+    max_restarts: int = setting(
+        5,
+        "a worker or the gateway that exits is restarted; this many times in a row (none healthy for 60 s) and "
+        "`kvrelay up` gives up and stops (0: stop at the first exit)",
+    )
 
 
 PROCESSES: dict[str, type] = {
