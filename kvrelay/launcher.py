@@ -20,11 +20,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 from kvrelay.errors import UsageError
 from kvrelay.settings import KVStoreSettings, UpSettings, to_argv
-from kvstore.sessions import SessionStore
+from kvstore.sessions import SessionStore, masked
 from kvstore.shm import shm_path
 
 # UpSettings fields a child process also has but must not inherit as they are: the launcher sets them per child.
@@ -71,15 +70,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def masked(url: str) -> str:
-    """The URL with its password replaced by ***: what logs may print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def say(message: str) -> None:

@@ -37,6 +37,7 @@ from enum import Enum
 from functools import cache
 from importlib import resources
 from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -58,6 +59,16 @@ __all__ = [
     "WorkerInfo",
     "WrongState",
 ]
+
+
+
+def masked(url: str) -> str:
+    """The Redis URL with its password replaced by ***: what logs and error messages may print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class SessionState(str, Enum):
@@ -264,7 +275,7 @@ class SessionStore:
             await store._redis.ping()
         except Exception as exc:
             await store.close()
-            raise ConnectionError(f"cannot reach Redis at {redis_url}: {exc}") from exc
+            raise ConnectionError(f"cannot reach Redis at {masked(redis_url)}: {exc}") from exc
         return store
 
     async def close(self) -> None:

@@ -24,9 +24,9 @@ import redis
 
 from kvrelay.client import Client
 from kvrelay.deployment import REDIS_URL, Deployment, free_port_run
-from kvrelay.launcher import FIRST_RESTART_DELAY_S, MAX_RESTART_DELAY_S, STABLE_AFTER_S, Launcher, Restarts, masked
+from kvrelay.launcher import FIRST_RESTART_DELAY_S, MAX_RESTART_DELAY_S, STABLE_AFTER_S, Launcher, Restarts
 from kvrelay.settings import UpSettings
-from kvstore.sessions import SessionStore
+from kvstore.sessions import SessionStore, masked
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS
 
 NUM_BLOCKS = "64"
