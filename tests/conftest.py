@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -62,6 +63,21 @@ def _leftovers() -> set[str]:
     except Exception:  # no Redis here: the Redis tests skip themselves, and there is nothing to leave behind
         pass
     return found
+
+
+# pytest's own temporary folders: one per run, removed at its end. Under the shared /tmp/pytest-of-<user> a second
+# pytest run on the same machine deletes the first's folders while it still uses them (its cleanup of old runs).
+BASETEMP = Path(tempfile.gettempdir()) / f"kvrelay-pytest-{RUN}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if config.option.basetemp is None:
+        config.option.basetemp = str(BASETEMP)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(BASETEMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
