@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from kvrelay.rpc.grpc_server import channel_options
+from kvrelay.rpc.grpc_server import internal_channel
 from kvstore.sessions import SessionStore, WorkerInfo
 
 REFRESH_S = 0.5  # registry re-read interval: cheap, and a dead worker drops out within a heartbeat TTL anyway
@@ -65,7 +65,7 @@ class Router:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address, options=channel_options())
+            self.channels[address] = internal_channel(address)  # sends the deployment secret
         return self.channels[address]
 
     def acquire(self, worker: WorkerInfo) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 import uuid
 
@@ -22,6 +23,7 @@ from gateway.validation import InvalidRequest, ValidRequest, validate
 from kvrelay import trace
 from kvrelay.internal.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from kvrelay.model_config import ModelConfig
+from kvrelay.rpc.auth import ApiKeyGate, ApiKeys, SecurityConfigError, server_tls_credentials
 from kvrelay.rpc.grpc_server import install_uvloop
 from kvrelay.rpc.health import wait_healthy
 from kvrelay.rpc.layout import fetch_layout
@@ -42,6 +44,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Registered with the server at once (so health and reflection answer); configure() makes it serve."""
 
     ready = False
+    api_keys = ApiKeys()  # none: open, and session ids as clients send them
 
     def configure(
         self,
@@ -136,7 +139,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         params = valid.params
         if not params.ignore_eos and self.extra_eos:
             params = params.__class__(**{**params.__dict__, "stop_token_ids": params.stop_token_ids + self.extra_eos})
-        session_id = request.session_id or uuid.uuid4().hex
+        session_id = await self.api_keys.scoped_session_id(context, request.session_id or uuid.uuid4().hex)
         request_id = request.request_id or uuid.uuid4().hex
         run = _Stream(self, valid, params, session_id, request_id, start, keep_session=bool(request.session_id))
         try:
@@ -248,7 +251,7 @@ class _Stream:
                 cached_prompt_tokens=self.cached_tokens,
                 timings=self.timings,
                 request_id=self.request_id,
-                session_id=self.session_id,
+                session_id=self.gw.api_keys.client_session_id(self.session_id),
             )
         )
         self.finished = True
@@ -309,6 +312,11 @@ class _Stream:
 
 async def run(settings: GatewaySettings) -> None:
     servicer = GatewayServicer()
+    servicer.api_keys = ApiKeys.load(settings.api_keys_file)
+    tls = server_tls_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    log.info("gateway: %s", servicer.api_keys.describe())
+    if tls is None:
+        log.info("gateway: no TLS (--tls-cert, --tls-key): requests, answers and API keys cross the network as is")
     stores: list[SessionStore] = []
 
     async def startup(stop: asyncio.Event) -> None:
@@ -335,7 +343,16 @@ async def run(settings: GatewaySettings) -> None:
 
     servicers = [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)]
     await serve(
-        servicers, [SERVICE], settings.host, settings.port, startup, shutdown, max_receive_bytes=MAX_REQUEST_BYTES
+        servicers,
+        [SERVICE],
+        settings.host,
+        settings.port,
+        startup,
+        shutdown,
+        max_receive_bytes=MAX_REQUEST_BYTES,
+        interceptors=[ApiKeyGate(servicer.api_keys)] if len(servicer.api_keys) else [],  # public: no deployment secret
+        tls=tls,
+        unix_socket=settings.local_socket,
     )
 
 
@@ -343,7 +360,10 @@ def main() -> None:
     settings = parse(GatewaySettings, description="kvrelay gateway: the public gRPC API")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     install_uvloop()
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except SecurityConfigError as exc:
+        sys.exit(f"gateway: {exc}")
 
 
 if __name__ == "__main__":

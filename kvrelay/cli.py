@@ -35,6 +35,20 @@ def resolve_model_dir(model: str | None) -> str:
         raise UsageError(str(exc)) from exc
 
 
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """How to reach a gateway: its address, TLS; the API key comes from KVRELAY_API_KEY only (a flag would show it in
+    `ps` to every user of the machine)."""
+    parser.add_argument("--address", default=os.environ.get("KVRELAY_ADDRESS", "127.0.0.1:50051"))
+    parser.add_argument("--tls", action="store_true", help="TLS, trusting the system's roots (see --tls-ca)")
+    parser.add_argument(
+        "--tls-ca", default=os.environ.get("KVRELAY_TLS_CA"), help="TLS, trusting this CA (PEM; env KVRELAY_TLS_CA)"
+    )
+    parser.add_argument(
+        "--tls-cert", default=os.environ.get("KVRELAY_TLS_CERT"), help="client certificate (PEM), for mutual TLS"
+    )
+    parser.add_argument("--tls-key", default=os.environ.get("KVRELAY_TLS_KEY"), help="client certificate's key (PEM)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvrelay", description="Disaggregated LLM serving on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream an answer from a running gateway")
     gen.add_argument("prompt", help="user message (chat template applied unless --raw)")
-    gen.add_argument("--address", default=os.environ.get("KVRELAY_ADDRESS", "127.0.0.1:50051"))
+    add_connection_args(gen)
     gen.add_argument("--raw", action="store_true")
     gen.add_argument("--system", default=None, help="system message")
     gen.add_argument("--max-tokens", type=int, default=256)
@@ -86,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serve_args(bench_sub.add_parser("serve", help="load generator: TTFT, ITL, throughput, goodput"))
 
     status = sub.add_parser("status", help="workers, sessions, blocks used and free")
-    status.add_argument("--address", default=os.environ.get("KVRELAY_ADDRESS", "127.0.0.1:50051"))
+    add_connection_args(status)
     status.add_argument("--json", action="store_true")
     return parser
 

@@ -4,14 +4,20 @@ from kvrelay.client import Client
 with Client("127.0.0.1:50051") as c:
     for chunk in c.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32):
         print(chunk.text, end="", flush=True)
+
+A gateway with API keys wants `api_key=`; one with TLS wants `tls=True` (the system's roots) or `tls_ca=` (a PEM file
+of the CA that signed its certificate), and one that requires client certificates also `tls_cert=` and `tls_key=`.
 """
 
 from __future__ import annotations
 
+import collections
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
+from kvrelay.rpc.auth import bearer_metadata, client_tls_credentials, metadata_interceptors
 from kvrelay.rpc.grpc_server import channel_options
 from kvrelay.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -50,9 +56,39 @@ def build_request(
     return req
 
 
+PathLike = str | os.PathLike
+
+
+def _tls(
+    tls: bool, tls_ca: PathLike | None, tls_cert: PathLike | None, tls_key: PathLike | None
+) -> grpc.ChannelCredentials | None:
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return None
+    return client_tls_credentials(tls_ca, tls_cert, tls_key)
+
+
 class AsyncClient:
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+    ) -> None:
+        """api_key: sent as `authorization: Bearer <key>` with every call (also calls made on `self.stub`).
+        tls / tls_ca / tls_cert / tls_key: TLS (any of them turns it on); tls_ca: trust this CA instead of the
+        system's roots; tls_cert and tls_key: a client certificate, for a gateway that requires one."""
+        interceptors = metadata_interceptors([bearer_metadata(api_key)]) if api_key else None
+        credentials = _tls(tls, tls_ca, tls_cert, tls_key)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=channel_options(), interceptors=interceptors)
+        else:
+            self.channel = grpc.aio.secure_channel(
+                address, credentials, options=channel_options(), interceptors=interceptors
+            )
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     async def generate(self, *, timeout: float | None = None, **kwargs) -> AsyncIterator[gateway_pb2.GenerateResponse]:
@@ -88,9 +124,60 @@ class AsyncClient:
         await self.close()
 
 
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _AddMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata (the API key) to every call of a blocking channel."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+
+    def _details(self, d):
+        metadata = [*(d.metadata or ()), *self.pairs]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+    ) -> None:
+        """The same arguments as AsyncClient's."""
+        credentials = _tls(tls, tls_ca, tls_cert, tls_key)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=channel_options())
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=channel_options())
+        if api_key:
+            self.channel = grpc.intercept_channel(self.channel, _AddMetadata([bearer_metadata(api_key)]))
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def generate(self, *, timeout: float | None = None, **kwargs) -> Iterator[gateway_pb2.GenerateResponse]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
@@ -11,12 +12,35 @@ from google.protobuf.json_format import MessageToDict
 
 from kvrelay.client import Client
 from kvrelay.errors import UsageError
+from kvrelay.rpc.auth import SecurityConfigError
 from kvrelay.v1 import common_pb2
+
+API_KEY_ENV = "KVRELAY_API_KEY"
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A client for the CLI's connection flags (kvrelay/cli.py add_connection_args) and KVRELAY_API_KEY."""
+    try:
+        return Client(
+            args.address,
+            api_key=os.environ.get(API_KEY_ENV) or None,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except SecurityConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _rpc_error(exc: grpc.RpcError, address: str) -> UsageError:
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return UsageError(f"no gateway answers at {address} (start one with `kvrelay up`): {exc.details()}")
+        return UsageError(
+            f"no gateway answers at {address} (start one with `kvrelay up`; a TLS gateway wants --tls or --tls-ca): "
+            f"{exc.details()}"
+        )
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return UsageError(f"UNAUTHENTICATED: {exc.details()} (the kvrelay command sends {API_KEY_ENV})")
     return UsageError(f"{exc.code().name}: {exc.details()}")
 
 
@@ -27,7 +51,7 @@ def generate_command(args: argparse.Namespace) -> int:
     finish = None
     tokens: list[int] = []
     text = []
-    with Client(args.address) as client:
+    with _client(args) as client:
         try:
             for chunk in client.generate(
                 timeout=args.timeout,
@@ -65,7 +89,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    with Client(args.address) as client:
+    with _client(args) as client:
         try:
             status = client.status()
         except grpc.RpcError as exc:

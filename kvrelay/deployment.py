@@ -56,7 +56,11 @@ def role_of(args: str) -> str:
 
 
 class Deployment:
-    def __init__(self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1) -> None:
+    def __init__(
+        self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1, env: dict[str, str] | None = None
+    ) -> None:
+        """extra: more `kvrelay up` flags; env: variables on top of this process's environment (e.g. a preset
+        KVRELAY_DEPLOYMENT_SECRET, KVRELAY_API_KEYS)."""
         # KVRELAY_TEST_RUN (set by tests/conftest.py) marks everything one test run creates, so that its leftover check
         # sees its own things only, even beside another run or a live deployment
         self.name = f"kvtest{os.environ.get('KVRELAY_TEST_RUN', '')}{uuid.uuid4().hex[:8]}"
@@ -85,7 +89,9 @@ class Deployment:
         # the log lives as long as the deployment (stop() removes it; a failed start shows its tail first)
         self.log = Path(tempfile.gettempdir()) / f"{self.name}.log"
         self._output = ""
-        self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=os.environ | (env or {})
+        )
         deadline = time.monotonic() + 300
         while "kvrelay is up" not in self.output():
             if self.proc.poll() is not None or time.monotonic() > deadline:

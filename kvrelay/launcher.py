@@ -22,6 +22,14 @@ import time
 from dataclasses import dataclass
 
 from kvrelay.errors import UsageError
+from kvrelay.rpc.auth import (
+    SECRET_ENV,
+    ApiKeys,
+    SecurityConfigError,
+    deployment_secret,
+    new_deployment_secret,
+    server_tls_credentials,
+)
 from kvrelay.settings import KVStoreSettings, UpSettings, to_argv
 from kvstore.sessions import SessionStore, masked
 from kvstore.shm import shm_path
@@ -42,6 +50,8 @@ MAX_RESTART_DELAY_S = 30.0
 STABLE_AFTER_S = 60.0
 # How often the supervisor looks at its children: an exit is noticed, logged and its restart planned within this.
 POLL_S = 0.2
+# The gateway's settings about who may call it, passed on as they are (files as absolute paths).
+GATEWAY_SECURITY = ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file")
 # Roles that register in the worker registry (colocated processes are named decode-i).
 WORKER_ROLES = ("prefill", "decode")
 KVSTORE_EXIT = (
@@ -128,6 +138,20 @@ class Launcher:
         self.gpu_env: dict = {}
         self.mps: str | None = None
         self.redis_url = ""  # the one the children use (a private Redis's has a password: log masked(redis_url))
+
+    def gateway_security(self) -> list[str]:
+        """The gateway's TLS and API-key flags, checked here first: a missing file or a keys file without keys stops
+        `kvrelay up` before any process starts (the gateway would fail the same way after the model loaded)."""
+        a, argv = self.settings, []
+        try:
+            server_tls_credentials(a.tls_cert, a.tls_key, a.tls_client_ca)
+            ApiKeys.load(a.api_keys_file)
+        except SecurityConfigError as exc:
+            raise UsageError(str(exc)) from None
+        for name in GATEWAY_SECURITY:
+            if getattr(a, name):
+                argv += ["--" + name.replace("_", "-"), os.path.abspath(getattr(a, name))]
+        return argv
 
     @property
     def tmp(self) -> str:
@@ -252,6 +276,7 @@ class Launcher:
 
     def start(self) -> str:
         a = self.settings
+        security = self.gateway_security()
         self.redis_url = self.ensure_redis()
         if a.mps:
             self.start_mps()
@@ -259,7 +284,10 @@ class Launcher:
         common = ["--name", a.name]
         # The Redis URL goes in the environment, not on the command line: it may hold a password (a private Redis's
         # always does), and `ps` shows every user the command lines, while a process's environment is its owner's.
-        redis_env = {"KVRELAY_REDIS_URL": self.redis_url}
+        # The deployment secret travels the same way, for the same reason: internal services answer only calls that
+        # carry it (kvrelay/rpc/auth.py). One per deployment, never printed; one already set is kept (so that a
+        # process started by hand can join the deployment).
+        redis_env = {"KVRELAY_REDIS_URL": self.redis_url, SECRET_ENV: deployment_secret() or new_deployment_secret()}
         kv_port = a.base_port
         # the model, pool and KV settings the kvstore shares with `kvrelay up`, by name (kvrelay/settings.py)
         pool = to_argv(dataclasses.replace(a, num_blocks=a.num_blocks or None), KVStoreSettings, skip=LAUNCHER_ONLY)
@@ -273,7 +301,7 @@ class Launcher:
         )
         self.wait_healthy(kvstore)
         worker = ["--kvstore", f"127.0.0.1:{kv_port}", *common, "--max-batch-tokens", str(a.max_batch_tokens)]
-        worker += ["--cpu-threads", str(self.cpu_threads())]
+        worker += ["--cpu-threads", str(self.cpu_threads()), "--session-ttl", str(a.session_ttl)]
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
         decode_only = [] if a.decode_overlap else ["--no-overlap"]
         waits = []
@@ -295,13 +323,21 @@ class Launcher:
         for child in waits:
             self.wait_healthy(child)
         address = f"{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.port}"
+        health_at = address
+        if a.tls_cert:
+            # A TLS gateway (maybe wanting client certificates) is health-checked over a plaintext Unix socket in the
+            # private folder instead: only this user can reach it.
+            socket_path = os.path.join(self.tmp, "gateway.sock")
+            security += ["--local-socket", socket_path]
+            health_at = f"unix:{socket_path}"
         gateway = self.spawn(
             "gateway",
             py
             + ["gateway.server", "--kvstore", f"127.0.0.1:{kv_port}", *common, "--host", a.host, "--port", str(a.port)]
-            + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else []),
+            + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
+            + security,
             redis_env,
-            address=address,
+            address=health_at,
             service="kvrelay.v1.Gateway",
         )
         self.wait_healthy(gateway)
@@ -427,8 +463,10 @@ def up_command(args: UpSettings) -> int:
     try:
         address = launcher.start()
         redis = masked(launcher.redis_url)
+        tls = " --tls-ca CA.pem" if args.tls_cert else ""
+        keys = "KVRELAY_API_KEY=<key> " if len(ApiKeys.load(args.api_keys_file)) else ""
         print(f"kvrelay is up: gateway at {address} (Redis {redis}, deployment {args.name!r})")
-        print(f'  try: kvrelay generate --address {address} "Tell me a joke about GPUs."')
+        print(f'  try: {keys}kvrelay generate --address {address}{tls} "Tell me a joke about GPUs."')
         print("  stop: Ctrl-C")
         sys.stdout.flush()
         starting[0] = False

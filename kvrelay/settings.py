@@ -76,6 +76,9 @@ class WorkerSettings(ServerSettings):
     max_model_len: int | None = setting(None, "context limit (default: the model's)")
     max_batch_tokens: int = setting(2048, "token budget of one prefill forward pass (longer prompts are chunked)")
     cpu_threads: int = setting(0, "torch CPU threads in this process (0: torch's default; `kvrelay up` splits cores)")
+    session_ttl: float = setting(
+        3600.0, "seconds an idle session (its KV and token ids) is kept after its last turn (0: until evicted)"
+    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,15 @@ class GatewaySettings(ServerSettings):
     kvstore: str = setting("127.0.0.1:50070", "kvstore address (the gateway reads the model directory from it)")
     max_model_len: int | None = setting(None, "context limit (default: the model's)")
     model_name: str | None = setting(None, "name clients may send in GenerateRequest.model (default: the directory's)")
+    tls_cert: str | None = setting(None, "TLS certificate chain (PEM) of the public port; with --tls-key: TLS only")
+    tls_key: str | None = setting(None, "TLS private key (PEM) of --tls-cert")
+    tls_client_ca: str | None = setting(None, "require client certificates signed by this CA (PEM): mutual TLS")
+    api_keys_file: str | None = setting(
+        None, "API keys, one a line ('#' comments); with these or KVRELAY_API_KEYS (comma-separated) a key is required"
+    )
+    local_socket: str | None = setting(
+        None, "also listen on this Unix socket, plaintext (`kvrelay up` health-checks a TLS gateway through one)"
+    )
 
 
 @dataclass(frozen=True)
@@ -143,12 +155,33 @@ class UpSettings(ModelSettings):
     )
     name: str = setting("kvrelay", "deployment name: the Redis key prefix and the /dev/shm file names")
     start_timeout: float = setting(600.0, "seconds each process may take to be healthy")
+    session_ttl: float = setting(
+        3600.0, "seconds an idle session (its KV and token ids) is kept after its last turn (0: until evicted)"
+    )
+    tls_cert: str | None = setting(None, "gateway: TLS certificate chain (PEM); with --tls-key the gateway is TLS only")
+    tls_key: str | None = setting(None, "gateway: TLS private key (PEM) of --tls-cert")
+    tls_client_ca: str | None = setting(None, "gateway: require client certificates signed by this CA (PEM)")
+    api_keys_file: str | None = setting(
+        None, "gateway: API keys, one a line; with these or KVRELAY_API_KEYS (comma-separated) a key is required"
+    )
     max_restarts: int = setting(
         5,
         "a worker or the gateway that exits is restarted; this many times in a row (none healthy for 60 s) and "
         "`kvrelay up` gives up and stops (0: stop at the first exit)",
     )
 
+
+# Secrets come from the environment only, never from a flag: `ps` shows every user of the machine the command lines,
+# while a process's environment is its owner's. kvrelay/rpc/auth.py reads them. (process, variable, what): rows of the
+# README's table.
+SECRET_VARIABLES = (
+    (
+        "kvrelay up, kvstore, prefill, decode, colocated, gateway",
+        "KVRELAY_DEPLOYMENT_SECRET",
+        "internal calls must carry it (`kvrelay up` makes one per deployment); unset: internal services are open",
+    ),
+    ("kvrelay up, gateway", "KVRELAY_API_KEYS", "API keys, comma-separated (beside --api-keys-file)"),
+)
 
 PROCESSES: dict[str, type] = {
     "kvrelay up": UpSettings,
@@ -252,6 +285,8 @@ def markdown_table() -> str:
             default = "" if f.default is None else f.default
             envs = " / ".join(f"`{e}`" for e in env_names(f))
             rows.append(f"| {process} | `{flag(f.name)}` | {envs} | `{default}` | {f.metadata.get('help', '')} |")
+    for process, var, what in SECRET_VARIABLES:
+        rows.append(f"| {process} | (none: a secret) | `{var}` | | {what} |")
     return "\n".join(rows)
 
 

@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 
-
 def masked(url: str) -> str:
     """The Redis URL with its password replaced by ***: what logs and error messages may print."""
     parts = urlsplit(url)
@@ -174,6 +173,7 @@ _SCRIPTS = (
     "reclaim_expired",
     "release",
     "evict_lru",
+    "expire_idle",
     "register_worker",
     "heartbeat",
     "deregister_worker",
@@ -503,6 +503,14 @@ class SessionStore:
         Evicts nothing when enough are already free, or when even every idle session would not be enough.
         """
         return list(await self._run("evict_lru", int(blocks_needed)))
+
+    async def expire_idle(self, max_idle_ms: int, limit: int = 1000, now_ms: int | None = None) -> list[str]:
+        """Frees IDLE sessions last used more than max_idle_ms ago (by the Redis clock, or now_ms), at most limit of
+        them; returns their ids. The session TTL: an idle session holds its K/V and its token ids (update(tokens=...))
+        until a turn takes it back, eviction needs its blocks, or this."""
+        _check_positive("max_idle_ms", max_idle_ms)
+        _check_positive("limit", limit)
+        return list(await self._run("expire_idle", int(max_idle_ms), int(limit), "" if now_ms is None else int(now_ms)))
 
     async def _messages(self, *channels: str) -> AsyncIterator[tuple[str, str]]:
         """(channel, data) of every message published on `channels` while the caller listens."""

@@ -35,12 +35,21 @@ def align(n: int) -> int:
 
 
 def create_shm_region(name: str, nbytes: int) -> tuple[torch.Tensor, RegionHandle]:
-    """A new zero-filled /dev/shm file of nbytes, mapped shared. The creator removes it (remove_region) on exit."""
+    """A new zero-filled /dev/shm file of nbytes, mapped shared. The creator removes it (remove_region) on exit.
+
+    Mode 0600: the weights and every session's K/V are the deployment user's alone (/dev/shm is world-readable by
+    default umask). Created with O_EXCL | O_NOFOLLOW, so a file or link another user planted under the name in the
+    shared, sticky /dev/shm is refused instead of written into and mapped.
+    """
     path = shm_path(name)
-    if path.exists():
-        path.unlink()  # a stale file from a crashed run of the same deployment
-    with open(path, "wb") as f:
-        f.truncate(nbytes)
+    if path.exists() or path.is_symlink():
+        path.unlink()  # a stale file from a crashed run of the same deployment (another user's cannot be removed)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only take bits away from 0600; this says it outright
+        os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
     handle = RegionHandle("shm", nbytes, path=str(path))
     return open_region(handle), handle
 

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -377,7 +378,8 @@ async def _closed_loop(runner: _Runner, concurrency: int) -> None:
 
 async def run_serve(config: ServeConfig) -> ServeResult:
     dataset = load_dataset(config.dataset) if config.dataset else None
-    async with AsyncClient(config.address) as client:
+    # a gateway with API keys: the key comes from KVRELAY_API_KEY (never a flag: `ps` shows flags to every user)
+    async with AsyncClient(config.address, api_key=os.environ.get("KVRELAY_API_KEY") or None) as client:
         try:
             info = await client.stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=30)
         except grpc.aio.AioRpcError as exc:

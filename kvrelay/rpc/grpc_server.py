@@ -1,7 +1,10 @@
 """The gRPC server bootstrap every kvrelay process shares (gateway, prefill, decode, kvstore).
 
 One place decides the transport policy: message size limits, keepalive on both sides, the standard health service and
-server reflection. A service module only writes its servicer and calls `start_server`.
+server reflection, and who may call (kvrelay/rpc/auth.py): every server is an internal service that wants the
+deployment secret unless it passes its own gate (the public gateway: API keys, optionally TLS), and every channel to an
+internal service comes from `internal_channel`, which sends the secret. A service module only writes its servicer and
+calls `start_server`.
 
 Keepalive policy. A long call (a Decode stream of thousands of tokens, a Prefill waiting in a busy queue) sees quiet
 periods, and keepalive pings are what notice a peer that vanished without closing its connection. But a server that
@@ -26,6 +29,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from kvrelay.rpc.auth import internal_client_interceptors, internal_server_interceptors
 
 # A `add_XServicer_to_server` function from a generated *_pb2_grpc module, and the servicer it registers.
 AddServicerFn = Callable[[Any, grpc.aio.Server], None]
@@ -84,18 +89,35 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
+def internal_channel(address: str) -> grpc.aio.Channel:
+    """A channel to an internal service of the deployment (a worker, the kvstore): every call on it carries the
+    deployment secret (KVRELAY_DEPLOYMENT_SECRET), when this process has one."""
+    interceptors = internal_client_interceptors()
+    return grpc.aio.insecure_channel(address, options=channel_options(), interceptors=interceptors or None)
+
+
 async def start_server(
     servicers: Sequence[tuple[AddServicerFn, object]],
     service_names: Sequence[str],
     port: int,
     host: str = "127.0.0.1",
     max_receive_bytes: int = MAX_MESSAGE_BYTES,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    tls: grpc.ServerCredentials | None = None,
+    unix_socket: str | None = None,
 ) -> tuple[grpc.aio.Server, HealthServicer]:
     """Create, bind and start a grpc.aio server with kvrelay's options.
 
     servicers: (add_XServicer_to_server, servicer) pairs from the generated *_pb2_grpc modules.
     service_names: full names of those services (e.g. "kvrelay.internal.v1.Decode"), for health and reflection.
     port: a concrete port (0 is refused: the caller could not tell where the server listens).
+    interceptors: who may call. None: an internal service, whose calls need the deployment secret
+    (`kvrelay.rpc.auth.internal_server_interceptors`; open, with a warning, when the process has none); the public
+    gateway passes its own (API keys), or [] for none. Health and reflection always stay open.
+    tls: credentials for the port (`kvrelay.rpc.auth.server_tls_credentials`); None: plaintext.
+    unix_socket: also listen, plaintext, on this Unix socket path (`kvrelay up` health-checks a TLS gateway through
+    one in its private folder: with client certificates required, it could not over TLS).
 
     The health service starts with the overall status ("") and every listed service NOT_SERVING: a process is
     reachable long before its model is loaded, and routers must not send it work. Call `set_serving(..., True)` once
@@ -103,7 +125,9 @@ async def start_server(
     """
     if port <= 0:
         raise ValueError(f"port must be a concrete port > 0, got {port}")
-    server = grpc.aio.server(options=server_options(max_receive_bytes))
+    if interceptors is None:
+        interceptors = internal_server_interceptors()
+    server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=list(interceptors) or None)
     for add_servicer, servicer in servicers:
         add_servicer(servicer, server)
 
@@ -119,7 +143,9 @@ async def start_server(
 
     address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+        if unix_socket:
+            server.add_insecure_port(f"unix:{unix_socket}")
     except RuntimeError as exc:  # grpc raises "Failed to bind to address ..." in recent versions
         raise RuntimeError(f"cannot listen on {address}: {exc} (is another process using the port?)") from exc
     if bound != port:  # older grpc versions return 0 instead of raising

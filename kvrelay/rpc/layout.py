@@ -5,12 +5,11 @@ Torch-free: the gateway reads the model directory and the pool geometry from it 
 
 from __future__ import annotations
 
-import grpc
-
 from kvrelay.internal.v1 import kvstore_pb2, kvstore_pb2_grpc
-from kvrelay.rpc.grpc_server import channel_options
+from kvrelay.rpc.grpc_server import internal_channel
 
 
 async def fetch_layout(kvstore_address: str) -> kvstore_pb2.Layout:
-    async with grpc.aio.insecure_channel(kvstore_address, options=channel_options()) as channel:
+    """The kvstore's Layout; the call carries the deployment secret (the layout names the shared regions)."""
+    async with internal_channel(kvstore_address) as channel:
         return await kvstore_pb2_grpc.KVStoreStub(channel).GetLayout(kvstore_pb2.GetLayoutRequest(), timeout=30)

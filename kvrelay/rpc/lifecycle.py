@@ -9,6 +9,8 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 
+import grpc
+
 from kvrelay.rpc.grpc_server import (
     MAX_MESSAGE_BYTES,
     AddServicerFn,
@@ -49,6 +51,9 @@ async def serve(
     *,
     grace_s: float = 2.0,
     max_receive_bytes: int = MAX_MESSAGE_BYTES,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    tls: grpc.ServerCredentials | None = None,
+    unix_socket: str | None = None,
 ) -> None:
     """The life of every kvrelay process, in order:
 
@@ -58,9 +63,19 @@ async def serve(
     4. drain: health NOT_SERVING, running calls get grace_s to finish (`stop_server`);
     5. `shutdown()`: cancel loops, deregister, close connections, free memory; it runs even when startup failed.
 
-    `stop` is the event the signals set; a process's own loops watch it too.
+    `stop` is the event the signals set; a process's own loops watch it too. interceptors, tls, unix_socket: see
+    `start_server` (None: an internal service, which wants the deployment secret).
     """
-    server, health = await start_server(servicers, service_names, port, host, max_receive_bytes=max_receive_bytes)
+    server, health = await start_server(
+        servicers,
+        service_names,
+        port,
+        host,
+        max_receive_bytes=max_receive_bytes,
+        interceptors=interceptors,
+        tls=tls,
+        unix_socket=unix_socket,
+    )
     stop = stop_event_on_signals()
     try:
         if await unless_stopped(startup(stop), stop):

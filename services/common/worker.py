@@ -100,6 +100,10 @@ class Worker:
                 reclaimed = await self.store.reclaim_expired()
                 if reclaimed:
                     log.warning("reclaimed %d expired sessions: %s", len(reclaimed), reclaimed[:5])
+                if self.settings.session_ttl > 0:  # idle sessions past their TTL: their K/V and token ids go
+                    expired = await self.store.expire_idle(max(1, round(self.settings.session_ttl * 1000)))
+                    if expired:
+                        log.info("freed %d idle sessions older than %g s", len(expired), self.settings.session_ttl)
             except Exception:  # Redis hiccup: keep serving, try again next beat
                 log.exception("heartbeat failed")
             try:
