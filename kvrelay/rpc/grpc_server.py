@@ -1,7 +1,8 @@
 """The gRPC server bootstrap every kvrelay process shares (gateway, prefill, decode, kvstore).
 
 One place decides the transport policy: message size limits, keepalive on both sides, the standard health service and
-server reflection. A service module only writes its servicer and calls `start_server`.
+server reflection, and the guard (kvrelay/rpc/guard.py) that gives every failure a real status code, never UNKNOWN.
+A service module only writes its servicer and calls `start_server`.
 
 Keepalive policy. A long call (a Decode stream of thousands of tokens, a Prefill waiting in a busy queue) sees quiet
 periods, and keepalive pings are what notice a peer that vanished without closing its connection. But a server that
@@ -26,6 +27,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from kvrelay.rpc.guard import GuardInterceptor
 
 # A `add_XServicer_to_server` function from a generated *_pb2_grpc module, and the servicer it registers.
 AddServicerFn = Callable[[Any, grpc.aio.Server], None]
@@ -103,7 +106,8 @@ async def start_server(
     """
     if port <= 0:
         raise ValueError(f"port must be a concrete port > 0, got {port}")
-    server = grpc.aio.server(options=server_options(max_receive_bytes))
+    # GuardInterceptor: undecodable requests get INVALID_ARGUMENT, escaped exceptions a real status, never UNKNOWN
+    server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=[GuardInterceptor()])
     for add_servicer, servicer in servicers:
         add_servicer(servicer, server)
 
