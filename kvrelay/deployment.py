@@ -39,7 +39,11 @@ def free_port_run(n: int) -> int:
 
 
 class Deployment:
-    def __init__(self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1) -> None:
+    def __init__(
+        self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1, env: dict[str, str] | None = None
+    ) -> None:
+        """extra: flags of `kvrelay up`; env: variables for every process on top of this one's (e.g. a gateway
+        setting `kvrelay up` has no flag for: {"KVRELAY_MAX_PROMPT_BYTES": "4000000"})."""
         self.name = f"kvtest{uuid.uuid4().hex[:8]}"
         self.base_port = free_port_run(2 + decode_replicas + prefill_replicas)
         self.port = free_port_run(1)
@@ -66,7 +70,9 @@ class Deployment:
         # the log lives as long as the deployment (stop() removes it; a failed start shows its tail first)
         self.log = Path(tempfile.gettempdir()) / f"{self.name}.log"
         self._output = ""
-        self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=os.environ | (env or {})
+        )
         deadline = time.monotonic() + 300
         while "kvrelay is up" not in self.output():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -119,6 +125,17 @@ class Deployment:
                 client.unlink(*keys)
         finally:
             client.close()
+
+    def processes(self) -> dict[int, str]:
+        """The running processes `kvrelay up` started (pid -> command line): kvstore, workers, gateway. A process
+        that died and was started again shows up with another pid."""
+        ps = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        out = {}
+        for line in ps.stdout.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if "redis-server" not in args:
+                out[int(pid)] = args.strip()
+        return out
 
     def leftovers(self) -> list[str]:
         """Processes or /dev/shm files of this deployment still around after stop()."""

@@ -111,6 +111,10 @@ class GatewaySettings(ServerSettings):
     kvstore: str = setting("127.0.0.1:50070", "kvstore address (the gateway reads the model directory from it)")
     max_model_len: int | None = setting(None, "context limit (default: the model's)")
     model_name: str | None = setting(None, "name clients may send in GenerateRequest.model (default: the directory's)")
+    max_prompt_bytes: int = setting(
+        1 << 20, "longest prompt (or all messages together) in UTF-8 bytes; longer is INVALID_ARGUMENT"
+    )
+    tokenize_threads: int = setting(2, "threads that tokenize and apply chat templates, off the event loop")
 
 
 @dataclass(frozen=True)

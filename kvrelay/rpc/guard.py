@@ -6,8 +6,9 @@ gRPC answers UNKNOWN (and logs a traceback) in two cases a client should never s
   deserializer raises before any handler runs. Here the deserializer is wrapped: it returns an `Undecodable` in
   place of the message, and the handler answers INVALID_ARGUMENT with what protobuf said, without a traceback;
 - an exception a handler did not turn into a status. A Redis error (Redis down, slow, or its connections all busy
-  for longer than the store's pool timeout) becomes UNAVAILABLE, "retry", with one log line; anything else is a
-  bug and becomes INTERNAL, logged with its traceback.
+  for longer than the store's pool timeout) becomes UNAVAILABLE, "retry", with one log line; a failed gRPC call of
+  the handler's own (the gateway's to a worker) passes its status on (UNKNOWN as INTERNAL); anything else is a bug
+  and becomes INTERNAL, logged with its traceback.
 
 Installed by `kvrelay.rpc.grpc_server.start_server` as a server interceptor, so it covers every service of every
 process (gateway, prefill, decode, colocated, kvstore) without touching the generated code. Client-streaming methods
@@ -56,6 +57,9 @@ def tolerant(deserializer: Callable[[bytes], object]) -> Callable[[bytes], objec
 
 async def answer(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
     """The status for an exception a handler let out (context.abort raises; this never returns)."""
+    if isinstance(exc, grpc.aio.AioRpcError):  # a call of its own failed (the gateway's to a worker): pass it on
+        code = exc.code()
+        await context.abort(grpc.StatusCode.INTERNAL if code == grpc.StatusCode.UNKNOWN else code, exc.details())
     if isinstance(exc, RedisError):
         log.warning("%s: Redis failed: %s: %s", method, type(exc).__name__, exc)
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis is unavailable ({type(exc).__name__}: {exc}); retry")

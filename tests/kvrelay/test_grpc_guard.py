@@ -36,6 +36,9 @@ def fail(how: str) -> None:
         raise redis.exceptions.MaxConnectionsError("Too many connections")
     if how == "bug":
         raise RuntimeError("a bug")
+    if how in ("downstream", "downstream-unknown"):  # a call of the handler's own failed
+        code = grpc.StatusCode.UNKNOWN if how == "downstream-unknown" else grpc.StatusCode.CANCELLED
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="session s aborted")
 
 
 async def calls(address: str) -> dict[str, tuple[grpc.StatusCode, str]]:
@@ -59,7 +62,7 @@ async def calls(address: str) -> dict[str, tuple[grpc.StatusCode, str]]:
                     out[f"{kind}-{name}"] = (grpc.StatusCode.OK, "")
                 except grpc.aio.AioRpcError as exc:
                     out[f"{kind}-{name}"] = (exc.code(), exc.details())
-            for how in ("redis", "bug", "fine"):
+            for how in ("redis", "bug", "downstream", "downstream-unknown", "fine"):
                 request = gateway_pb2.GenerateRequest(prompt=how)
                 try:
                     if kind == "stream":
@@ -93,6 +96,8 @@ def test_every_failure_gets_a_real_status(caplog):
         assert code == grpc.StatusCode.UNAVAILABLE and "Redis" in details and "Too many connections" in details
         code, details = out[f"{kind}-bug"]
         assert code == grpc.StatusCode.INTERNAL and "a bug" in details
+        assert out[f"{kind}-downstream"] == (grpc.StatusCode.CANCELLED, "session s aborted")
+        assert out[f"{kind}-downstream-unknown"] == (grpc.StatusCode.INTERNAL, "session s aborted")
         assert out[f"{kind}-fine"][0] == grpc.StatusCode.OK
     # undecodable requests and Redis errors leave no traceback in the log; only the bug does (once per call)
     tracebacks = [r for r in caplog.records if r.exc_info or r.exc_text]
