@@ -56,7 +56,14 @@ def tolerant(deserializer: Callable[[bytes], object]) -> Callable[[bytes], objec
 
 
 async def answer(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
-    """The status for an exception a handler let out (context.abort raises; this never returns)."""
+    """The status for an exception a handler let out (context.abort raises; this returns only when the call is over
+    already: the client cancelled it, and a send that failed because of that is no error)."""
+    if context.cancelled() or isinstance(exc, grpc.aio.InternalError):
+        # InternalError (ExecuteBatchError): gRPC could not send because the call is over, the client having cancelled
+        # it a moment before (the gateway cancels a Decode call when a stop string matches); cancelled() may not
+        # know yet. Nobody is left to answer.
+        log.debug("%s: %s: %s after the call ended", method, type(exc).__name__, exc)
+        return
     if isinstance(exc, grpc.aio.AioRpcError):  # a call of its own failed (the gateway's to a worker): pass it on
         code = exc.code()
         await context.abort(grpc.StatusCode.INTERNAL if code == grpc.StatusCode.UNKNOWN else code, exc.details())

@@ -104,3 +104,46 @@ def test_every_failure_gets_a_real_status(caplog):
     assert len(tracebacks) == 2 and all("a bug" in str(r.exc_info[1]) for r in tracebacks), [
         r.getMessage() for r in tracebacks
     ]
+
+
+class LateWriter(gateway_pb2_grpc.GatewayServicer):
+    """Writes after its client cancelled (the cancellation reached the handler too late to stop it)."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    async def Generate(self, request, context):  # noqa: N802
+        try:
+            await asyncio.shield(asyncio.sleep(0.3))
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)
+        try:
+            await context.write(gateway_pb2.GenerateResponse(token_ids=[1]))
+        except Exception as exc:
+            self.failed.append(type(exc).__name__)
+            raise
+
+
+def test_a_send_after_the_client_left_is_no_error(caplog):
+    """gRPC raises ExecuteBatchError from the write (and context.cancelled() still says False): the call is over,
+    nobody hears a status, and it is not logged as a bug."""
+    servicer = LateWriter()
+
+    async def main():
+        port = free_port()
+        server, health = await start_server(
+            [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)], [SERVICE], port
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options()) as channel:
+                call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GenerateRequest())
+                await asyncio.sleep(0.1)
+                call.cancel()
+                await asyncio.sleep(0.8)
+        finally:
+            await stop_server(server, health, grace_s=0)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert servicer.failed == ["ExecuteBatchError"]
+    assert not [r for r in caplog.records if r.exc_info or r.exc_text or r.levelno >= logging.ERROR]
