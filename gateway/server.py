@@ -19,7 +19,7 @@ import grpc
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.router import NoWorkers, Router
 from gateway.stop_strings import StopMatcher
-from gateway.validation import InvalidRequest, ValidRequest, validate
+from gateway.validation import InvalidRequest, Validator, ValidRequest
 from kvrelay import trace
 from kvrelay.internal.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from kvrelay.model_config import ModelConfig
@@ -40,6 +40,12 @@ MAX_REQUEST_BYTES = 4 * 2**20  # larger GenerateRequests are refused by gRPC its
 UNSET = common_pb2.FINISH_REASON_UNSPECIFIED
 
 
+def downstream_code(exc: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """The status a worker's failure reaches the client with: the worker's own, except UNKNOWN (a worker that let an
+    exception out; kvrelay's guard answers INTERNAL for those, but a worker of another version may not)."""
+    return grpc.StatusCode.INTERNAL if exc.code() == grpc.StatusCode.UNKNOWN else exc.code()
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Registered with the server at once (so health and reflection answer); configure() makes it serve."""
 
@@ -54,6 +60,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         layout,
         store: SessionStore,
         max_model_len: int,
+        max_prompt_bytes: int = GatewaySettings.max_prompt_bytes,
+        tokenize_threads: int = GatewaySettings.tokenize_threads,
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config
@@ -62,6 +70,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.store = store
         self.router = Router(store)
         self.max_model_len = max_model_len
+        # Tokenizing (and chat templates) in a bounded thread pool: a huge prompt must not stall the other streams.
+        self.validate = Validator(
+            tokenizer, model_name, max_model_len, config.vocab_size, max_prompt_bytes, tokenize_threads
+        )
         # End-of-generation ids the tokenizer knows beyond config.json's (e.g. <|endoftext|>), sent as stop ids so
         # the workers stop where `kvrelay run` stops.
         known = tokenizer.eos_token_ids if tokenizer is not None else ()
@@ -133,7 +145,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         start = time.perf_counter()
         await self._check_ready(context)
         try:
-            valid = validate(request, self.tokenizer, self.model_name, self.max_model_len, self.config.vocab_size)
+            valid = await self.validate(request)
         except InvalidRequest as exc:
             await context.abort(exc.code, exc.message)
         params = valid.params
@@ -207,7 +219,7 @@ class _Stream:
                 self._start_decode(decode_worker, context)
             return await call
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), f"prefill: {exc.details()}")
+            await context.abort(downstream_code(exc), f"prefill: {exc.details()}")
         finally:
             router.release(worker)
 
@@ -290,7 +302,7 @@ class _Stream:
                 yield message
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                await context.abort(exc.code(), f"decode: {exc.details()}")
+                await context.abort(downstream_code(exc), f"decode: {exc.details()}")
             raise
 
     async def cleanup(self) -> None:
@@ -329,7 +341,9 @@ async def run(settings: GatewaySettings) -> None:
         stores.append(store)
         limit = min(settings.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         name = settings.model_name or os.path.basename(layout.model_dir.rstrip("/"))
-        servicer.configure(tokenizer, config, name, layout, store, limit)
+        servicer.configure(
+            tokenizer, config, name, layout, store, limit, settings.max_prompt_bytes, settings.tokenize_threads
+        )
         while True:  # serving means a request can complete: one prefill and one decode worker are up
             roles = {w.role for w in await store.list_workers()}
             if {"prefill", "decode"} <= roles:
@@ -338,6 +352,8 @@ async def run(settings: GatewaySettings) -> None:
         log.info("gateway serving %s on %s:%d", name, settings.host, settings.port)
 
     async def shutdown() -> None:
+        if servicer.ready:
+            servicer.validate.close()
         for store in stores:
             await store.close()
 

@@ -59,8 +59,9 @@ class Deployment:
     def __init__(
         self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1, env: dict[str, str] | None = None
     ) -> None:
-        """extra: more `kvrelay up` flags; env: variables on top of this process's environment (e.g. a preset
-        KVRELAY_DEPLOYMENT_SECRET, KVRELAY_API_KEYS)."""
+        """extra: flags of `kvrelay up`; env: variables for every process on top of this one's (e.g. a preset
+        KVRELAY_DEPLOYMENT_SECRET, KVRELAY_API_KEYS, or a gateway setting `kvrelay up` has no flag for:
+        {"KVRELAY_MAX_PROMPT_BYTES": "4000000"})."""
         # KVRELAY_TEST_RUN (set by tests/conftest.py) marks everything one test run creates, so that its leftover check
         # sees its own things only, even beside another run or a live deployment
         self.name = f"kvtest{os.environ.get('KVRELAY_TEST_RUN', '')}{uuid.uuid4().hex[:8]}"

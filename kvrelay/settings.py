@@ -123,6 +123,10 @@ class GatewaySettings(ServerSettings):
     local_socket: str | None = setting(
         None, "also listen on this Unix socket, plaintext (`kvrelay up` health-checks a TLS gateway through one)"
     )
+    max_prompt_bytes: int = setting(
+        1 << 20, "longest prompt (or all messages together) in UTF-8 bytes; longer is INVALID_ARGUMENT"
+    )
+    tokenize_threads: int = setting(2, "threads that tokenize and apply chat templates, off the event loop")
 
 
 @dataclass(frozen=True)

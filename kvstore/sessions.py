@@ -42,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from kvrelay.ids import check_id
 from kvstore.allocator import OutOfBlocks
 
 __all__ = [
@@ -154,6 +155,12 @@ class AuditReport:
     problems: tuple[str, ...]
 
 
+# Connections to Redis per SessionStore (per process: every process has one store). A call holds one only while
+# Redis answers it (well under a millisecond), so 64 serve thousands of concurrent streams; beyond that calls wait.
+MAX_CONNECTIONS = 64
+# How long a call waits for a free connection before it fails (redis ConnectionError -> UNAVAILABLE at the API).
+POOL_TIMEOUT_S = 10.0
+
 # Fields of the session hash that update() may set, with their encoders ('' stores None).
 _UPDATABLE = {
     "num_tokens": lambda v: str(int(v)),
@@ -195,9 +202,9 @@ def _glob_escape(text: str) -> str:
 
 
 def _check_id(kind: str, value: str) -> None:
-    # ':' separates key parts: a session id "a:blocks" would alias the block table of session "a".
-    if not value or ":" in value or value != value.strip():
-        raise ValueError(f"invalid {kind} {value!r}: must be non-empty, without ':' or surrounding whitespace")
+    # The ids every kvrelay process accepts (kvrelay/ids.py): ':' separates key parts, so a session id "a:blocks"
+    # would alias the block table of session "a". InvalidId is a ValueError.
+    check_id(kind, value)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -260,17 +267,34 @@ def _record(session_id: str, fields: dict[str, str], blocks: str | list[str]) ->
 class SessionStore:
     """One deployment's sessions and KV block pool in Redis; every key starts with f"{prefix}:"."""
 
-    def __init__(self, redis_url: str, prefix: str = "kvrelay") -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str = "kvrelay",
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        pool_timeout_s: float = POOL_TIMEOUT_S,
+    ) -> None:
+        """max_connections bounds this store's connections to Redis; a call that finds them all busy waits up to
+        pool_timeout_s for one, then raises redis.exceptions.ConnectionError ("No connection available.")."""
         if not prefix or prefix != prefix.strip():
             raise ValueError(f"invalid key prefix {prefix!r}")
+        _check_positive("max_connections", max_connections)
         self.prefix = prefix
-        self._redis = aioredis.from_url(redis_url, decode_responses=True)
+        # Blocking, not redis-py's default pool: that one raises MaxConnectionsError as soon as every connection is
+        # busy (100 in redis-py 8), which failed a quarter of the streams of a gateway past ~200 concurrent ones.
+        # Here a burst queues for a connection instead; only a Redis that stays too slow for pool_timeout_s fails.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, decode_responses=True, max_connections=max_connections, timeout=pool_timeout_s
+        )
+        self._redis = aioredis.Redis.from_pool(pool)  # from_pool: closing the client closes the pool
         self._scripts = {name: self._redis.register_script(_script_source(name)) for name in _SCRIPTS}
 
     @classmethod
-    async def connect(cls, redis_url: str, prefix: str = "kvrelay") -> SessionStore:
-        """A store whose Redis answered a PING (fails fast with the URL in the message otherwise)."""
-        store = cls(redis_url, prefix)
+    async def connect(cls, redis_url: str, prefix: str = "kvrelay", **pool: Any) -> SessionStore:
+        """A store whose Redis answered a PING (fails fast with the URL in the message otherwise); `pool`: the
+        constructor's max_connections and pool_timeout_s."""
+        store = cls(redis_url, prefix, **pool)
         try:
             await store._redis.ping()
         except Exception as exc:

@@ -6,7 +6,7 @@ The map (ARCHITECTURE.md shows it too):
 
     kvrelay.cli (and the launcher it starts) -> gateway, services     as processes, never as imports
     gateway   -> kvrelay (its torch-free runtime: v1, rpc, settings, sampling, model_config, tokenizer, trace,
-                 errors), kvstore
+                 errors, ids), kvstore
     services  -> kvrelay (same), kernels, kvstore
     kernels   -> kvstore.formats only
     kvstore   -> kvstore, kvrelay's runtime
@@ -43,6 +43,7 @@ KVRELAY_RUNTIME = (
     "kvrelay.tokenizer",
     "kvrelay.trace",
     "kvrelay.errors",
+    "kvrelay.ids",
 )
 # The one file allowed lazy imports of services (function-level only).
 LAZY_SERVICES_OK = "kvrelay/cli.py"

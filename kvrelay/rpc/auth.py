@@ -30,6 +30,8 @@ from pathlib import Path
 
 import grpc
 
+from kvrelay.ids import SESSION_NAMESPACE_CHARS
+
 log = logging.getLogger("kvrelay.auth")
 
 SECRET_ENV = "KVRELAY_DEPLOYMENT_SECRET"
@@ -39,7 +41,7 @@ AUTHORIZATION = "authorization"
 # Methods every caller may use: "/<service>/<method>" of the standard health and reflection services.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # A session's namespace under an API key: this many hex digits of an HMAC of the key (64 bits: no two keys collide).
-NAMESPACE_HEX = 16
+NAMESPACE_HEX = SESSION_NAMESPACE_CHARS - 1  # and a '.'
 SHORT_KEY = 16  # characters: keys shorter than this are warned about (a guessable key is no key)
 
 NO_SECRET = (

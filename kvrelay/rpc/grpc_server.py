@@ -3,8 +3,8 @@
 One place decides the transport policy: message size limits, keepalive on both sides, the standard health service and
 server reflection, and who may call (kvrelay/rpc/auth.py): every server is an internal service that wants the
 deployment secret unless it passes its own gate (the public gateway: API keys, optionally TLS), and every channel to an
-internal service comes from `internal_channel`, which sends the secret. A service module only writes its servicer and
-calls `start_server`.
+internal service comes from `internal_channel`, which sends the secret. The guard (kvrelay/rpc/guard.py) gives every
+failure a real status code, never UNKNOWN. A service module only writes its servicer and calls `start_server`.
 
 Keepalive policy. A long call (a Decode stream of thousands of tokens, a Prefill waiting in a busy queue) sees quiet
 periods, and keepalive pings are what notice a peer that vanished without closing its connection. But a server that
@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvrelay.rpc.auth import internal_client_interceptors, internal_server_interceptors
+from kvrelay.rpc.guard import GuardInterceptor
 
 # A `add_XServicer_to_server` function from a generated *_pb2_grpc module, and the servicer it registers.
 AddServicerFn = Callable[[Any, grpc.aio.Server], None]
@@ -127,7 +128,11 @@ async def start_server(
         raise ValueError(f"port must be a concrete port > 0, got {port}")
     if interceptors is None:
         interceptors = internal_server_interceptors()
-    server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=list(interceptors) or None)
+    # who may call first (kvrelay/rpc/auth.py), then the guard: undecodable requests get INVALID_ARGUMENT, escaped
+    # exceptions a real status, never UNKNOWN
+    server = grpc.aio.server(
+        options=server_options(max_receive_bytes), interceptors=[*interceptors, GuardInterceptor()]
+    )
     for add_servicer, servicer in servicers:
         add_servicer(servicer, server)
 

@@ -26,14 +26,19 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """Text generation with one model. Errors are real gRPC status codes with a message that names the bad field:
-    - INVALID_ARGUMENT: bad input (see each field), a prompt that does not fit max_model_len, an unknown chat role.
+    """Text generation with one model. Errors are real gRPC status codes with a message that names the bad field, never
+    UNKNOWN; a request that fails, whatever it holds, fails alone (the requests batched with it go on):
+    - INVALID_ARGUMENT: bad input (see each field), a prompt that does not fit max_model_len, an unknown chat role, a
+    prompt over the server's max_prompt_bytes (refused before tokenizing), request bytes that do not parse as a
+    GenerateRequest (e.g. a string field that is not UTF-8).
     - NOT_FOUND: `model` names a model this server does not serve.
     - FAILED_PRECONDITION: `session_id` names a session that already has a request in flight.
     - RESOURCE_EXHAUSTED: admission control refused the request (queue full, or the pool cannot hold it even after
-    evicting idle sessions). Retry later.
-    - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable, or the gateway is shutting down.
-    - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation; the work is aborted and its blocks freed.
+    evicting idle sessions), or the request is over gRPC's 4 MiB message limit. Retry later (or smaller).
+    - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable (or too busy to answer within its timeout),
+    or the gateway is shutting down. Retry.
+    - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation, or an operator's Abort of the session; the
+    work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
     """
 
@@ -66,14 +71,19 @@ class GatewayStub:
 
 
 class GatewayServicer:
-    """Text generation with one model. Errors are real gRPC status codes with a message that names the bad field:
-    - INVALID_ARGUMENT: bad input (see each field), a prompt that does not fit max_model_len, an unknown chat role.
+    """Text generation with one model. Errors are real gRPC status codes with a message that names the bad field, never
+    UNKNOWN; a request that fails, whatever it holds, fails alone (the requests batched with it go on):
+    - INVALID_ARGUMENT: bad input (see each field), a prompt that does not fit max_model_len, an unknown chat role, a
+    prompt over the server's max_prompt_bytes (refused before tokenizing), request bytes that do not parse as a
+    GenerateRequest (e.g. a string field that is not UTF-8).
     - NOT_FOUND: `model` names a model this server does not serve.
     - FAILED_PRECONDITION: `session_id` names a session that already has a request in flight.
     - RESOURCE_EXHAUSTED: admission control refused the request (queue full, or the pool cannot hold it even after
-    evicting idle sessions). Retry later.
-    - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable, or the gateway is shutting down.
-    - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation; the work is aborted and its blocks freed.
+    evicting idle sessions), or the request is over gRPC's 4 MiB message limit. Retry later (or smaller).
+    - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable (or too busy to answer within its timeout),
+    or the gateway is shutting down. Retry.
+    - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation, or an operator's Abort of the session; the
+    work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
     """
 
@@ -139,14 +149,19 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """Text generation with one model. Errors are real gRPC status codes with a message that names the bad field:
-    - INVALID_ARGUMENT: bad input (see each field), a prompt that does not fit max_model_len, an unknown chat role.
+    """Text generation with one model. Errors are real gRPC status codes with a message that names the bad field, never
+    UNKNOWN; a request that fails, whatever it holds, fails alone (the requests batched with it go on):
+    - INVALID_ARGUMENT: bad input (see each field), a prompt that does not fit max_model_len, an unknown chat role, a
+    prompt over the server's max_prompt_bytes (refused before tokenizing), request bytes that do not parse as a
+    GenerateRequest (e.g. a string field that is not UTF-8).
     - NOT_FOUND: `model` names a model this server does not serve.
     - FAILED_PRECONDITION: `session_id` names a session that already has a request in flight.
     - RESOURCE_EXHAUSTED: admission control refused the request (queue full, or the pool cannot hold it even after
-    evicting idle sessions). Retry later.
-    - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable, or the gateway is shutting down.
-    - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation; the work is aborted and its blocks freed.
+    evicting idle sessions), or the request is over gRPC's 4 MiB message limit. Retry later (or smaller).
+    - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable (or too busy to answer within its timeout),
+    or the gateway is shutting down. Retry.
+    - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation, or an operator's Abort of the session; the
+    work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
     """
 

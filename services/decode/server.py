@@ -15,13 +15,14 @@ import time
 import grpc
 
 from kvrelay import trace
+from kvrelay.ids import InvalidId, check_id, check_token_ids
 from kvrelay.internal.v1 import decode_pb2_grpc
 from kvrelay.sampling import params_from_proto
 from kvrelay.settings import DecodeSettings
 from kvrelay.v1 import common_pb2
 from kvstore.sessions import SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
 from services.common.worker import LEASE_MS, Worker, main_for
-from services.decode.step_loop import RunningSeq, StepLoop
+from services.decode.step_loop import Failed, RunningSeq, StepLoop
 from services.model.sampler import Sampler, make_generator
 
 log = logging.getLogger("kvrelay.decode")
@@ -51,8 +52,8 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         if self.attached is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is still loading the model")
         try:
-            params = params_from_proto(request.sampling)
-        except ValueError as exc:
+            params = self._check(request)
+        except ValueError as exc:  # InvalidId is one too
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         history = list(request.token_ids)
         num_generated = request.num_generated
@@ -79,6 +80,10 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
                 message = await seq.out.get()
                 if isinstance(message, grpc.StatusCode):
                     await context.abort(message, "no KV blocks left to continue this sequence")
+                if isinstance(message, Failed):  # this sequence alone failed, or Abort ended it
+                    await context.abort(message.code, message.details)
+                if message.finish == common_pb2.FINISH_REASON_ERROR:  # the clients hear a failure as a status
+                    await context.abort(grpc.StatusCode.INTERNAL, f"decode step failed for session {seq.session_id}")
                 if first:
                     trace.mark(seq.session_id, "dc_yield")
                     first = False
@@ -92,6 +97,18 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
             if not seq.finished:
                 seq.cancelled = True  # client gone or gateway cancelled: the step loop frees the blocks
                 self.wakeup.set()
+
+    def _check(self, request):
+        """The request's sampling settings, or ValueError naming what is wrong (the same checks as the gateway's)."""
+        params = params_from_proto(request.sampling)
+        check_id("session_id", request.session_id)
+        check_id("request_id", request.request_id, allow_empty=not request.await_prefill)
+        vocab = self.attached.config.vocab_size
+        check_token_ids("token_ids", request.token_ids, vocab, allow_empty=False)
+        check_token_ids("sampling.stop_token_ids", params.stop_token_ids, vocab)
+        if not 0 <= request.num_generated < params.max_tokens:
+            raise ValueError(f"num_generated must be in [0, sampling.max_tokens), got {request.num_generated}")
+        return params
 
     def _join(self, request, params, history, num_generated, record, received, cancelled=False) -> RunningSeq:
         """Add an adopted session to the running batch (a cancelled one only to be freed or released by the loop)."""
@@ -226,9 +243,16 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         return [self.step_loop(), self.handoff_listener()]
 
     async def Abort(self, request, context):  # noqa: N802
+        try:
+            check_id("session_id", request.session_id)
+        except InvalidId as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         for seq in self.running:
-            if seq.session_id == request.session_id:
-                seq.cancelled = seq.aborted = True
+            if seq.session_id == request.session_id and not seq.finished:
+                if not seq.cancelled:  # its Decode call ends now, with CANCELLED (decode.proto)
+                    why = f": {request.reason}" if request.reason else ""
+                    seq.out.put_nowait(Failed(grpc.StatusCode.CANCELLED, f"session {seq.session_id} aborted{why}"))
+                seq.cancelled = seq.aborted = True  # the step loop frees its blocks before its next step
                 self.wakeup.set()
                 return common_pb2.AbortResponse(found=True, blocks_freed=len(seq.block_table))
         return common_pb2.AbortResponse(found=False)

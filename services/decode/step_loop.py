@@ -28,6 +28,7 @@ from typing import Protocol, cast
 
 import grpc
 import torch
+from redis.exceptions import RedisError
 
 from kvrelay import trace
 from kvrelay.internal.v1 import decode_pb2
@@ -43,6 +44,7 @@ from services.model.sampler import PendingSample, SampleOutput, Sampler, finish_
 from services.scheduler import keeps_batch, preemption_victim, to_retire
 
 log = logging.getLogger("kvrelay.decode")
+RETRY_RELEASE_S = 1.0  # how often a session whose free failed is tried again
 
 
 @dataclass(eq=False)
@@ -61,6 +63,15 @@ class RunningSeq:
     finished: bool = False  # out of the batch; its blocks may still wait for a queued step (Step.ending)
     keep_session: bool = False  # multi-turn: release the KV as IDLE at the end instead of freeing it
     aborted: bool = False  # Abort always frees
+    solo: bool = False  # was in a step that failed: runs alone once, so that only a sequence that fails alone fails
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Put on a sequence's queue instead of a message: its Decode call ends with this status (the others go on)."""
+
+    code: grpc.StatusCode
+    details: str
 
 
 @dataclass(eq=False)
@@ -115,12 +126,22 @@ class StepLoop:
         self.wakeup = asyncio.Event()
         self.inflight: Step | None = None
         self.overlap = overlap
+        # sessions whose free (or release) failed, by id: retried every RETRY_RELEASE_S until Redis takes it (this
+        # worker still owns them and renews their leases, so nobody else would ever free them)
+        self.unreleased: dict[str, RunningSeq] = {}
+        self.released_retry_at = 0.0
 
     async def step_loop(self) -> None:
         while True:
             if not self.running and self.inflight is None:
                 self.wakeup.clear()
-                await self.wakeup.wait()
+                if self.unreleased:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wakeup.wait(), RETRY_RELEASE_S)
+                else:
+                    await self.wakeup.wait()
+            if self.unreleased and time.perf_counter() >= self.released_retry_at:
+                await self._retry_releases()
             queued = self.inflight.batch if self.inflight is not None else []
             for seq in to_retire(self.running, queued):
                 await self._retire(seq)
@@ -134,8 +155,16 @@ class StepLoop:
         """Queue a step over every sequence that can grow, with input ids from the host (nothing is in flight)."""
         batch, paused = [], []
         self._mark_new(self.running, "dc_loop")
-        for seq in list(self.running):
-            (batch if await self._grow(seq) else paused).append(seq)
+        # A sequence of a step that failed runs alone first: if it fails again, it fails alone.
+        solo = next((seq for seq in self.running if seq.solo and not seq.cancelled), None)
+        for seq in [solo] if solo is not None else list(self.running):
+            grown = await self._grow(seq)
+            if seq.cancelled:
+                continue  # failed while growing: retired at the next turn of the loop
+            (batch if grown else paused).append(seq)
+        if solo is not None and not batch:
+            solo.solo = False  # no block for it now: it waits with the others
+            return
         if paused and not batch:
             # Nobody can grow, so nobody will free blocks: give up the newest sequence (its blocks free others).
             victim = preemption_victim(paused)
@@ -145,12 +174,15 @@ class StepLoop:
         if not batch:
             return
         step = Step(batch)
+        wait = not self.overlap or solo is not None
         try:
-            step.pending, out = await asyncio.to_thread(self._device_step, batch, None, None, not self.overlap)
-            if self.overlap:
+            step.pending, out = await asyncio.to_thread(self._device_step, batch, None, None, wait)
+            if not wait:
                 self.inflight = step
             else:
                 await self._finish(step, out, None)
+                if solo is not None:
+                    solo.solo = False
         except Exception:
             log.exception("decode step failed")
             await self._fail([step])
@@ -265,9 +297,12 @@ class StepLoop:
             seq.out.put_nowait(msg)
 
     async def _fail(self, steps: list[Step | None]) -> None:
-        """A step raised: every sequence in it fails, and its blocks are freed once the device is idle."""
+        """A step raised. One sequence's input may be what broke it, so the sequences of a step of several are not
+        failed: each runs its next step alone (`solo`), and one that fails alone fails. Freed blocks are freed once
+        the device is idle. (The step's K/V writes are rewritten identically; a seeded sampled sequence draws anew.)"""
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self._host.gpu.run, sync_device, self._host.attached.runner.device)
+        live: list[RunningSeq] = []
         for step in steps:
             if step is None:
                 continue
@@ -276,10 +311,35 @@ class StepLoop:
                 await self._release(seq)
                 if msg is not None:
                     seq.out.put_nowait(msg)
-            for seq in step.batch:
-                if not seq.finished:
-                    seq.out.put_nowait(decode_pb2.DecodeResponse(finish=common_pb2.FINISH_REASON_ERROR))
-                    await self._retire(seq)
+            live += [seq for seq in step.batch if not seq.finished and seq not in live]
+        for seq in live:
+            if len(live) > 1 and not seq.cancelled:
+                seq.solo = True
+                continue
+            if not seq.cancelled:
+                seq.out.put_nowait(decode_pb2.DecodeResponse(finish=common_pb2.FINISH_REASON_ERROR))
+            await self._retire(seq)
+
+    def _fail_alone(self, seq: RunningSeq, exc: Exception) -> None:
+        """Something failed for this sequence only (a Redis call for its session): it ends with a status, its
+        neighbours go on. The loop retires it like a cancelled one (its blocks freed once no queued step writes into
+        them)."""
+        if isinstance(exc, RedisError):
+            code, what = grpc.StatusCode.UNAVAILABLE, "Redis is unavailable"
+            log.warning("session %s failed: %s: %s", seq.session_id, type(exc).__name__, exc)
+        else:
+            code, what = grpc.StatusCode.INTERNAL, "decode failed"
+            log.error("session %s failed", seq.session_id, exc_info=exc)
+        if not seq.cancelled:
+            seq.out.put_nowait(Failed(code, f"{what} for session {seq.session_id}: {type(exc).__name__}: {exc}"))
+        seq.cancelled = seq.aborted = True  # freed, never kept: what its blocks hold is not known
+        self.wakeup.set()
+
+    async def _retry_releases(self) -> None:
+        self.released_retry_at = time.perf_counter() + RETRY_RELEASE_S
+        for sid, seq in list(self.unreleased.items()):
+            del self.unreleased[sid]
+            await self._release(seq)  # back in unreleased if it fails again
 
     async def _retire(self, seq: RunningSeq) -> None:
         """Out of the batch, blocks freed or released now (no queued step holds it)."""
@@ -297,8 +357,14 @@ class StepLoop:
                 await host.store.release(seq.session_id, host.worker_id)
             else:
                 await host.store.free(seq.session_id, owner=host.worker_id)
+            self.unreleased.pop(seq.session_id, None)
         except SessionError:
             log.warning("session %s was taken over before it could be freed", seq.session_id)
+            self.unreleased.pop(seq.session_id, None)
+        except Exception as exc:  # Redis: this sequence's problem only; retried (see init_steps)
+            if seq.session_id not in self.unreleased:
+                log.warning("could not free session %s (%s: %s); retrying", seq.session_id, type(exc).__name__, exc)
+            self.unreleased[seq.session_id] = seq
 
     async def _grow(self, seq: RunningSeq, ahead: int = 0) -> bool:
         """Blocks for the token the next step writes (`ahead` steps further); False when the pool is exhausted."""
@@ -310,4 +376,7 @@ class StepLoop:
             seq.block_table += await host.store.allocate(seq.session_id, need, host.worker_id, LEASE_MS, create=False)
             return True
         except (OutOfBlocks, SessionError):
+            return False
+        except Exception as exc:  # Redis failed for this call: this sequence fails, not the batch
+            self._fail_alone(seq, exc)
             return False

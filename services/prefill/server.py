@@ -12,8 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from redis.exceptions import RedisError
 
 from kvrelay import trace
+from kvrelay.ids import InvalidId, check_id, check_token_ids
 from kvrelay.internal.v1 import prefill_pb2, prefill_pb2_grpc
 from kvrelay.sampling import SamplingParams, params_from_proto
 from kvrelay.settings import PrefillSettings
@@ -35,6 +37,10 @@ from services.scheduler import (
 
 log = logging.getLogger("kvrelay.prefill")
 SERVICE = "kvrelay.internal.v1.Prefill"
+
+
+class Aborted(Exception):
+    """A job's future holds this when Abort stopped it: its Prefill call ends with CANCELLED."""
 
 
 @dataclass(eq=False)
@@ -88,11 +94,16 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):  # noqa: N802
         if self.attached is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is still loading the model")
+        ids = list(request.token_ids)
         try:
             params = params_from_proto(request.sampling)
-        except ValueError as exc:
+            check_id("session_id", request.session_id)
+            check_id("request_id", request.request_id, allow_empty=True)
+            vocab = self.attached.config.vocab_size
+            check_token_ids("token_ids", ids, vocab, allow_empty=False)
+            check_token_ids("sampling.stop_token_ids", params.stop_token_ids, vocab)
+        except ValueError as exc:  # InvalidId is one too
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        ids = list(request.token_ids)
         limit = self.attached.max_model_len
         if not fits_context(len(ids), limit):
             await context.abort(
@@ -110,20 +121,55 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             return await job.future
         except asyncio.CancelledError:
             job.cancelled = True  # the batch loop frees its blocks; a running forward pass cannot be interrupted
+            job.future.cancel()  # nobody waits for it any more
             self.wakeup.set()
             raise
+        except Aborted as exc:
+            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
         except OutOfBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for this prompt: {exc}")
         except SessionError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except RedisError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis is unavailable ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # this prompt's own failure (its neighbours in the batch went on)
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {type(exc).__name__}: {exc}")
 
     async def Abort(self, request, context):  # noqa: N802
+        try:
+            check_id("session_id", request.session_id)
+        except InvalidId as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         for job in self.waiting + self.ready:
-            if job.session_id == request.session_id:
+            if job.session_id == request.session_id and not job.future.done():
+                # The call ends now (prefill.proto: CANCELLED); the batch loop frees the blocks, after the forward
+                # pass that may be running over them.
                 job.cancelled = True
+                why = f": {request.reason}" if request.reason else ""
+                job.future.set_exception(Aborted(f"prefill of session {job.session_id} aborted{why}"))
                 self.wakeup.set()
                 return common_pb2.AbortResponse(found=True)
         return common_pb2.AbortResponse(found=False)
+
+    async def _fail(self, job: PrefillJob, exc: Exception) -> None:
+        """This job alone failed: its call hears why, its blocks (if it got any) go back, the others go on."""
+        if job in self.ready:
+            self.ready.remove(job)
+        if isinstance(exc, RedisError):
+            log.warning("prefill of session %s failed: %s: %s", job.session_id, type(exc).__name__, exc)
+        else:
+            log.error("prefill of session %s failed", job.session_id, exc_info=exc)
+        if not job.future.done():
+            job.future.set_exception(exc)
+        await self._free(job)
+
+    async def _free(self, job: PrefillJob) -> None:
+        try:
+            await self.store.free(job.session_id, owner=self.worker_id)
+        except SessionError:
+            pass  # not ours (any more): nothing of it to free
+        except Exception as exc:  # Redis: the session's lease expires and reclaim_expired frees it
+            log.warning("could not free session %s (%s: %s)", job.session_id, type(exc).__name__, exc)
 
     async def _admit(self) -> None:
         """Give waiting prompts their blocks, oldest first; one that cannot get them waits (bounded) or is refused."""
@@ -132,6 +178,8 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         still = []
         for job in self.waiting:
             if job.cancelled or job.future.done():
+                if not job.future.done():
+                    job.future.set_exception(Aborted(f"prefill of session {job.session_id} cancelled"))
                 continue
             need = policy.blocks_for(len(job.token_ids))
             if policy.never_fits(need):
@@ -151,6 +199,8 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                     job.future.set_exception(exc)
             except SessionError as exc:
                 job.future.set_exception(exc)
+            except Exception as exc:  # Redis, or a bug: this job fails, the others are admitted
+                await self._fail(job, exc)
         self.waiting = still
 
     async def _resume(self, job: PrefillJob, record, need: int) -> None:
@@ -186,7 +236,9 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
     async def _drop_cancelled(self) -> None:
         for job in [j for j in self.ready if j.cancelled]:
             self.ready.remove(job)
-            await self.store.free(job.session_id, owner=self.worker_id)
+            if not job.future.done():
+                job.future.set_exception(Aborted(f"prefill of session {job.session_id} cancelled"))
+            await self._free(job)
 
     async def batch_loop(self) -> None:
         budget = self.settings.max_batch_tokens
@@ -195,13 +247,10 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             self.wakeup.clear()
             try:
                 await self._step(budget)
-            except Exception as exc:  # a failing batch fails its requests, not the server
+            except Exception as exc:  # the last resort (each job's own failures fail it alone, in _step)
                 log.exception("prefill batch failed")
-                for job in self.ready:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                    await self.store.free(job.session_id)
-                self.ready = []
+                for job in list(self.ready):
+                    await self._fail(job, exc)
             if self.ready or self.waiting:
                 self.wakeup.set()
                 await asyncio.sleep(0 if self.ready else 0.05)  # waiting only for blocks: poll gently
@@ -227,51 +276,81 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         if not self.ready:
             return
         batch, chunks = prefill_batch(self.ready, budget)
+        for jobs, out in await self._forward(batch, chunks):
+            for row, job in enumerate(jobs):
+                try:
+                    await self._hand_off(job, out, row)
+                except Exception as exc:  # this job's Redis call (or a bug in its reply): it alone fails
+                    await self._fail(job, exc)
+
+    async def _forward(self, batch: list[PrefillJob], chunks: list[SeqChunk]) -> list[tuple[list[PrefillJob], object]]:
+        """The forward pass over `chunks`; (jobs whose prompt completed, their first tokens) groups.
+
+        When the pass over several prompts raises, one of them may be the cause: each chunk runs again alone (it
+        writes the same K/V into the same slots), so a prompt that fails alone fails, and only it."""
         done = [i for i, job in enumerate(batch) if job.progress == len(job.token_ids)]
-        jobs = [batch[i] for i in done]
-        out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, jobs)
-        if not done:
-            return
-        eos = self.attached.config.eos_token_ids
-        for row, job in enumerate(jobs):
-            self.ready.remove(job)
-            trace.mark(job.session_id, "pf_arrived", job.arrived)
-            trace.mark(job.session_id, "pf_started", job.started)
-            trace.mark(job.session_id, "pf_computed")
-            token = out.token_ids[row]
-            full = len(job.token_ids) + 1 >= self.attached.max_model_len
-            reason = finish_reason(token, 1, job.params, eos, full)
-            if job.cancelled or reason is not None:
-                await self._finish_here(job)
-            else:
-                # Hand-off: PREFILLED with a lease nobody renews, so a session no decode worker adopts comes back.
-                # The same call tells the decode worker waiting for this request (request_id) to adopt it now.
-                await self.store.update(
-                    job.session_id,
-                    self.worker_id,
-                    SessionState.PREFILLED,
-                    lease_ms=HANDOFF_LEASE_MS,
-                    num_tokens=len(job.token_ids),
-                    first_token=token,
-                    request_id=job.request_id,
-                )
-                trace.mark(job.session_id, "pf_offered")
-            if job.future.done():
+        try:
+            out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, [batch[i] for i in done])
+            return [([batch[i] for i in done], out)] if done else []
+        except Exception as exc:
+            if len(batch) == 1:
+                await self._fail(batch[0], exc)
+                return []
+            log.warning("prefill pass over %d prompts failed (%s); running them one at a time", len(batch), exc)
+        groups = []
+        for job, chunk in zip(batch, chunks, strict=True):
+            complete = [0] if job.progress == len(job.token_ids) else []
+            try:
+                out = await asyncio.to_thread(self.gpu.run, self._compute, [chunk], complete, [job] if complete else [])
+            except Exception as exc:
+                await self._fail(job, exc)
                 continue
-            now = time.perf_counter()
-            response = prefill_pb2.PrefillResponse(
-                first_token_id=token,
+            if complete:
+                groups.append(([job], out))
+        return groups
+
+    async def _hand_off(self, job: PrefillJob, out, row: int) -> None:
+        """A prompt completed with its first token in `out`'s row: hand the session to decode (or end it here), then
+        reply."""
+        eos = self.attached.config.eos_token_ids
+        self.ready.remove(job)
+        trace.mark(job.session_id, "pf_arrived", job.arrived)
+        trace.mark(job.session_id, "pf_started", job.started)
+        trace.mark(job.session_id, "pf_computed")
+        token = out.token_ids[row]
+        full = len(job.token_ids) + 1 >= self.attached.max_model_len
+        reason = finish_reason(token, 1, job.params, eos, full)
+        if job.cancelled or reason is not None:
+            await self._finish_here(job)
+        else:
+            # Hand-off: PREFILLED with a lease nobody renews, so a session no decode worker adopts comes back.
+            # The same call tells the decode worker waiting for this request (request_id) to adopt it now.
+            await self.store.update(
+                job.session_id,
+                self.worker_id,
+                SessionState.PREFILLED,
+                lease_ms=HANDOFF_LEASE_MS,
                 num_tokens=len(job.token_ids),
-                finish=FINISH[reason],
-                queue_ms=(job.started - job.arrived) * 1e3,
-                prefill_ms=(now - job.started) * 1e3,
-                cached_tokens=job.cached,
+                first_token=token,
+                request_id=job.request_id,
             )
-            lp = logprob_to_proto(out, row)
-            if lp is not None:
-                response.logprob.CopyFrom(lp)
-            job.future.set_result(response)
-            trace.mark(job.session_id, "pf_replied")
+            trace.mark(job.session_id, "pf_offered")
+        if job.future.done():
+            return
+        now = time.perf_counter()
+        response = prefill_pb2.PrefillResponse(
+            first_token_id=token,
+            num_tokens=len(job.token_ids),
+            finish=FINISH[reason],
+            queue_ms=(job.started - job.arrived) * 1e3,
+            prefill_ms=(now - job.started) * 1e3,
+            cached_tokens=job.cached,
+        )
+        lp = logprob_to_proto(out, row)
+        if lp is not None:
+            response.logprob.CopyFrom(lp)
+        job.future.set_result(response)
+        trace.mark(job.session_id, "pf_replied")
 
     def main_sync(self) -> None:
         asyncio.run(self.run([(prefill_pb2_grpc.add_PrefillServicer_to_server, self)], [SERVICE]))

@@ -61,15 +61,21 @@ class DecodeServicer:
         If the caller cancels the call (the client left, its deadline passed, or the gateway matched a stop string), the
         worker drops the session from its batch before its next step: a session kept for the next turn (keep_session) is
         released as IDLE with its blocks, any other is freed. (The gateway cancels; it does not call Abort.)
-        Status codes:
-        - INVALID_ARGUMENT: empty session_id or token_ids, num_generated < 0 or >= sampling.max_tokens, sampling values
-        out of range.
+        A session that fails fails alone: the others of the batch go on (when a step over several sessions fails, each
+        runs its next step alone).
+        Status codes (never UNKNOWN):
+        - INVALID_ARGUMENT: empty token_ids, a session_id or request_id that is not a valid id (kvrelay/ids.py: 1 to 128
+        of A-Z a-z 0-9 - _ . @ + = / ~; session_id not empty, request_id not empty with await_prefill), a token id or
+        stop token id outside the vocabulary, num_generated < 0 or >= sampling.max_tokens, sampling values out of
+        range, bytes that do not parse.
         - NOT_FOUND: no session record in Redis for session_id.
         - FAILED_PRECONDITION: the session is neither PREFILLED nor resumable (another live worker holds its lease), or
         its record's num_tokens is below len(token_ids) - 1.
         - RESOURCE_EXHAUSTED: no block left for the session to grow, even after evicting idle sessions.
-        - CANCELLED: Abort arrived for the session; its blocks are freed.
-        - UNAVAILABLE: the worker is draining or shutting down; resume on another worker.
+        - CANCELLED: Abort arrived for the session: the stream ends at once, and its blocks are freed before the next step.
+        - UNAVAILABLE: the worker is draining or shutting down, or Redis failed for this session; resume on another
+        worker.
+        - INTERNAL: a decode step failed for this session (also when it ran alone).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,7 +83,8 @@ class DecodeServicer:
 
     def Abort(self, request, context):
         """Stop decoding the session and free its blocks (the session is over); a running Decode stream ends with
-        CANCELLED. Idempotent (see kvrelay.v1.AbortResponse). INVALID_ARGUMENT if session_id is empty.
+        CANCELLED at once. Idempotent (see kvrelay.v1.AbortResponse). INVALID_ARGUMENT if session_id is empty or not a
+        valid id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

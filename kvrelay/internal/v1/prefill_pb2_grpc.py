@@ -60,14 +60,19 @@ class PrefillServicer:
         session record in Redis says state=PREFILLED, num_tokens and first_token: a decode worker may read the blocks as
         soon as the gateway has the reply. From then on the blocks belong to the session, not to this worker: whoever
         ends the session (decode at the end, the gateway on a cancel before decode adopts it, a lease expiry) frees them.
-        Status codes:
-        - INVALID_ARGUMENT: empty session_id or token_ids, a token id outside the vocabulary, a prompt of max_model_len
-        tokens or more, sampling values out of range.
+        A prompt that fails fails alone: the others of its batch go on (when a forward pass over several prompts fails,
+        each is computed again alone).
+        Status codes (never UNKNOWN):
+        - INVALID_ARGUMENT: empty token_ids, a session_id or request_id that is not a valid id (kvrelay/ids.py: 1 to 128
+        of A-Z a-z 0-9 - _ . @ + = / ~; session_id not empty), a token id or stop token id outside the vocabulary, a
+        prompt of max_model_len tokens or more, sampling values out of range, bytes that do not parse.
         - NOT_FOUND: no session record in Redis for session_id.
         - FAILED_PRECONDITION: the session is not in a state that can be prefilled (e.g. a request already in flight).
         - RESOURCE_EXHAUSTED: not enough free blocks, even after evicting idle sessions. Nothing stays allocated.
-        - CANCELLED: Abort arrived for the session (or the caller cancelled); its blocks for this prompt are freed.
-        - UNAVAILABLE: the worker is draining or shutting down; retry on another worker.
+        - CANCELLED: Abort arrived for the session (the call ends at once; its blocks for this prompt are freed after the
+        forward pass that may be running over them), or the caller cancelled.
+        - UNAVAILABLE: the worker is draining or shutting down, or Redis failed for this prompt; retry.
+        - INTERNAL: this prompt's own forward pass failed (also computed alone).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,7 +80,8 @@ class PrefillServicer:
 
     def Abort(self, request, context):
         """Stop the session's prefill (queued or running) and free the blocks it allocated; the pending Prefill call ends
-        with CANCELLED. Idempotent (see kvrelay.v1.AbortResponse). INVALID_ARGUMENT if session_id is empty.
+        with CANCELLED at once. Idempotent (see kvrelay.v1.AbortResponse). INVALID_ARGUMENT if session_id is empty or not
+        a valid id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
