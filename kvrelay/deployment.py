@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import random
 import signal
@@ -12,12 +14,19 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from kvstore.sessions import SessionStore
+from kvstore.sessions import SessionStore, WorkerInfo
 from kvstore.shm import shm_path
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _die_with_parent() -> None:
+    """A process respawned by a test gets SIGTERM if the test process dies: no orphans."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def port_is_free(port: int) -> bool:
@@ -126,3 +135,90 @@ class Deployment:
         ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
         out += [line for line in ps.splitlines() if self.name in line or f"127.0.0.1:{self.base_port}" in line]
         return out
+
+    # -- processes, for fault tests ----------------------------------------------------------------------------------
+
+    def worker_pids(self, role: str) -> dict[int, int]:
+        """Port -> pid of this deployment's live `role` processes (prefill, decode, colocated, gateway, kvstore),
+        from the process table."""
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+        out = {}
+        for line in ps.splitlines():
+            pid, stat, args = line.strip().split(None, 2)
+            argv = args.split()
+            if stat.startswith("Z") or f"{role}.server" not in args or self.name not in argv:
+                continue
+            if "--port" in argv:
+                out[int(argv[argv.index("--port") + 1])] = int(pid)
+        return out
+
+    def pid_of(self, worker: WorkerInfo) -> int:
+        """The pid of a registered worker (by the port of its address)."""
+        port = int(worker.address.rsplit(":", 1)[1])
+        return self.worker_pids(worker.role)[port]
+
+    def session_owner(self, *, request_id: str | None = None, session_id: str | None = None) -> WorkerInfo | None:
+        """The registered worker that owns the session of `session_id`, or the one serving `request_id` (the record's
+        `owner`, looked up in the worker registry); None while nobody (or no live worker) owns it."""
+
+        async def find() -> WorkerInfo | None:
+            async with SessionStore(REDIS_URL, self.name) as store:
+                sids = [session_id] if session_id else await store._redis.smembers(store.key("sessions"))
+                for sid in sids:
+                    record = await store.get(sid)
+                    if record is None or (request_id is not None and record.request_id != request_id):
+                        continue
+                    workers = {w.worker_id: w for w in await store.list_workers()}
+                    return workers.get(record.owner or "")
+                return None
+
+        return asyncio.run(find())
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> list[str]:
+        """Sends `sig` to a process of the deployment; returns its argv, so that respawn() can start it again."""
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        env = dict(
+            item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item
+        )
+        self._argv_env[tuple(argv)] = env
+        os.kill(pid, sig)
+        return argv
+
+    def respawn(self, argv: list[str]) -> subprocess.Popen:
+        """Starts a killed process again, with its argv and environment, as the supervisor would (a child of this
+        process, stopped by supervisor_paused's end)."""
+        env = self._argv_env[tuple(argv)]
+        proc = subprocess.Popen(
+            argv, env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+        self._respawned.append(proc)
+        return proc
+
+    @contextlib.contextmanager
+    def supervisor_paused(self) -> Iterator[None]:
+        """Stops (SIGSTOP) the `kvrelay up` process for the block, so that the processes the test kills stay dead
+        (or are started again by respawn()) and nothing else changes behind its back: the launcher would stop the
+        deployment at a child's exit (or restart it itself). Afterwards the deployment is stopped: the respawned
+        processes, then `kvrelay up` (SIGTERM then SIGCONT, so that it wakes into its orderly stop). Call stop()
+        after, for the keys and the log."""
+        self._argv_env: dict[tuple[str, ...], dict[str, str]] = {}
+        self._respawned: list[subprocess.Popen] = []
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for proc in self._respawned:
+                proc.terminate()
+            for proc in self._respawned:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGCONT)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

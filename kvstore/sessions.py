@@ -567,6 +567,11 @@ class SessionStore:
         """Removes the worker from the registry; returns whether it was registered. Its sessions are untouched."""
         return bool(await self._run("deregister_worker", worker_id))
 
+    async def worker_registered(self, worker_id: str) -> bool:
+        """Whether the worker's registry entry is alive (it heartbeated within its TTL): the liveness a takeover
+        goes by (adopt with takeover)."""
+        return bool(await self._redis.exists(self.key("worker", worker_id)))
+
     async def list_workers(self, role: str | None = None) -> list[WorkerInfo]:
         """The live (unexpired) workers, of one role or all, ordered by registration expiry (soonest first)."""
         out = []

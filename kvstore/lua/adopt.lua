@@ -67,6 +67,10 @@ end
 if cur_state == 'FINISHED' and not force then
   return fail('STATE', 'session ' .. sid .. ' is FINISHED; release() it to IDLE to reuse it')
 end
+if takeover and state == 'DECODING' and cur_state == 'PREFILLING' then
+  -- its prompt's K/V is not all written: only a prefill worker may take it over
+  return fail('STATE', 'session ' .. sid .. ' is PREFILLING; a decode worker cannot take it over')
+end
 if extra_tokens > 0 and not redis.call('HGET', POOL, 'block_size') then return fail('NOPOOL', PREFIX) end
 
 local now = now_ms()
