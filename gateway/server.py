@@ -262,7 +262,8 @@ class _Stream:
                     await context.abort(code, f"prefill: {details}")
                 call.cancel()
                 router.unreachable(worker)
-                log.warning("request %s: prefill on %s failed (%s); retrying", self.request_id, worker.worker_id, exc)
+                why = "silent and gone from the registry" if isinstance(exc, _Gone) else exc.code().name
+                log.warning("request %s: prefill on %s failed (%s); retrying", self.request_id, worker.worker_id, why)
                 reply = await self._after_lost_prefill()
                 if reply is not None:
                     return reply

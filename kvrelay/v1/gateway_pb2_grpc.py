@@ -35,6 +35,8 @@ class GatewayStub:
     - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable, or the gateway is shutting down.
     - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation; the work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
+    A worker that dies or stops answering is not an error: the gateway retries the prefill, or moves the session to
+    another decode worker, and the stream goes on after a pause with the tokens an uninterrupted run would have sent.
     """
 
     def __init__(self, channel):
@@ -75,6 +77,8 @@ class GatewayServicer:
     - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable, or the gateway is shutting down.
     - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation; the work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
+    A worker that dies or stops answering is not an error: the gateway retries the prefill, or moves the session to
+    another decode worker, and the stream goes on after a pause with the tokens an uninterrupted run would have sent.
     """
 
     def Generate(self, request, context):
@@ -148,6 +152,8 @@ class Gateway:
     - UNAVAILABLE: no healthy prefill or decode worker, Redis unreachable, or the gateway is shutting down.
     - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation; the work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
+    A worker that dies or stops answering is not an error: the gateway retries the prefill, or moves the session to
+    another decode worker, and the stream goes on after a pause with the tokens an uninterrupted run would have sent.
     """
 
     @staticmethod

@@ -96,6 +96,9 @@ def stream_and_fail(d: Deployment, mode: str, at: int, sig: int):
     return tokens, finish, victim
 
 
+LOG_SEEN = [0]  # lines of the deployment's log already looked at
+
+
 def show_log(d: Deployment, seen: list[int]) -> None:
     """Prints the deployment's log lines about the failover since the last call."""
     lines = d.output().splitlines()
@@ -114,7 +117,7 @@ def assert_clean(d: Deployment) -> None:
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kill_9_of_the_decode_worker_mid_stream(deployment, reference, mode):
     rng = random.Random(f"{mode}-{TRIALS}")
-    equal, seen = 0, [0]
+    equal = 0
     for trial in range(TRIALS):
         at = rng.randint(2, MAX_TOKENS - 4)
         t0 = time.monotonic()
@@ -123,7 +126,7 @@ def test_kill_9_of_the_decode_worker_mid_stream(deployment, reference, mode):
         same = tokens == reference[mode]
         equal += same
         print(f"{mode} trial {trial}: killed {dead} at token {at}; stream {took:.1f}s; equal={same}", flush=True)
-        show_log(deployment, seen)
+        show_log(deployment, LOG_SEEN)
         assert finish is not None and finish.reason == common_pb2.FINISH_REASON_LENGTH
         assert finish.completion_tokens == MAX_TOKENS
         assert same, (at, tokens, reference[mode])

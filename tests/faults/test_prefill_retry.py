@@ -118,6 +118,9 @@ def run_with_kill(d: Deployment, delay_s: float, **extra):
     return out, record, worker, argv
 
 
+LOG_SEEN = [0]  # lines of the deployment's log already looked at
+
+
 def show_log(d: Deployment, seen: list[int]) -> None:
     """Prints the deployment's log lines about the failover since the last call."""
     lines = d.output().splitlines()
@@ -135,7 +138,7 @@ def assert_clean(d: Deployment) -> None:
 
 def test_kill_9_of_the_prefill_worker_mid_prefill(deployment, reference):
     rng = random.Random(TRIALS)
-    completed, seen = 0, [0]
+    completed = 0
     for trial in range(TRIALS):
         delay = rng.uniform(0.0, 1.0)
         t0 = time.monotonic()
@@ -148,7 +151,7 @@ def test_kill_9_of_the_prefill_worker_mid_prefill(deployment, reference):
             f"under session {out.finish.session_id}; complete={ok}",
             flush=True,
         )
-        show_log(deployment, seen)
+        show_log(deployment, LOG_SEEN)
         assert ok, (list(out.token_ids), reference)
         assert out.finish.session_id != record.session_id  # an anonymous request starts over under a new key
         deployment.respawn(argv)
@@ -160,7 +163,7 @@ def test_kill_9_of_the_prefill_worker_mid_prefill(deployment, reference):
 def test_a_named_session_is_taken_over_and_keeps_its_prefix(deployment, reference):
     sid = f"named{uuid.uuid4().hex[:8]}"
     out, record, worker, argv = run_with_kill(deployment, 0.3, session_id=sid)
-    show_log(deployment, [0])
+    show_log(deployment, LOG_SEEN)
     assert list(out.token_ids) == reference and out.finish.session_id == sid == record.session_id
     # the next turn finds the session IDLE with the first turn's tokens, and reuses them
     with Client(deployment.address) as client:
