@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +21,6 @@ from kvstore.sessions import SessionStore, WorkerInfo
 from kvstore.shm import shm_path
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _die_with_parent() -> None:
-    """A process respawned by a test gets SIGTERM if the test process dies: no orphans."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def port_is_free(port: int) -> bool:
@@ -186,11 +180,16 @@ class Deployment:
 
     def respawn(self, argv: list[str]) -> subprocess.Popen:
         """Starts a killed process again, with its argv and environment, as the supervisor would (a child of this
-        process, stopped by supervisor_paused's end)."""
+        process, stopped by supervisor_paused's end).
+
+        No preexec_fn: a fork that runs Python in the child runs gRPC's fork handlers in the parent, which hang while
+        a closed channel is still shutting down; without one, subprocess uses vfork. setpriv gives the child its
+        SIGTERM when this process dies instead (no orphans)."""
         env = self._argv_env[tuple(argv)]
-        proc = subprocess.Popen(
-            argv, env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )
+        setpriv = shutil.which("setpriv")
+        wrapped = [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+        with self.log.open("a") as log:
+            proc = subprocess.Popen(wrapped, env=env, stdout=log, stderr=subprocess.STDOUT)
         self._respawned.append(proc)
         return proc
 
