@@ -188,10 +188,17 @@ class Deployment:
         env = self._argv_env[tuple(argv)]
         setpriv = shutil.which("setpriv")
         wrapped = [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
-        with self.log.open("a") as log:
+        # its own log: the launcher's children share one file offset, and would write over its lines
+        with self._respawn_log.open("a") as log:
             proc = subprocess.Popen(wrapped, env=env, stdout=log, stderr=subprocess.STDOUT)
         self._respawned.append(proc)
         return proc
+
+    def respawned_output(self) -> str:
+        """What the processes started by respawn() printed (also after supervisor_paused, which removes the file)."""
+        if getattr(self, "_respawn_log", None) is not None and self._respawn_log.exists():
+            self._respawn_output = self._respawn_log.read_text()
+        return getattr(self, "_respawn_output", "")
 
     @contextlib.contextmanager
     def supervisor_paused(self) -> Iterator[None]:
@@ -202,6 +209,8 @@ class Deployment:
         after, for the keys and the log."""
         self._argv_env: dict[tuple[str, ...], dict[str, str]] = {}
         self._respawned: list[subprocess.Popen] = []
+        self._respawn_log = self.log.with_name(f"{self.name}-respawned.log")
+        self._respawn_output = ""
         self.proc.send_signal(signal.SIGSTOP)
         try:
             yield
@@ -214,6 +223,8 @@ class Deployment:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            self.respawned_output()  # keep the text: the file goes
+            self._respawn_log.unlink(missing_ok=True)
             self.proc.send_signal(signal.SIGTERM)
             self.proc.send_signal(signal.SIGCONT)
             try:

@@ -96,16 +96,18 @@ def stream_and_fail(d: Deployment, mode: str, at: int, sig: int):
     return tokens, finish, victim
 
 
-LOG_SEEN = [0]  # lines of the deployment's log already looked at
+LOG_SEEN = [0, 0]  # lines of the deployment's log, and of its respawned processes' log, already looked at
 
 
 def show_log(d: Deployment, seen: list[int]) -> None:
-    """Prints the deployment's log lines about the failover since the last call."""
-    lines = d.output().splitlines()
-    for line in lines[seen[0] :]:
-        if any(n in line for n in ("resuming session", "tokens to write again")):
-            print("   ", line, flush=True)
-    seen[0] = len(lines)
+    """Prints the lines about the failover that the deployment (and the processes the test restarted) logged since
+    the last call."""
+    for i, text in enumerate((d.output(), d.respawned_output())):
+        lines = text.splitlines()
+        for line in lines[seen[i] :]:
+            if any(n in line for n in ("resuming session", "tokens to write again")):
+                print("   ", line, flush=True)
+        seen[i] = len(lines)
 
 
 def assert_clean(d: Deployment) -> None:

@@ -118,16 +118,18 @@ def run_with_kill(d: Deployment, delay_s: float, **extra):
     return out, record, worker, argv
 
 
-LOG_SEEN = [0]  # lines of the deployment's log already looked at
+LOG_SEEN = [0, 0]  # lines of the deployment's log, and of its respawned processes' log, already looked at
 
 
 def show_log(d: Deployment, seen: list[int]) -> None:
-    """Prints the deployment's log lines about the failover since the last call."""
-    lines = d.output().splitlines()
-    for line in lines[seen[0] :]:
-        if any(n in line for n in ("retrying", "took over session")):
-            print("   ", line, flush=True)
-    seen[0] = len(lines)
+    """Prints the lines about the failover that the deployment (and the processes the test restarted) logged since
+    the last call."""
+    for i, text in enumerate((d.output(), d.respawned_output())):
+        lines = text.splitlines()
+        for line in lines[seen[i] :]:
+            if any(n in line for n in ("retrying", "took over session")):
+                print("   ", line, flush=True)
+        seen[i] = len(lines)
 
 
 def assert_clean(d: Deployment) -> None:
@@ -165,6 +167,8 @@ def test_a_named_session_is_taken_over_and_keeps_its_prefix(deployment, referenc
     out, record, worker, argv = run_with_kill(deployment, 0.3, session_id=sid)
     show_log(deployment, LOG_SEEN)
     assert list(out.token_ids) == reference and out.finish.session_id == sid == record.session_id
+    # the other prefill worker took the half-written session over (not a lease expiry and a fresh start)
+    assert f"took over session {sid}" in deployment.output() + deployment.respawned_output()
     # the next turn finds the session IDLE with the first turn's tokens, and reuses them
     with Client(deployment.address) as client:
         turn2 = client.complete(prompt=LONG_PROMPT + " And then?", max_tokens=4, session_id=sid, timeout=600)
