@@ -1,6 +1,10 @@
 """The public gRPC gateway: validation, tokenizing and chat templates, routing to the least-loaded prefill and decode
 workers, incremental detokenizing, stop strings, deadlines, and cancellation that reaches the worker holding a session.
 
+Failover: a worker that dies or stops answering costs the client a pause, never an error. A Prefill call that fails
+as if its worker were gone is retried on another prefill worker; a Decode stream that does is resumed on another
+decode worker with every token the client has, and the stream goes on from there (services/decode/server.py).
+
     python -m gateway.server --kvstore 127.0.0.1:50070 --port 50051
 """
 
@@ -38,6 +42,31 @@ log = logging.getLogger("kvrelay.gateway")
 SERVICE = "kvrelay.v1.Gateway"
 MAX_REQUEST_BYTES = 4 * 2**20  # larger GenerateRequests are refused by gRPC itself (RESOURCE_EXHAUSTED)
 UNSET = common_pb2.FINISH_REASON_UNSPECIFIED
+
+# A call that fails with UNAVAILABLE could not reach its worker, or lost it (connection refused or reset, "Stream
+# removed" after a kill -9), or the worker is draining or still loading: in every case another worker may serve it.
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+# A worker that stops answering without its connection failing (a frozen process, a hung host) is found by silence:
+# when a call has brought nothing for SILENCE_S, the gateway looks its worker up in the registry, and moves the
+# session only once the worker is gone from it. Silence alone proves nothing: a decode step under contention, a
+# sequence waiting for blocks or a long prefill are silent too, and taking a session from a live worker is unsafe (it
+# would go on writing into the same blocks). The registry entry expires WORKER_TTL_MS (5 s) after the last
+# heartbeat, and a worker stops writing before that (services/common/worker.py, ACT_S), so the look-up is the
+# decision and SILENCE_S only how soon it is made: 1 s costs one Redis EXISTS per silent call per second and finds a
+# frozen worker at most a second after its entry expired.
+SILENCE_S = 1.0
+PREFILL_ATTEMPTS = 3  # prefill workers tried per request
+DECODE_RESUMES = 4  # times a request's decode may move to another worker
+FAILOVER_WAIT_S = 30.0  # how long a failover waits for a worker to route to (e.g. one that is restarting)
+
+
+class _Gone(Exception):
+    """The worker a call waits on has been silent for SILENCE_S and is gone from the registry."""
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def downstream_code(exc: grpc.aio.AioRpcError) -> grpc.StatusCode:
@@ -185,6 +214,13 @@ class _Stream:
         self.stops = StopMatcher(valid.stop)
         self.decode_call = None
         self.decode_worker = None  # the decode worker this request counts against in the router, while it does
+        self.tokens: list[int] = []  # every token the client has been sent (what a resumed decode continues from)
+        # A decode call the session was moved away from because it went silent, kept open (never cancelled) until
+        # the new call's first message proves the takeover: cancelling it earlier would make a frozen worker that
+        # wakes up free the session before the new one adopts it.
+        self.left_call = None
+        self.left_worker = None  # left_call's worker
+        self.reading: dict[object, asyncio.Future] = {}  # call -> its read() in progress, kept across silences
         self.handed_off = False  # decode's first message arrived: the session is the decode worker's
         self.ended_at_prefill = False  # prefill's reply finished the request: prefill freed or released the session
         self.finished = False
@@ -193,40 +229,109 @@ class _Stream:
         self.keep_session = keep_session
         self.timings = common_pb2.Timings()
 
-    async def _pick(self, role: str, context):
-        try:
-            return await self.gw.router.pick(role)
-        except NoWorkers as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    async def _pick(self, role: str, context, wait: bool = False):
+        """The least-loaded worker of `role`; wait: after a failure, give one FAILOVER_WAIT_S to come (restarting)."""
+        deadline = time.monotonic() + (FAILOVER_WAIT_S if wait else 0.0)
+        while True:
+            try:
+                return await self.gw.router.pick(role)
+            except NoWorkers as exc:
+                if time.monotonic() >= deadline:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await asyncio.sleep(0.5)
 
     async def _prefill(self, context) -> prefill_pb2.PrefillResponse:
-        router = self.gw.router
-        # A request of one token ends at prefill: it needs no decode worker.
-        decode_worker = await self._pick("decode", context) if self.params.max_tokens > 1 else None
-        worker = await self._pick("prefill", context)
-        stub = prefill_pb2_grpc.PrefillStub(router.channel(worker.address))
-        req = prefill_pb2.PrefillRequest(
-            session_id=self.session_id,
-            request_id=self.request_id,
-            token_ids=self.valid.prompt_token_ids,
-            sampling=params_to_proto(self.params),
-            keep_session=self.keep_session,
-        )
-        router.acquire(worker)
-        try:
-            call = stub.Prefill(req, timeout=context.time_remaining())
-            if decode_worker is not None:
-                self._start_decode(decode_worker, context)
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(downstream_code(exc), f"prefill: {exc.details()}")
-        finally:
-            router.release(worker)
+        """Prefill on the least-loaded worker; should that worker die or vanish before it answers, on another.
 
-    def _start_decode(self, worker, context) -> None:
+        The dead worker leaves the session PREFILLING under its name, which only its lease expiry (LEASE_MS) would
+        free. An anonymous request starts over under a new session id (its waiting Decode call is cancelled, and the
+        old session is reclaimed with the dead worker's lease). A named session keeps its id: the next prefill
+        worker takes it over once Redis says the dead one is gone (services/prefill/server.py); if the dead worker
+        had finished (the session is PREFILLED or DECODING for this request) only its reply was lost, and the first
+        token comes from the record.
+        """
+        router = self.gw.router
+        for attempt in range(1, PREFILL_ATTEMPTS + 1):
+            # A request of one token ends at prefill: it needs no decode worker.
+            retry = attempt > 1
+            if self.decode_call is None and self.params.max_tokens > 1:
+                self._start_decode(await self._pick("decode", context, wait=retry), context)
+            worker = await self._pick("prefill", context, wait=retry)
+            stub = prefill_pb2_grpc.PrefillStub(router.channel(worker.address))
+            req = prefill_pb2.PrefillRequest(
+                session_id=self.session_id,
+                request_id=self.request_id,
+                token_ids=self.valid.prompt_token_ids,
+                sampling=params_to_proto(self.params),
+                keep_session=self.keep_session,
+            )
+            router.acquire(worker)
+            call = stub.Prefill(req, timeout=context.time_remaining())
+            try:
+                return await self._reply(call, worker)
+            except (grpc.aio.AioRpcError, _Gone) as exc:
+                failed = isinstance(exc, _Gone) or exc.code() in RETRY_CODES
+                if not failed or attempt == PREFILL_ATTEMPTS:
+                    code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, _Gone) else downstream_code(exc)
+                    details = "the prefill worker vanished" if isinstance(exc, _Gone) else exc.details()
+                    await context.abort(code, f"prefill: {details}")
+                call.cancel()
+                router.unreachable(worker)
+                why = "silent and gone from the registry" if isinstance(exc, _Gone) else exc.code().name
+                log.warning("request %s: prefill on %s failed (%s); retrying", self.request_id, worker.worker_id, why)
+                reply = await self._after_lost_prefill()
+                if reply is not None:
+                    return reply
+            finally:
+                router.release(worker)
+
+    async def _reply(self, call, worker):
+        """A unary call's reply; _Gone if its worker is silent and gone from the registry meanwhile."""
+        waiter = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=SILENCE_S)
+                if done:
+                    return waiter.result()
+                if not await self.gw.store.worker_registered(worker.worker_id):
+                    raise _Gone(worker.worker_id)
+        finally:
+            if not waiter.done():
+                waiter.cancel()  # the request ended (or the worker is gone): so does the call
+
+    async def _after_lost_prefill(self) -> prefill_pb2.PrefillResponse | None:
+        """Get ready to prefill again after the worker died; a reply when it turns out it had finished."""
+        if not self.keep_session:
+            self._drop_decode()  # it waits for the old session id; its decode worker unclaims (or frees) it
+            with contextlib.suppress(WrongState):  # finished before dying, and not handed over: free it now
+                await self.gw.store.free(
+                    self.session_id, expected_state=SessionState.PREFILLED, expected_request=self.request_id
+                )
+            self.session_id = uuid.uuid4().hex
+            return None
+        record = await self.gw.store.get(self.session_id)
+        done = (SessionState.PREFILLED, SessionState.DECODING)
+        if record is not None and record.request_id == self.request_id and record.state in done:
+            # only the reply was lost (without its logprob and timings): the Decode call has, or gets, the session
+            return prefill_pb2.PrefillResponse(first_token_id=record.first_token, num_tokens=record.num_tokens)
+        return None
+
+    def _drop_decode(self) -> None:
+        if self.decode_worker is not None:
+            self.gw.router.release(self.decode_worker)
+            self.decode_worker = None
+        for call in (self.decode_call, self.left_call):
+            if call is not None and not call.done():
+                call.cancel()
+        self.decode_call = self.left_call = None
+
+    def _start_decode(self, worker, context, resume: bool = False) -> None:
         """Open the Decode call right behind the Prefill call (await_prefill): the decode worker waits for the
         hand-off and adopts the session the moment prefill offers it in Redis, so the hand-off costs no round trip
-        through this gateway; decode's first step runs while prefill's reply is still on its way here."""
+        through this gateway; decode's first step runs while prefill's reply is still on its way here.
+
+        resume: the session's decode worker died or vanished; the call sends every token the client has, and the
+        new worker takes the session over and continues after them."""
         router = self.gw.router
         stub = decode_pb2_grpc.DecodeStub(router.channel(worker.address))
         self.decode_call = stub.Decode(
@@ -234,10 +339,10 @@ class _Stream:
                 session_id=self.session_id,
                 request_id=self.request_id,
                 sampling=params_to_proto(self.params),
-                token_ids=self.valid.prompt_token_ids,
-                num_generated=0,
+                token_ids=[*self.valid.prompt_token_ids, *self.tokens] if resume else self.valid.prompt_token_ids,
+                num_generated=len(self.tokens) if resume else 0,
                 keep_session=self.keep_session,
-                await_prefill=True,
+                await_prefill=not resume,
             ),
             timeout=context.time_remaining(),
         )
@@ -277,7 +382,8 @@ class _Stream:
         self.timings.queue_ms, self.timings.prefill_ms = reply.queue_ms, reply.prefill_ms
         self.cached_tokens = reply.cached_tokens
         self.timings.ttft_ms = (t_prefilled - self.start) * 1e3
-        tokens = [reply.first_token_id]
+        tokens = self.tokens
+        tokens.append(reply.first_token_id)
         first = self._chunk(tokens[:], [reply.logprob] if reply.HasField("logprob") else [])
         if reply.finish != UNSET or self.stops.matched is not None:
             self.ended_at_prefill = reply.finish != UNSET  # prefill freed the session, or kept it for the next turn
@@ -286,7 +392,7 @@ class _Stream:
         t_decode = None
         try:
             yield first
-            async for d in self.decode_call:
+            async for d in self._decode_messages(context):
                 if t_decode is None:
                     t_decode = time.perf_counter()
                     trace.mark(self.session_id, "gw_decode_first", t_decode)
@@ -305,13 +411,100 @@ class _Stream:
                 await context.abort(downstream_code(exc), f"decode: {exc.details()}")
             raise
 
+    async def _decode_messages(self, context):
+        """The Decode stream's messages, across decode workers. When the worker streaming the session dies (the
+        call fails with UNAVAILABLE or ends without a finish) or goes silent and vanishes from the registry, the
+        session moves to another decode worker, which continues after the tokens the client has: the client sees a
+        pause. A resume refused because the silent worker turned out alive sends the stream back to that worker."""
+        resumes = 0
+        answered = False  # the current call has sent a message (so it holds the session)
+        while True:
+            call, worker = self.decode_call, self.decode_worker
+            try:
+                d = await self._read(call, worker)
+            except _Gone:
+                self.gw.router.unreachable(worker)
+                if self.left_call is not None:  # a resume that went silent too: forget the older call
+                    self.left_call.cancel()
+                self.left_call, self.left_worker, d = call, worker, None  # open until the new call's first message
+            except grpc.aio.AioRpcError as exc:
+                refused = exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                if refused and not answered and self.left_call is not None and not self.left_call.done():
+                    # The takeover was refused: the worker we left is alive after all (it heartbeats again). Back to
+                    # its stream, whose messages wait unread.
+                    log.warning("request %s: %s kept the session; back to it", self.request_id, worker.worker_id)
+                    self._switch(self.left_call, self.left_worker)
+                    self.left_call, answered = None, True
+                    continue
+                if exc.code() not in RETRY_CODES:
+                    raise
+                self.gw.router.unreachable(worker)
+                d = None
+            if d is grpc.aio.EOF:
+                d = None  # a stream ends with a finish; without one, its worker went away
+            if d is not None:
+                if not answered and self.left_call is not None:
+                    self.left_call.cancel()  # the new worker holds the session: the one we left lost it
+                    self.left_call = None
+                answered = True
+                yield d
+                if d.finish != UNSET:
+                    return
+                continue
+            resumes += 1
+            if resumes > DECODE_RESUMES:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "decode: the session lost its decode worker again")
+            await self._resume_decode(context, worker)
+            answered = False
+
+    async def _read(self, call, worker):
+        """The call's next message (EOF at its end), never cancelling it; _Gone when it has been silent for SILENCE_S
+        and its worker is gone from the registry (its read stays pending for a later return to the call)."""
+        reader = self.reading.pop(call, None)
+        if reader is None:
+            reader = asyncio.ensure_future(call.read())
+            reader.add_done_callback(_consume)  # a read left pending on an abandoned call may fail unread
+        while True:
+            done, _ = await asyncio.wait({reader}, timeout=SILENCE_S)
+            if done:
+                return reader.result()
+            if not await self.gw.store.worker_registered(worker.worker_id):
+                self.reading[call] = reader
+                raise _Gone(worker.worker_id)
+
+    def _switch(self, call, worker) -> None:
+        router = self.gw.router
+        if self.decode_worker is not None:
+            router.release(self.decode_worker)
+        router.acquire(worker)
+        self.decode_call, self.decode_worker = call, worker
+
+    async def _resume_decode(self, context, failed) -> None:
+        """Move the session to another decode worker (waiting FAILOVER_WAIT_S at most for one to route to)."""
+        if self.decode_worker is not None:
+            self.gw.router.release(self.decode_worker)
+            self.decode_worker = None
+        worker = await self._pick("decode", context, wait=True)
+        log.warning(
+            "request %s: decode worker %s failed after %d tokens; resuming session %s on %s",
+            self.request_id,
+            failed.worker_id,
+            len(self.tokens),
+            self.session_id,
+            worker.worker_id,
+        )
+        self._start_decode(worker, context, resume=True)
+
     async def cleanup(self) -> None:
         """Whatever ended the request (done, stop string, client gone, deadline), its blocks must come back."""
         if self.decode_worker is not None:
             self.gw.router.release(self.decode_worker)
             self.decode_worker = None
-        if self.decode_call is not None and not self.decode_call.done():
-            self.decode_call.cancel()  # a decode worker that adopted the session frees it (or keeps it IDLE)
+        for call in (self.decode_call, self.left_call):
+            if call is not None and not call.done():
+                call.cancel()  # a decode worker that adopted the session frees it (or keeps it IDLE)
+        for reader in self.reading.values():
+            reader.cancel()
         if self.decode_call is not None and not self.handed_off and not self.ended_at_prefill:
             # The request ended between prefill and decode: a hand-off nobody adopted is ours to free. Only while it
             # is this request's and still PREFILLED; once a decode worker adopted it, it is that worker's to free,

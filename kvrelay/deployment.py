@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,10 +14,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.sessions import SessionStore
+from kvstore.sessions import SessionStore, WorkerInfo
 from kvstore.shm import shm_path
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -169,3 +172,106 @@ class Deployment:
         ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
         out += [line for line in ps.splitlines() if self.name in line or f"127.0.0.1:{self.base_port}" in line]
         return out
+
+    # -- processes, for fault tests ----------------------------------------------------------------------------------
+
+    def worker_pids(self, role: str) -> dict[int, int]:
+        """Port -> pid of this deployment's live `role` processes (prefill, decode, colocated, gateway, kvstore),
+        from the process table."""
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+        out = {}
+        for line in ps.splitlines():
+            pid, stat, args = line.strip().split(None, 2)
+            argv = args.split()
+            if stat.startswith("Z") or f"{role}.server" not in args or self.name not in argv:
+                continue
+            if "--port" in argv:
+                out[int(argv[argv.index("--port") + 1])] = int(pid)
+        return out
+
+    def pid_of(self, worker: WorkerInfo) -> int:
+        """The pid of a registered worker (by the port of its address)."""
+        port = int(worker.address.rsplit(":", 1)[1])
+        return self.worker_pids(worker.role)[port]
+
+    def session_owner(self, *, request_id: str | None = None, session_id: str | None = None) -> WorkerInfo | None:
+        """The registered worker that owns the session of `session_id`, or the one serving `request_id` (the record's
+        `owner`, looked up in the worker registry); None while nobody (or no live worker) owns it."""
+
+        async def find() -> WorkerInfo | None:
+            async with SessionStore(REDIS_URL, self.name) as store:
+                sids = [session_id] if session_id else await store._redis.smembers(store.key("sessions"))
+                for sid in sids:
+                    record = await store.get(sid)
+                    if record is None or (request_id is not None and record.request_id != request_id):
+                        continue
+                    workers = {w.worker_id: w for w in await store.list_workers()}
+                    return workers.get(record.owner or "")
+                return None
+
+        return asyncio.run(find())
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> list[str]:
+        """Sends `sig` to a process of the deployment; returns its argv, so that respawn() can start it again."""
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        env = dict(
+            item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item
+        )
+        self._argv_env[tuple(argv)] = env
+        os.kill(pid, sig)
+        return argv
+
+    def respawn(self, argv: list[str]) -> subprocess.Popen:
+        """Starts a killed process again, with its argv and environment, as the supervisor would (a child of this
+        process, stopped by supervisor_paused's end).
+
+        No preexec_fn: a fork that runs Python in the child runs gRPC's fork handlers in the parent, which hang while
+        a closed channel is still shutting down; without one, subprocess uses vfork. setpriv gives the child its
+        SIGTERM when this process dies instead (no orphans)."""
+        env = self._argv_env[tuple(argv)]
+        setpriv = shutil.which("setpriv")
+        wrapped = [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+        # its own log: the launcher's children share one file offset, and would write over its lines
+        with self._respawn_log.open("a") as log:
+            proc = subprocess.Popen(wrapped, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._respawned.append(proc)
+        return proc
+
+    def respawned_output(self) -> str:
+        """What the processes started by respawn() printed (also after supervisor_paused, which removes the file)."""
+        if getattr(self, "_respawn_log", None) is not None and self._respawn_log.exists():
+            self._respawn_output = self._respawn_log.read_text()
+        return getattr(self, "_respawn_output", "")
+
+    @contextlib.contextmanager
+    def supervisor_paused(self) -> Iterator[None]:
+        """Stops (SIGSTOP) the `kvrelay up` process for the block, so that the processes the test kills stay dead
+        (or are started again by respawn()) and nothing else changes behind its back: the launcher would stop the
+        deployment at a child's exit (or restart it itself). Afterwards the deployment is stopped: the respawned
+        processes, then `kvrelay up` (SIGTERM then SIGCONT, so that it wakes into its orderly stop). Call stop()
+        after, for the keys and the log."""
+        self._argv_env: dict[tuple[str, ...], dict[str, str]] = {}
+        self._respawned: list[subprocess.Popen] = []
+        self._respawn_log = self.log.with_name(f"{self.name}-respawned.log")
+        self._respawn_output = ""
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for proc in self._respawned:
+                proc.terminate()
+            for proc in self._respawned:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self.respawned_output()  # keep the text: the file goes
+            self._respawn_log.unlink(missing_ok=True)
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGCONT)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

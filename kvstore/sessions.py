@@ -10,7 +10,8 @@ Ownership protocol (who may change a session):
 - `allocate` creates a session owned by the caller (PREFILLING) or appends blocks to one the caller owns.
 - `update` and `release` are for the owner only (`NotOwner` otherwise).
 - `adopt` transfers ownership: prefill -> decode hand-off (a PREFILLED session is offered to any adopter),
-  resume after a worker died (its lease expired), reuse of an IDLE session, or `force`.
+  resume after a worker died (its lease expired, or with `takeover` its registry entry is gone), reuse of an IDLE
+  session, or `force`.
 - `renew_leases` extends only sessions the owner is working on (PREFILLING, DECODING): a PREFILLED session's lease
   is the hand-off deadline, so a cancel between prefill and decode leaks its blocks for at most one lease.
 - `reclaim_expired` frees sessions whose lease ran out; somebody (the kvstore service) calls it periodically.
@@ -363,7 +364,15 @@ class SessionStore:
     # -- sessions -------------------------------------------------------------------------------------------------
 
     async def allocate(
-        self, session_id: str, n: int, owner: str, lease_ms: int, evict: bool = True, *, create: bool = True
+        self,
+        session_id: str,
+        n: int,
+        owner: str,
+        lease_ms: int,
+        evict: bool = True,
+        *,
+        create: bool = True,
+        request_id: str | None = None,
     ) -> list[int]:
         """Takes n free blocks and appends them to the session's block table; returns them in table order.
 
@@ -372,14 +381,16 @@ class SessionStore:
         free-list is short. All or nothing: OutOfBlocks(needed, free) takes and evicts nothing; its `free` counts
         the blocks this call could have had (free-list plus, with evict, the idle sessions' blocks). Pass
         create=False when growing a session you believe you own: SessionNotFound then tells a stalled worker that its
-        session was reclaimed instead of silently starting a new one.
+        session was reclaimed instead of silently starting a new one. request_id is recorded on a session this call
+        creates (a retry of the request may take the half-prefilled session over; see adopt's takeover).
         """
         _check_id("session id", session_id)
         _check_id("owner", owner)
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         _check_positive("lease_ms", lease_ms)
-        return _block_ids(await self._run("allocate", session_id, n, owner, lease_ms, int(evict), int(create)))
+        args = (session_id, n, owner, lease_ms, int(evict), int(create), request_id or "")
+        return _block_ids(await self._run("allocate", *args))
 
     async def update(
         self,
@@ -426,6 +437,9 @@ class SessionStore:
         extra_tokens: int = 0,
         expected_request: str | None = None,
         claim_ms: int = 0,
+        takeover: bool = False,
+        cap_tokens: int | None = None,
+        set_request: str | None = None,
     ) -> SessionRecord:
         """Takes over a session and moves it to `state` (DECODING, or PREFILLING to extend an idle one).
 
@@ -445,6 +459,12 @@ class SessionStore:
         claim for new_owner is left for claim_ms, so that prefill's update to PREFILLED hands the session over
         itself (announced on `handoffs(new_owner)`); a session already handed over for expected_request is returned
         as adopted. Call `unclaim` when giving up.
+
+        takeover: the caller moves the session off a worker the gateway found dead or stalled (a decode worker
+        resuming a stream, a prefill worker retrying a named session's prompt): also allowed when the owner's entry
+        in the worker registry is gone, which is safe because a worker stops acting on its sessions before its entry
+        can expire (adopt.lua has the argument). cap_tokens lowers num_tokens to at most that (the resumer trusts
+        the pool only for the tokens it knows); set_request records the request the session now serves.
         """
         _check_id("owner", new_owner)
         _check_positive("lease_ms", lease_ms)
@@ -465,6 +485,9 @@ class SessionStore:
             extra_tokens,
             expected_request or "",
             int(claim_ms),
+            int(takeover),
+            "" if cap_tokens is None else int(cap_tokens),
+            set_request or "",
         )
         fields, blocks = await self._run("adopt", *args)
         return _record(session_id, _pairs(fields), blocks)
@@ -512,10 +535,19 @@ class SessionStore:
         """The owner keeps the session for the next turn: IDLE, no owner, no lease, most recently used in the LRU."""
         await self._run("release", session_id, owner)
 
-    async def renew_leases(self, owner: str, lease_ms: int) -> int:
-        """Heartbeat: extends every PREFILLING/DECODING session of owner by lease_ms; returns how many."""
+    async def renew_leases(self, owner: str, lease_ms: int, progress: Mapping[str, int] | None = None) -> int:
+        """Heartbeat: extends every PREFILLING/DECODING session of owner by lease_ms; returns how many.
+
+        progress: session id -> num_tokens whose K/V the owner has written, recorded for its DECODING sessions (a
+        worker that takes one over recomputes only the tokens after it).
+        """
         _check_positive("lease_ms", lease_ms)
-        return int(await self._run("renew_leases", owner, lease_ms))
+        pairs = [x for sid, n in (progress or {}).items() for x in (sid, int(n))]
+        return int(await self._run("renew_leases", owner, lease_ms, *pairs))
+
+    async def owned_sessions(self, owner: str) -> set[str]:
+        """The ids of the sessions owner holds now (a worker back from a stall finds out which it lost)."""
+        return set(await self._redis.smembers(self.key("owned", owner)))
 
     async def reclaim_expired(self, now_ms: int | None = None) -> list[str]:
         """Frees every session whose lease expired (by the Redis clock, or now_ms); returns their ids."""
@@ -577,6 +609,11 @@ class SessionStore:
     async def deregister_worker(self, worker_id: str) -> bool:
         """Removes the worker from the registry; returns whether it was registered. Its sessions are untouched."""
         return bool(await self._run("deregister_worker", worker_id))
+
+    async def worker_registered(self, worker_id: str) -> bool:
+        """Whether the worker's registry entry is alive (it heartbeated within its TTL): the liveness a takeover
+        goes by (adopt with takeover)."""
+        return bool(await self._redis.exists(self.key("worker", worker_id)))
 
     async def list_workers(self, role: str | None = None) -> list[WorkerInfo]:
         """The live (unexpired) workers, of one role or all, ordered by registration expiry (soonest first)."""

@@ -126,9 +126,17 @@ class DecodeSeq(Protocol):
 
     params: SamplingParams
     history: list[int]  # prompt + generated; the last token is not in the pool yet
+    # tokens whose K/V are in the pool: len(history) - 1, except for a resumed sequence catching up (the tokens its
+    # dead worker had streamed but not recorded, written one step each before it samples again)
+    num_cached: int
     num_generated: int
     cancelled: bool
     received: float  # when its Decode call arrived (perf_counter)
+
+
+def catching_up(seq: DecodeSeq) -> bool:
+    """Whether the step in flight (or the next) writes a token the host already has instead of sampling one."""
+    return seq.num_cached < len(seq.history) - 1
 
 
 S = TypeVar("S", bound=DecodeSeq)
@@ -145,12 +153,13 @@ def keeps_batch(queued: Sequence[S], running: Sequence[S], max_model_len: int) -
     on the device (the overlap).
 
     Not when a sequence joined or left, is cancelled, uses the repetition penalty (the sampler reads its whole
-    history on the host) or ends by length at `queued`. The caller must still find each sequence its next block.
+    history on the host), is catching up (its next input is a known token, not the one sampled) or ends by length at
+    `queued`. The caller must still find each sequence its next block.
     """
     if len(queued) != len(running):
         return False
     for seq, now in zip(queued, running, strict=True):
-        if seq is not now or seq.cancelled or seq.params.repetition_penalty != 1.0:
+        if seq is not now or seq.cancelled or seq.params.repetition_penalty != 1.0 or catching_up(seq):
             return False
         if ends_by_length(seq, max_model_len):
             return False

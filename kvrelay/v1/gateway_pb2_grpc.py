@@ -40,6 +40,8 @@ class GatewayStub:
     - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation, or an operator's Abort of the session; the
     work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
+    A worker that dies or stops answering is not an error: the gateway retries the prefill, or moves the session to
+    another decode worker, and the stream goes on after a pause with the tokens an uninterrupted run would have sent.
     """
 
     def __init__(self, channel):
@@ -85,6 +87,8 @@ class GatewayServicer:
     - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation, or an operator's Abort of the session; the
     work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
+    A worker that dies or stops answering is not an error: the gateway retries the prefill, or moves the session to
+    another decode worker, and the stream goes on after a pause with the tokens an uninterrupted run would have sent.
     """
 
     def Generate(self, request, context):
@@ -163,6 +167,8 @@ class Gateway:
     - DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation, or an operator's Abort of the session; the
     work is aborted and its blocks freed.
     - INTERNAL: a worker failed mid-request; the stream ends with this status after the tokens already sent.
+    A worker that dies or stops answering is not an error: the gateway retries the prefill, or moves the session to
+    another decode worker, and the stream goes on after a pause with the tokens an uninterrupted run would have sent.
     """
 
     @staticmethod

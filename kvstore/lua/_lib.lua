@@ -94,6 +94,13 @@ local function plan_eviction(needed, free)
   return victims, available
 end
 
+-- Whether a session's owner has lost it by the rules of a takeover (adopt.lua with takeover): its lease ran out, or
+-- its entry in the worker registry is gone (the hash expires by itself when the worker misses heartbeats for its TTL).
+local function owner_gone(owner, lease, now)
+  if lease and lease ~= '' and tonumber(lease) <= now then return true end
+  return owner ~= '' and redis.call('EXISTS', worker_key(owner)) == 0
+end
+
 local function owner_error(sid, current, caller)
   if current == '' then
     return fail('NOTOWNER', 'session ' .. sid .. ' has no owner (' .. caller .. ' must adopt it first)')

@@ -2,10 +2,11 @@
 -- (PREFILLING, owned by the caller) if it does not exist. All or nothing: when fewer than n blocks are free, even after
 -- evicting idle sessions (if allowed), nothing is taken and nothing is evicted.
 -- ARGV: prefix, session_id, n, owner, lease_ms, evict ('1'/'0'), create ('1'/'0': '0' refuses to recreate a session
--- that is gone, e.g. reclaimed while its owner stalled). Returns the new block ids, in table order, as one
+-- that is gone, e.g. reclaimed while its owner stalled), request_id ('' none: recorded when it creates the session, so a
+-- retry of the same request can tell its own half-prefilled session from another request's). Returns the new block ids, in table order, as one
 -- comma-separated string (one reply element, not one per block: much faster to parse for a long prompt).
 local sid, n, owner, lease_ms = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local evict, create = ARGV[6] == '1', ARGV[7] == '1'
+local evict, create, request = ARGV[6] == '1', ARGV[7] == '1', ARGV[8] or ''
 
 if redis.call('EXISTS', POOL) == 0 then return fail('NOPOOL', PREFIX) end
 local skey = session_key(sid)
@@ -28,7 +29,7 @@ for _, victim in ipairs(victims) do drop_session(victim) end
 local now = now_ms()
 if not exists then
   redis.call('HSET', skey, 'state', 'PREFILLING', 'owner', owner, 'num_tokens', 0, 'first_token', '',
-    'request_id', '', 'created_ms', int(now))
+    'request_id', request, 'created_ms', int(now))
   redis.call('SADD', SESSIONS, sid)
   redis.call('SADD', owned_key(owner), sid)
 end

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import threading
@@ -26,6 +27,13 @@ HEARTBEAT_S = 1.0
 WORKER_TTL_MS = 5_000  # a worker missing 5 heartbeats drops out of routing
 LEASE_MS = 10_000  # a session whose owner stops renewing for this long is reclaimed
 HANDOFF_LEASE_MS = 30_000  # a PREFILLED session nobody adopts within this is reclaimed (the gateway went away)
+# A worker acts on its sessions (runs a forward pass or a step that writes into their blocks) only while its last
+# successful heartbeat, which renewed its registry entry and its leases, is younger than this, by its own clock. Its
+# registry entry lives WORKER_TTL_MS from that heartbeat, and a gateway may move its sessions to another worker once
+# the entry is gone (kvstore/lua/adopt.lua, takeover): the 2 s between are for a pass admitted just before the fence
+# to finish writing (a decode step or a prefill chunk takes well under that), so a worker whose heartbeats stop
+# reaching Redis has stopped writing before anyone may take its sessions.
+ACT_S = WORKER_TTL_MS / 1000 - 2.0
 
 log = logging.getLogger("kvrelay.worker")
 
@@ -83,9 +91,24 @@ class Worker:
         self.store: SessionStore | None = None
         self.attached: Attached | None = None
         self.stopping = asyncio.Event()
+        # time.monotonic() until which this worker may act on its sessions (ACT_S); no fence before it registers
+        self.acting_until = math.inf
 
     def load(self) -> dict:
         return {}
+
+    def may_act(self) -> bool:
+        """Whether this worker may still write into its sessions' blocks: its registry entry and leases are
+        certainly alive, so nobody may have taken its sessions over (see ACT_S)."""
+        return time.monotonic() < self.acting_until
+
+    def progress(self) -> dict[str, int]:
+        """Session id -> tokens whose K/V are written, recorded with each heartbeat (decode workers)."""
+        return {}
+
+    def drop_lost(self, owned: set[str]) -> None:
+        """After a stall that outlived the registry entry: forget (never free) the sessions not in `owned`, which
+        another worker took over or a lease expiry reclaimed meanwhile."""
 
     def prepare(self) -> None:
         """Runs once on the worker's stream after attaching (decode captures its graphs here)."""
@@ -93,10 +116,19 @@ class Worker:
     async def heartbeat_loop(self) -> None:
         while not self.stopping.is_set():
             try:
+                sent = time.monotonic()
                 if not await self.store.heartbeat(self.worker_id, WORKER_TTL_MS, self.load()):
-                    # we missed our TTL (a long stall): announce ourselves again or routers never see us
+                    # We missed our TTL (a long stall): another worker may have taken our sessions meanwhile. Stop
+                    # acting, announce ourselves again (or routers never see us), renew what we still own (from then
+                    # on nobody may take it), and only then find out what we lost.
+                    self.acting_until = 0.0
+                    log.warning("%s missed its registry TTL; registering again", self.worker_id)
                     await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, {})
-                await self.store.renew_leases(self.worker_id, LEASE_MS)
+                    await self.store.renew_leases(self.worker_id, LEASE_MS)
+                    self.drop_lost(await self.store.owned_sessions(self.worker_id))
+                else:
+                    await self.store.renew_leases(self.worker_id, LEASE_MS, self.progress())
+                self.acting_until = sent + ACT_S
                 reclaimed = await self.store.reclaim_expired()
                 if reclaimed:
                     log.warning("reclaimed %d expired sessions: %s", len(reclaimed), reclaimed[:5])
@@ -119,7 +151,9 @@ class Worker:
     async def register(self, stop: asyncio.Event, info: dict | None = None) -> list[asyncio.Task]:
         """Announce this worker in the registry and start its heartbeat; returns the heartbeat task."""
         self.stopping = stop
+        sent = time.monotonic()
         await self.store.register_worker(self.worker_id, self.role, self.address, WORKER_TTL_MS, info or {})
+        self.acting_until = sent + ACT_S
         return [asyncio.create_task(self.heartbeat_loop())]
 
     async def deregister(self) -> None:

@@ -2,6 +2,10 @@
 every step), streaming each new token to the gateway. The step loop itself, which queues step n+1 on the device
 before reading step n's tokens, is in step_loop.py.
 
+It also resumes the sessions of a decode worker that died or stopped answering: the gateway calls Decode again with
+every token it has streamed, this worker takes the session over (kvstore/lua/adopt.lua, takeover) once Redis says
+its owner is gone, catches up the few tokens the dead worker had not recorded, and goes on.
+
     python -m services.decode.server --kvstore 127.0.0.1:50070 --port 50072
 """
 
@@ -20,7 +24,7 @@ from kvrelay.internal.v1 import decode_pb2_grpc
 from kvrelay.sampling import params_from_proto
 from kvrelay.settings import DecodeSettings
 from kvrelay.v1 import common_pb2
-from kvstore.sessions import SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
+from kvstore.sessions import NotOwner, SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.decode.step_loop import Failed, RunningSeq, StepLoop
 from services.model.sampler import Sampler, make_generator
@@ -29,6 +33,10 @@ log = logging.getLogger("kvrelay.decode")
 SERVICE = "kvrelay.internal.v1.Decode"
 PREFILL_POLL_S = 0.5  # a call waiting for its hand-off also tries to adopt this often (announcements can be lost)
 CLAIM_MS = 5000  # a waiting call's claim on its session (kvstore/sessions.py), renewed by each of its polls
+# A resume waits this long for the session's owner to be declared gone: a dead worker's registry entry expires within
+# WORKER_TTL_MS (5 s) and its lease within LEASE_MS (10 s), whichever Redis sees first; a live owner keeps it.
+RESUME_WAIT_S = LEASE_MS / 1000 + 2.0
+RESUME_POLL_S = 0.2  # how often a resume tries the takeover again
 
 
 class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
@@ -47,6 +55,14 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
     def load(self) -> dict:
         return {"active": len(self.running), "queued": 0}
 
+    def progress(self) -> dict[str, int]:
+        return {seq.session_id: seq.num_cached for seq in self.running if not (seq.finished or seq.lost)}
+
+    def drop_lost(self, owned: set[str]) -> None:
+        for seq in self.running:
+            if seq.session_id not in owned:
+                self.lose(seq)
+
     async def Decode(self, request, context):  # noqa: N802
         received = time.perf_counter()
         if self.attached is None:
@@ -63,11 +79,11 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
                 history.append(record.first_token)  # prefill's first token: the first step writes its K/V
                 num_generated += 1
             else:
-                record = await self._adopt(request, history)
+                record = await self._resume(request, history)
         except SessionError as exc:
             code = grpc.StatusCode.NOT_FOUND if isinstance(exc, LookupError) else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, f"cannot adopt session {request.session_id}: {exc}")
-        if len(history) != record.num_tokens + 1:
+        if request.await_prefill and len(history) != record.num_tokens + 1:
             await self.store.free(request.session_id, owner=self.worker_id)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -128,6 +144,37 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         self.wakeup.set()
         trace.mark(seq.session_id, "dc_joined")
         return seq
+
+    async def _resume(self, request, history: list[int]) -> SessionRecord:
+        """Take over the request's session (after a hand-off nobody adopted, or from a decode worker that died or
+        stopped answering), as soon as Redis allows it: at once when the session is PREFILLED or its owner's registry
+        entry is gone, else polling until the owner is declared gone (RESUME_WAIT_S). Its num_tokens comes back at
+        most len(history) - 1: the pool is trusted only for tokens the gateway has; the step loop writes the rest.
+        """
+        sid = request.session_id
+        if any(seq.session_id == sid and not seq.finished for seq in self.running):
+            raise WrongState(f"session {sid} is still decoding on this worker")
+        deadline = time.monotonic() + RESUME_WAIT_S
+        while True:
+            try:
+                record = await self._adopt(
+                    request,
+                    history,
+                    takeover=True,
+                    expected_request=request.request_id or None,
+                    cap_tokens=len(history) - 1,
+                )
+                if record.num_tokens < len(history) - 1:
+                    log.info(
+                        "resumed session %s: %d tokens to write again before sampling",
+                        sid,
+                        len(history) - 1 - record.num_tokens,
+                    )
+                return record
+            except NotOwner:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(RESUME_POLL_S)
 
     async def _adopt(self, request, history: list[int], **guards) -> SessionRecord:
         """adopt() the request's session; should the call end while Redis adopts it, the session is given back.

@@ -15,6 +15,14 @@ session IDLE.
 Whenever the batch changes (a sequence joins, is paused, is cancelled, ends by length at step n, or a row needs the
 repetition penalty, which reads the whole history on the host), the loop waits for step n first and queues the next
 step from host token ids: at most one step is in flight.
+
+A resumed sequence (its decode worker died; the gateway sent every token it had streamed) may hold more tokens than
+the pool has K/V for: the dead worker records its progress only with each heartbeat. It catches up one step per token,
+the step's input the known token and its sample thrown away, exactly the steps the dead worker ran, so the K/V it
+writes and every later logit are those of an uninterrupted run; then it samples again.
+
+The loop runs a step only while the worker may act on its sessions (`Worker.may_act`: its heartbeats reach Redis), so
+that a worker cut off from Redis has stopped writing before another may take its sessions over.
 """
 
 from __future__ import annotations
@@ -41,10 +49,11 @@ from services.common.attach import Attached
 from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import LEASE_MS, OwnStream, sync_device
 from services.model.sampler import PendingSample, SampleOutput, Sampler, finish_reason
-from services.scheduler import keeps_batch, preemption_victim, to_retire
+from services.scheduler import catching_up, keeps_batch, preemption_victim, to_retire
 
 log = logging.getLogger("kvrelay.decode")
 RETRY_RELEASE_S = 1.0  # how often a session whose free failed is tried again
+FENCED_POLL_S = 0.05  # while the worker may not act (no heartbeat lately), it looks again this often
 
 
 @dataclass(eq=False)
@@ -52,7 +61,7 @@ class RunningSeq:
     session_id: str
     params: SamplingParams
     history: list[int]  # prompt + generated; the last token is not in the pool yet
-    num_cached: int  # tokens whose K/V are in the pool
+    num_cached: int  # tokens whose K/V are in the pool (below len(history) - 1 while a resumed sequence catches up)
     num_generated: int
     block_table: list[int]
     generator: torch.Generator | None
@@ -63,6 +72,7 @@ class RunningSeq:
     finished: bool = False  # out of the batch; its blocks may still wait for a queued step (Step.ending)
     keep_session: bool = False  # multi-turn: release the KV as IDLE at the end instead of freeing it
     aborted: bool = False  # Abort always frees
+    lost: bool = False  # another worker took the session over: drop it, touching nothing in Redis
     solo: bool = False  # was in a step that failed: runs alone once, so that only a sequence that fails alone fails
 
 
@@ -72,6 +82,10 @@ class Failed:
 
     code: grpc.StatusCode
     details: str
+
+
+# A session another worker took over while this one was cut off: its stream ends with this, touching nothing in Redis
+LOST = Failed(grpc.StatusCode.UNAVAILABLE, "the session was taken over by another worker while this one was cut off")
 
 
 @dataclass(eq=False)
@@ -111,6 +125,8 @@ class StepLoopHost(Protocol):
     store: DecodeStore
     worker_id: str  # the owner in Redis of every session in the batch
     sampler: Sampler
+
+    def may_act(self) -> bool: ...  # False: no step may start (services/common/worker.py, ACT_S)
 
 
 class StepLoop:
@@ -153,6 +169,9 @@ class StepLoop:
 
     async def _start_from_host(self) -> None:
         """Queue a step over every sequence that can grow, with input ids from the host (nothing is in flight)."""
+        if not self._host.may_act():
+            await asyncio.sleep(FENCED_POLL_S)
+            return
         batch, paused = [], []
         self._mark_new(self.running, "dc_loop")
         # A sequence of a step that failed runs alone first: if it fails again, it fails alone.
@@ -160,7 +179,7 @@ class StepLoop:
         for seq in [solo] if solo is not None else list(self.running):
             grown = await self._grow(seq)
             if seq.cancelled:
-                continue  # failed while growing: retired at the next turn of the loop
+                continue  # failed (or taken over) while growing: retired at the next turn of the loop
             (batch if grown else paused).append(seq)
         if solo is not None and not batch:
             solo.solo = False  # no block for it now: it waits with the others
@@ -209,6 +228,8 @@ class StepLoop:
         ahead (the next step writes at num_cached + 1)."""
         if not self.overlap or not keeps_batch(step.batch, self.running, self._host.attached.max_model_len):
             return False
+        if not self._host.may_act():
+            return False
         for seq in step.batch:
             if not await self._grow(seq, ahead=1):
                 return False
@@ -225,14 +246,18 @@ class StepLoop:
 
     def _launch(self, batch: list[RunningSeq], prev: PendingSample | None) -> PendingSample:
         # With prev, the host has not seen the tokens of the step before: every position is one further.
+        # From the host: the first token without K/V (the last one, unless the sequence is catching up).
         ahead = 0 if prev is None else 1
-        tokens = prev.token_ids if prev is not None else [s.history[-1] for s in batch]
+        tokens = prev.token_ids if prev is not None else [s.history[s.num_cached] for s in batch]
         self._mark_new(batch, "dc_launch")
-        logits = self._host.attached.runner.decode(
-            tokens, [s.num_cached + ahead for s in batch], [s.block_table for s in batch]
-        )
+        positions = [s.num_cached + ahead for s in batch]
+        logits = self._host.attached.runner.decode(tokens, positions, [s.block_table for s in batch])
         pending = self._host.sampler.launch(
-            logits, [s.params for s in batch], [s.generator for s in batch], [s.history for s in batch]
+            logits,
+            [s.params for s in batch],
+            [s.generator for s in batch],
+            [s.history for s in batch],
+            [p + 1 for p in positions],  # where the sampled token goes: a seeded draw is a function of it
         )
         self._mark_new(batch, "dc_queued")
         return pending
@@ -262,6 +287,9 @@ class StepLoop:
                 continue  # ended at the step before; this row was computed for nothing
             if seq.cancelled:
                 await self._end(seq, nxt if seq in queued else None, None)
+                continue
+            if catching_up(seq):
+                seq.num_cached += 1  # the step wrote a token the gateway had streamed; its sample is not needed
                 continue
             token = out.token_ids[row]
             seq.num_cached += 1
@@ -349,6 +377,8 @@ class StepLoop:
 
     async def _release(self, seq: RunningSeq) -> None:
         host = self._host
+        if seq.lost:
+            return  # another worker owns the session now
         try:
             if seq.keep_session and not seq.aborted:
                 # the blocks hold K/V for history[:num_cached]: the next turn reuses that prefix
@@ -375,8 +405,20 @@ class StepLoop:
         try:
             seq.block_table += await host.store.allocate(seq.session_id, need, host.worker_id, LEASE_MS, create=False)
             return True
-        except (OutOfBlocks, SessionError):
+        except OutOfBlocks:
+            return False
+        except SessionError:  # taken over (or reclaimed) while this worker was cut off: not ours to touch
+            self.lose(seq)
             return False
         except Exception as exc:  # Redis failed for this call: this sequence fails, not the batch
             self._fail_alone(seq, exc)
             return False
+
+    def lose(self, seq: RunningSeq) -> None:
+        """The session is no longer this worker's: leave it out of every step, and end its stream."""
+        if seq.lost or seq.finished:
+            return
+        log.warning("session %s was taken over by another worker; dropping it", seq.session_id)
+        seq.lost = seq.cancelled = True
+        seq.out.put_nowait(LOST)
+        self.wakeup.set()

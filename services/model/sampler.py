@@ -13,7 +13,13 @@ in its top-n list, and a token that top-k removed still has a finite logprob.
 
 Sampling is an exponential race: argmax(p / q) with q ~ Exp(1) per token draws exactly from p, needs no sort or cumsum,
 and lets every seeded row fill its own q from its own generator. That is what makes a seed reproducible whatever else
-shares the batch: a seeded row consumes `vocab_size` draws from its generator per step, and nothing else touches it.
+shares the batch: a seeded row draws its `vocab_size` values from its own generator, and nothing else touches it.
+
+A seeded row's randomness is a function of (seed, position) only, position being the index in the sequence (prompt
+included) of the token it samples: before each draw the row's generator is seeded afresh from that pair
+(`position_seed`). Nothing carries over from one step to the next, so a worker that takes over a session after
+another died, or the decode worker after prefill, draws what an uninterrupted run would have drawn. Unseeded rows
+draw from the process-wide RNG and stay random.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ class SampleOutput:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """One generator per seeded request, made once and kept for the request's life (it carries the stream forward).
+    """One generator per seeded request, kept for the request's life only to save making one per step: the sampler
+    seeds it from (seed, position) before every draw, so its state never carries anything from step to step.
 
     `device` must be the device the logits live on: torch draws on the generator's device.
     """
@@ -49,6 +56,17 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     generator = torch.Generator(device=device)
     generator.manual_seed(seed % _SEED_MODULUS)
     return generator
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of the draw for the token at `position` of a request seeded with `seed`: splitmix64's
+    finalizer over the seed mixed with the position (a bijection of 64-bit words, so the positions of one request
+    never share a stream), the same in every process."""
+    mask = _SEED_MODULUS - 1
+    x = (seed % _SEED_MODULUS) ^ (((position + 1) * 0x9E3779B97F4A7C15) & mask)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
 
 
 def is_stop(token_id: int, params: SamplingParams, eos_token_ids: Collection[int]) -> bool:
@@ -127,15 +145,19 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         prev_token_ids: Sequence[Sequence[int]],
+        positions: Sequence[int] | None = None,
     ) -> SampleOutput:
-        return self.launch(logits, params, generators, prev_token_ids).result()
+        return self.launch(logits, params, generators, prev_token_ids, positions).result()
 
     def launch(
         self,
         logits: torch.Tensor,  # [num_seqs, vocab_size], any float dtype; not modified
         params: Sequence[SamplingParams],  # [num_seqs]
         generators: Sequence[torch.Generator | None],  # [num_seqs]; from make_generator(params[i].seed)
-        prev_token_ids: Sequence[Sequence[int]],  # [num_seqs][prompt + output so far]; only read for penalty rows
+        prev_token_ids: Sequence[Sequence[int]],  # [num_seqs][prompt + output so far]; read for penalty rows
+        # [num_seqs]: index in its sequence of the token each row samples, which seeds a seeded row's draw; None:
+        # len(prev_token_ids[i]) (the decode loop passes it when the host is a step behind the device)
+        positions: Sequence[int] | None = None,
     ) -> PendingSample:
         """Queues the whole sampling on the logits' device and returns without waiting for it.
 
@@ -161,14 +183,17 @@ class Sampler:
         token_ids = processed.argmax(dim=-1)  # [num_seqs]
 
         sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if positions is None:
+            positions = [len(prev) for prev in prev_token_ids]
         if len(sample_rows) == num_seqs:
-            token_ids = _sample(processed, params, generators)
+            token_ids = _sample(processed, params, generators, positions)
         elif sample_rows:
             row_index = to_device(sample_rows, torch.long, device)
             token_ids[row_index] = _sample(
                 processed[row_index],  # a copy, rows in sample_rows order
                 [params[i] for i in sample_rows],
                 [generators[i] for i in sample_rows],
+                [positions[i] for i in sample_rows],
             )
         return _launch_logprobs(logits, token_ids, params)
 
@@ -226,6 +251,7 @@ def _sample(
     logits: torch.Tensor,  # [n, vocab_size] float32, penalized; modified in place
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    positions: Sequence[int],
 ) -> torch.Tensor:
     probs = warp_logits(logits, params).softmax(dim=-1)  # [n, vocab_size]
     q = torch.empty_like(probs)
@@ -234,6 +260,10 @@ def _sample(
     for row, generator in enumerate(generators):
         if generator is None:
             continue
+        # A host-side seed and offset, captured by the kernel at launch: re-seeding for the next step never races
+        # with this one on the device.
+        if params[row].seed is not None:
+            generator.manual_seed(position_seed(params[row].seed, positions[row]))
         if generator.device == q.device:
             q[row].exponential_(generator=generator)
         else:

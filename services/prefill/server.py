@@ -1,6 +1,11 @@
 """The prefill service: batches concurrent prompts (varlen, chunked under a token budget), writes their K/V into the
 shared pool, samples each prompt's first token and hands the session over as PREFILLED.
 
+A request the gateway retries because the prefill worker serving it died finds its session PREFILLING under the dead
+worker (a named session keeps its id; an anonymous one is retried under a new one): once Redis says that worker is
+gone, this worker takes the session over (kvstore/lua/adopt.lua, takeover) and prefills the prompt again over the
+prefix its earlier turns left in the pool.
+
     python -m services.prefill.server --kvstore 127.0.0.1:50070 --port 50071
 """
 
@@ -21,7 +26,7 @@ from kvrelay.sampling import SamplingParams, params_from_proto
 from kvrelay.settings import PrefillSettings
 from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
-from kvstore.sessions import SessionError, SessionState
+from kvstore.sessions import NotOwner, SessionError, SessionState
 from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
 from services.model.runner import SeqChunk
@@ -37,6 +42,10 @@ from services.scheduler import (
 
 log = logging.getLogger("kvrelay.prefill")
 SERVICE = "kvrelay.internal.v1.Prefill"
+# A retried request waits this long for the worker that held its session to be declared gone (its registry entry
+# expires within WORKER_TTL_MS, its lease within LEASE_MS); a live holder keeps it (FAILED_PRECONDITION).
+TAKEOVER_WAIT_S = LEASE_MS / 1000 + 2.0
+FENCED_POLL_S = 0.05  # while the worker may not act (no heartbeat lately), it looks again this often
 
 
 class Aborted(Exception):
@@ -87,6 +96,13 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
 
     def load(self) -> dict:
         return {"active": len(self.ready), "queued": len(self.waiting)}
+
+    def drop_lost(self, owned: set[str]) -> None:
+        for job in [j for j in self.ready if j.session_id not in owned]:
+            log.warning("session %s was taken over by another worker; dropping its prefill", job.session_id)
+            self.ready.remove(job)
+            if not job.future.done():
+                job.future.set_exception(SessionError(f"session {job.session_id} was taken over by another worker"))
 
     def prepare(self) -> None:
         self.attached.runner.enable_prefill_graphs(self.settings.prefill_graph_tokens, self.attached.max_model_len)
@@ -188,12 +204,19 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             try:
                 record = await self.store.get(job.session_id)
                 if record is None:
-                    job.block_table = await self.store.allocate(job.session_id, need, self.worker_id, LEASE_MS)
+                    job.block_table = await self.store.allocate(
+                        job.session_id, need, self.worker_id, LEASE_MS, request_id=job.request_id
+                    )
                 else:
                     await self._resume(job, record, need)
                 self.ready.append(job)
             except OutOfBlocks as exc:
                 if policy.keeps_waiting(time.perf_counter() - job.arrived):
+                    still.append(job)
+                else:
+                    job.future.set_exception(exc)
+            except NotOwner as exc:  # a retry whose session's holder is not declared gone yet
+                if time.perf_counter() - job.arrived < TAKEOVER_WAIT_S:
                     still.append(job)
                 else:
                     job.future.set_exception(exc)
@@ -204,12 +227,32 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         self.waiting = still
 
     async def _resume(self, job: PrefillJob, record, need: int) -> None:
-        """A session kept IDLE from an earlier turn: take it, reuse the longest prefix its blocks hold, grow it."""
-        if record.state != SessionState.IDLE:
+        """A session kept IDLE from an earlier turn: take it, reuse the longest prefix its blocks hold, grow it.
+
+        Or this very request's session, left PREFILLING by a prefill worker that died (the gateway retries): take it
+        over once that worker is gone (NotOwner until then). Its earlier turns' tokens and num_tokens are as they
+        were, and the dead worker wrote only past the prefix this prompt reuses (the same prompt, the same prefix),
+        so that prefix is still good.
+        """
+        retry = record.state == SessionState.PREFILLING and record.request_id == job.request_id != ""
+        if retry and any(j.session_id == job.session_id for j in self.ready):
+            retry = False  # retried on this very worker while the first attempt still runs here
+        if record.state != SessionState.IDLE and not retry:
             raise SessionError(f"session {job.session_id} has a request in flight ({record.state.value})")
         record = await self.store.adopt(
-            job.session_id, self.worker_id, LEASE_MS, expected_state=SessionState.IDLE, state=SessionState.PREFILLING
+            job.session_id,
+            self.worker_id,
+            LEASE_MS,
+            expected_state=record.state,
+            state=SessionState.PREFILLING,
+            expected_request=job.request_id if retry else None,
+            takeover=retry,
+            set_request=job.request_id,
         )
+        if retry:
+            log.info(
+                "took over session %s (request %s) from a prefill worker that is gone", job.session_id, job.request_id
+            )
         cached = record.token_ids()[: record.num_tokens]  # adopt's reply holds them: no round trip
         reuse = reusable_prefix(cached, job.token_ids)
         job.block_table = list(record.block_table)
@@ -274,6 +317,9 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         await self._admit()
         await self._drop_cancelled()
         if not self.ready:
+            return
+        if not self.may_act():  # no heartbeat reached Redis lately: another worker may take these sessions over
+            await asyncio.sleep(FENCED_POLL_S)
             return
         batch, chunks = prefill_batch(self.ready, budget)
         for jobs, out in await self._forward(batch, chunks):

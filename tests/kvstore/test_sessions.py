@@ -427,6 +427,66 @@ def test_reclaim_expired_returns_the_blocks_of_a_vanished_owner():
     run(body)
 
 
+def test_takeover_needs_the_owner_gone_from_the_registry_or_its_lease_expired():
+    async def body(store: SessionStore) -> None:
+        await store.register_worker("d1", "decode", "127.0.0.1:1", LEASE)
+        blocks = await store.allocate("s", 3, "p1", LEASE)
+        await store.update("s", "p1", "PREFILLED", num_tokens=9, request_id="r1")
+        await store.adopt("s", "d1", LEASE, expected_state="PREFILLED")
+        # d1 is alive (registered, lease valid): nobody takes its session, takeover or not
+        for takeover in (False, True):
+            with pytest.raises(NotOwner):
+                await store.adopt("s", "d2", LEASE, takeover=takeover, expected_request="r1")
+        await store.deregister_worker("d1")  # what its registry entry expiring looks like
+        with pytest.raises(NotOwner):
+            await store.adopt("s", "d2", LEASE)  # an ordinary adopt still waits for the lease
+        with pytest.raises(WrongState):
+            await store.adopt("s", "d2", LEASE, takeover=True, expected_request="r2")  # not this request's session
+        record = await store.adopt("s", "d2", LEASE, takeover=True, expected_request="r1", cap_tokens=5)
+        assert (record.owner, record.state, record.num_tokens) == ("d2", SessionState.DECODING, 5)
+        assert record.block_table == tuple(blocks)
+        # the cap only lowers; a resumer that knows more than the record leaves it
+        await store.register_worker("d2", "decode", "127.0.0.1:2", SHORT)
+        await asyncio.sleep(SHORT * 2 / 1000)
+        assert (await store.adopt("s", "d3", LEASE, takeover=True, cap_tokens=8)).num_tokens == 5
+        with pytest.raises(NotOwner):
+            await store.update("s", "d2", None, num_tokens=6)  # the old owner is fenced off
+        assert (await store.audit(allow_active=True)).ok
+
+    run(body)
+
+
+def test_allocate_and_prefill_adoption_record_the_request():
+    async def body(store: SessionStore) -> None:
+        await store.allocate("a", 1, "p1", LEASE, request_id="r1")
+        assert (await store.get("a")).request_id == "r1"
+        await store.allocate("a", 1, "p1", LEASE, create=False, request_id="r9")  # only a new session takes it
+        assert (await store.get("a")).request_id == "r1"
+        await store.update("a", "p1", None, num_tokens=2, tokens=[1, 2])
+        await store.release("a", "p1")
+        record = await store.adopt("a", "p2", LEASE, expected_state="IDLE", state="PREFILLING", set_request="r2")
+        assert record.request_id == "r2" and record.state == SessionState.PREFILLING
+
+    run(body)
+
+
+def test_renew_leases_records_decode_progress():
+    async def body(store: SessionStore) -> None:
+        await store.allocate("s", 2, "p1", LEASE)  # 8 token slots
+        await store.update("s", "p1", "PREFILLED", num_tokens=3)
+        await store.adopt("s", "d1", LEASE)
+        await store.allocate("t", 1, "p1", LEASE)  # PREFILLING: prefill's, not decode progress
+        assert await store.renew_leases("d1", LEASE, {"s": 6, "t": 2}) == 1
+        assert (await store.get("s")).num_tokens == 6 and (await store.get("t")).num_tokens == 0
+        await store.renew_leases("d1", LEASE, {"s": 9})  # past its blocks: refused
+        assert (await store.get("s")).num_tokens == 6
+        await store.renew_leases("p1", LEASE, {"s": 7})  # not the owner
+        assert (await store.get("s")).num_tokens == 6
+        assert await store.owned_sessions("d1") == {"s"} and await store.owned_sessions("p1") == {"t"}
+
+    run(body)
+
+
 def test_renew_leases_keeps_working_sessions_but_not_handoffs():
     async def body(store: SessionStore) -> None:
         # Leases generous enough that a CPU starved by its host for a moment does not expire them between beats.

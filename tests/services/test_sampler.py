@@ -24,6 +24,7 @@ from services.model.sampler import (
     finish_reason,
     is_stop,
     make_generator,
+    position_seed,
     warp_logits,
 )
 
@@ -215,15 +216,24 @@ def test_min_p_never_draws_below_threshold() -> None:
 # ---- seeds --------------------------------------------------------------------------------------------------------
 
 
-def _decode_steps(batch: list[SamplingParams], steps: int, logits_seed: int) -> list[list[int]]:
-    """Per row, the tokens of `steps` steps; each row sees the same logits every step whatever its batch position."""
+PROMPT_LEN = 5  # the first sampled token is at this position
+
+
+def _decode_steps(
+    batch: list[SamplingParams], steps: int, logits_seed: int, start: int = 0, fresh: bool = False
+) -> list[list[int]]:
+    """Per row, the tokens of steps start..steps-1; each row sees the same logits every step whatever its batch
+    position. fresh: new generators every step (a worker that just took the session over), else one per row."""
     generators = [make_generator(p.seed) for p in batch]
     sampler = Sampler()
     rows_by_seed = {p.seed: _logits(1, seed=logits_seed + (p.seed or 0) % 97)[0] for p in batch}
     tokens: list[list[int]] = [[] for _ in batch]
-    for step in range(steps):
+    for step in range(start, steps):
+        if fresh:
+            generators = [make_generator(p.seed) for p in batch]
         logits = torch.stack([rows_by_seed[p.seed] + 0.01 * step for p in batch])
-        out = sampler(logits, batch, generators, [[] for _ in batch])
+        history = [[0] * (PROMPT_LEN + step) for _ in batch]  # only its length matters: the position
+        out = sampler(logits, batch, generators, history)
         for i, t in enumerate(out.token_ids):
             tokens[i].append(t)
     return tokens
@@ -246,6 +256,34 @@ def test_same_seed_same_tokens_whatever_the_batch() -> None:
 
     different = dataclasses.replace(target, seed=2025)
     assert _decode_steps([different], steps=12, logits_seed=10)[0] != alone
+
+
+def test_seeded_draws_are_a_function_of_seed_and_position() -> None:
+    """What a resumed stream relies on: a worker that picks a request up at step k, with generators it just made,
+    samples what the uninterrupted run sampled from step k on; the position, not the generator's past, decides."""
+    batch = [SamplingParams(temperature=1.0, seed=11), SamplingParams(temperature=0.8, top_p=0.9, seed=-3)]
+    whole = _decode_steps(batch, steps=12, logits_seed=20)
+    for k in (1, 5, 11):
+        resumed = _decode_steps(batch, steps=12, logits_seed=20, start=k, fresh=True)
+        assert [row[k:] for row in whole] == resumed
+    # explicit positions (the decode loop's, a step ahead of the host) equal the ones derived from the history
+    logits = _logits(2, seed=21)
+    implied = Sampler()(logits, batch, [make_generator(p.seed) for p in batch], [[0] * 9, [0] * 9]).token_ids
+    explicit = Sampler()(logits, batch, [make_generator(p.seed) for p in batch], [[], []], positions=[9, 9])
+    assert explicit.token_ids == implied
+
+
+def test_positions_draw_different_streams_and_unseeded_rows_stay_random() -> None:
+    assert len({position_seed(7, p) for p in range(1000)}) == 1000
+    assert position_seed(7, 3) == position_seed(7 + (1 << 64), 3) != position_seed(8, 3)
+    logits = torch.zeros(64, VOCAB)  # uniform: every row is a fair draw
+    seeded = [SamplingParams(temperature=1.0, seed=5)] * 64
+    rows = Sampler()(logits, seeded, [make_generator(5) for _ in seeded], [[0] * p for p in range(64)])
+    assert len(set(rows.token_ids)) > 32  # the positions of one request do not repeat one draw
+    unseeded = [SamplingParams(temperature=1.0)] * 64
+    a = Sampler()(logits, unseeded, [None] * 64, [[0]] * 64).token_ids
+    b = Sampler()(logits, unseeded, [None] * 64, [[0]] * 64).token_ids
+    assert a != b
 
 
 def test_seed_does_not_depend_on_global_rng() -> None:

@@ -230,6 +230,7 @@ def seq(name: str, *, generated=3, history=10, max_tokens=100, penalty=1.0, canc
         name=name,
         params=SamplingParams(max_tokens=max_tokens, repetition_penalty=penalty),
         history=list(range(history)),
+        num_cached=history - 1,
         num_generated=generated,
         cancelled=cancelled,
         received=received,
@@ -249,7 +250,7 @@ def test_the_same_batch_follows_when_nothing_changed():
 
 @pytest.mark.parametrize(
     "change",
-    ["joined", "left", "reordered", "replaced", "cancelled", "penalty", "max_tokens", "context"],
+    ["joined", "left", "reordered", "replaced", "cancelled", "penalty", "max_tokens", "context", "catching_up"],
 )
 def test_the_batch_changes_when_a_sequence_joins_leaves_or_ends_by_length(change):
     a, b = seq("a"), seq("b")
@@ -271,6 +272,8 @@ def test_the_batch_changes_when_a_sequence_joins_leaves_or_ends_by_length(change
         b.num_generated = b.params.max_tokens - 1  # the token in flight is its last
     elif change == "context":
         b.history = list(range(MAX_LEN - 1))  # the token in flight fills the context
+    elif change == "catching_up":
+        b.num_cached -= 2  # resumed: its next input is a token its dead worker streamed, not the one in flight
     assert not keeps_batch(queued, running, MAX_LEN)
 
 

@@ -55,9 +55,14 @@ class DecodeServicer:
     """
 
     def Decode(self, request, context):
-        """Adopt a session and stream its tokens until it finishes. The same call resumes a session whose decode worker
-        died: the gateway sends every token it has received, and the new worker continues from the pool with no
-        recomputation. The stream ends with OK after the message that carries `finish`.
+        """Adopt a session and stream its tokens until it finishes. The same call (without await_prefill) resumes a session
+        whose decode worker died or stopped answering: the gateway sends every token it has received, and this worker
+        takes the session over as soon as Redis allows it (the owner's registry entry is gone or its lease expired; a
+        live owner keeps it, so the call waits up to about 12 s for a dead one to be declared gone), writes the K/V of
+        the tokens the dead worker had streamed but not yet recorded in the session (its progress is recorded with every
+        heartbeat, so only the last second's tokens, one decode step each; never a full recomputation), and continues:
+        sampling is a function of (seed, position), so the stream equals an uninterrupted one. The stream ends with OK
+        after the message that carries `finish`.
         If the caller cancels the call (the client left, its deadline passed, or the gateway matched a stop string), the
         worker drops the session from its batch before its next step: a session kept for the next turn (keep_session) is
         released as IDLE with its blocks, any other is freed. (The gateway cancels; it does not call Abort.)
@@ -69,12 +74,12 @@ class DecodeServicer:
         stop token id outside the vocabulary, num_generated < 0 or >= sampling.max_tokens, sampling values out of
         range, bytes that do not parse.
         - NOT_FOUND: no session record in Redis for session_id.
-        - FAILED_PRECONDITION: the session is neither PREFILLED nor resumable (another live worker holds its lease), or
-        its record's num_tokens is below len(token_ids) - 1.
+        - FAILED_PRECONDITION: the session is neither PREFILLED nor resumable: another worker that is alive (registered)
+        holds it, it is still PREFILLING or FINISHED, it serves another request_id, or it is decoding on this worker.
         - RESOURCE_EXHAUSTED: no block left for the session to grow, even after evicting idle sessions.
         - CANCELLED: Abort arrived for the session: the stream ends at once, and its blocks are freed before the next step.
-        - UNAVAILABLE: the worker is draining or shutting down, or Redis failed for this session; resume on another
-        worker.
+        - UNAVAILABLE: the worker is draining or shutting down, Redis failed for this session, or the worker lost the
+        session to another worker while it was cut off from Redis; resume on another worker.
         - INTERNAL: a decode step failed for this session (also when it ran alone).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

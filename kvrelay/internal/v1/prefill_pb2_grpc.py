@@ -60,6 +60,10 @@ class PrefillServicer:
         session record in Redis says state=PREFILLED, num_tokens and first_token: a decode worker may read the blocks as
         soon as the gateway has the reply. From then on the blocks belong to the session, not to this worker: whoever
         ends the session (decode at the end, the gateway on a cancel before decode adopts it, a lease expiry) frees them.
+        The gateway retries a request whose prefill worker died or vanished on another worker: an anonymous request
+        under a new session_id; a named session under the same one, which this worker then finds PREFILLING for the same
+        request_id under the dead worker and takes over once Redis says that worker is gone (its registry entry expired;
+        the call waits up to about 12 s), reusing the prefix its earlier turns left in the pool.
         A prompt that fails fails alone: the others of its batch go on (when a forward pass over several prompts fails,
         each is computed again alone).
         Status codes (never UNKNOWN):
@@ -67,7 +71,8 @@ class PrefillServicer:
         of A-Z a-z 0-9 - _ . @ + = / ~; session_id not empty), a token id or stop token id outside the vocabulary, a
         prompt of max_model_len tokens or more, sampling values out of range, bytes that do not parse.
         - NOT_FOUND: no session record in Redis for session_id.
-        - FAILED_PRECONDITION: the session is not in a state that can be prefilled (e.g. a request already in flight).
+        - FAILED_PRECONDITION: the session is not in a state that can be prefilled (e.g. another request in flight, or
+        this request's on a worker that is still alive).
         - RESOURCE_EXHAUSTED: not enough free blocks, even after evicting idle sessions. Nothing stays allocated.
         - CANCELLED: Abort arrived for the session (the call ends at once; its blocks for this prompt are freed after the
         forward pass that may be running over them), or the caller cancelled.
