@@ -20,6 +20,7 @@ import pytest
 from kvrelay.client import AsyncClient, Client
 from kvrelay.deployment import Deployment
 from kvrelay.internal.v1 import decode_pb2_grpc
+from kvrelay.rpc.auth import SECRET_ENV, internal_client_interceptors
 from kvrelay.rpc.grpc_server import channel_options
 from kvrelay.v1 import common_pb2, gateway_pb2
 
@@ -30,9 +31,14 @@ BAD_UTF8 = b"\x0a\x04ab\xff\xfe"  # GenerateRequest.prompt holding bytes that ar
 SERVICE = "kvrelay.v1.Gateway"
 
 
+SECRET = f"test-secret-{uuid.uuid4().hex}"
+
+
 @pytest.fixture(scope="module")
 def deployment():
-    d = Deployment("--num-blocks", "256", env={"KVRELAY_MAX_PROMPT_BYTES": str(MAX_PROMPT_BYTES)})
+    # a preset deployment secret: the Abort test calls the decode worker's internal API itself
+    env = {"KVRELAY_MAX_PROMPT_BYTES": str(MAX_PROMPT_BYTES), SECRET_ENV: SECRET}
+    d = Deployment("--num-blocks", "256", env=env)
     yield d
     assert d.stop() == 0, d.output()[-3000:]
     assert d.leftovers() == []
@@ -165,7 +171,10 @@ def test_decode_abort_ends_the_stream_with_cancelled(deployment):
                 ):
                     seen += 1
                     if seen == 3:
-                        async with grpc.aio.insecure_channel(decode.address, options=channel_options()) as channel:
+                        secret = internal_client_interceptors(SECRET)
+                        async with grpc.aio.insecure_channel(
+                            decode.address, options=channel_options(), interceptors=secret
+                        ) as channel:
                             request = common_pb2.AbortRequest(session_id=session, reason="test")
                             reply = await decode_pb2_grpc.DecodeStub(channel).Abort(request, timeout=10)
                             assert reply.found

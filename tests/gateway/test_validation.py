@@ -65,9 +65,17 @@ def test_bad_ids_are_invalid_argument_naming_the_field(field, value):
     assert not is_valid_id(value)
 
 
-@pytest.mark.parametrize("value", ["", "x", "abc-DEF_0.9", "user@example.com", "a/b+c=d~e", "x" * 128])
+@pytest.mark.parametrize("value", ["", "x", "abc-DEF_0.9", "user@example.com", "a/b+c=d~e", "x" * 111])
 def test_good_ids_pass(value):
     check(req(prompt="hi", session_id=value, request_id=value))
+
+
+def test_a_session_id_leaves_room_for_an_api_key_namespace():
+    """The gateway may store a session as "<16 hex>.<session_id>" (API keys): that must stay a valid id."""
+    check(req(prompt="hi", request_id="x" * 128))
+    err = refused(req(prompt="hi", session_id="x" * 112))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in err.message and "111" in err.message
+    assert is_valid_id("0123456789abcdef." + "x" * 111)
 
 
 @pytest.mark.parametrize(

@@ -266,7 +266,7 @@ class PrefillStore(MemoryStore):
     async def get(self, sid):
         return None
 
-    async def allocate(self, sid, n, owner, lease_ms, create=True) -> list[int]:
+    async def allocate(self, sid, n, owner, lease_ms, create=True, request_id=None) -> list[int]:
         if sid == self.alloc_fails:
             raise redis_down()
         if sid in self.no_blocks:
