@@ -288,6 +288,7 @@ class _Stream:
     async def _reply(self, call, worker):
         """A unary call's reply; _Gone if its worker is silent and gone from the registry meanwhile."""
         waiter = asyncio.ensure_future(call)
+        waiter.add_done_callback(_consume)  # it may fail (its deadline) after the request stopped waiting for it
         try:
             while True:
                 done, _ = await asyncio.wait({waiter}, timeout=SILENCE_S)
