@@ -107,7 +107,7 @@ class Deployment:
         """The live child processes of this deployment's `kvrelay up`, read from the process table (so a process it
         restarted shows with its new pid). Zombies (exited, not yet reaped) are left out."""
         ps = subprocess.run(
-            ["ps", "-o", "pid=,stat=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+            ["ps", "-ww", "-o", "pid=,stat=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
         ).stdout
         out = []
         for line in ps.splitlines():
@@ -169,7 +169,7 @@ class Deployment:
     def leftovers(self) -> list[str]:
         """Processes or /dev/shm files of this deployment still around after stop()."""
         out = [str(p) for p in (shm_path(f"{self.name}-weights"), shm_path(f"{self.name}-pool")) if p.exists()]
-        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
         out += [line for line in ps.splitlines() if self.name in line or f"127.0.0.1:{self.base_port}" in line]
         return out
 

@@ -94,7 +94,7 @@ def secret_stays_in_environments(d: Deployment) -> str:
     assert len(secrets) == 1 and None not in secrets and "" not in secrets, "one secret, in every process"
     (secret,) = secrets
     assert len(secret) >= 32
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert secret not in ps
     assert secret not in d.output()
     return secret
