@@ -58,6 +58,18 @@ def role_of(args: str) -> str:
     return Path(argv[0]).name.removesuffix("-server") if argv else ""
 
 
+def live_processes(*select: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes `ps` selects (e.g. "--ppid", "123" or "-e"), zombies left out. -ww: never
+    cut a command line (without a terminal ps cuts at 80 columns, inside a worker's --port under a long path)."""
+    ps = subprocess.run(["ps", "-ww", "-o", "pid=,stat=,args=", *select], capture_output=True, text=True).stdout
+    out = []
+    for line in ps.splitlines():
+        pid, stat, args = line.strip().split(None, 2)
+        if not stat.startswith("Z"):
+            out.append((int(pid), args))
+    return out
+
+
 class Deployment:
     def __init__(
         self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1, env: dict[str, str] | None = None
@@ -106,15 +118,7 @@ class Deployment:
     def processes(self) -> list[Process]:
         """The live child processes of this deployment's `kvrelay up`, read from the process table (so a process it
         restarted shows with its new pid). Zombies (exited, not yet reaped) are left out."""
-        ps = subprocess.run(
-            ["ps", "-ww", "-o", "pid=,stat=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
-        ).stdout
-        out = []
-        for line in ps.splitlines():
-            pid, stat, args = line.strip().split(None, 2)
-            if not stat.startswith("Z"):
-                out.append(Process(int(pid), role_of(args), args))
-        return out
+        return [Process(pid, role_of(args), args) for pid, args in live_processes("--ppid", str(self.proc.pid))]
 
     def pids(self, role: str) -> list[int]:
         return sorted(p.pid for p in self.processes() if p.role == role)
@@ -178,15 +182,11 @@ class Deployment:
     def worker_pids(self, role: str) -> dict[int, int]:
         """Port -> pid of this deployment's live `role` processes (prefill, decode, colocated, gateway, kvstore),
         from the process table."""
-        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
         out = {}
-        for line in ps.splitlines():
-            pid, stat, args = line.strip().split(None, 2)
+        for pid, args in live_processes("-e"):
             argv = args.split()
-            if stat.startswith("Z") or f"{role}.server" not in args or self.name not in argv:
-                continue
-            if "--port" in argv:
-                out[int(argv[argv.index("--port") + 1])] = int(pid)
+            if f"{role}.server" in args and self.name in argv and "--port" in argv:
+                out[int(argv[argv.index("--port") + 1])] = pid
         return out
 
     def pid_of(self, worker: WorkerInfo) -> int:

@@ -94,9 +94,7 @@ def new_registration(d: Deployment, role: str, before: dict[str, str]) -> dict[s
 
 def pid_at(d: Deployment, role: str, address: str) -> int:
     """The child of that role listening at address (the launcher gives each its --port)."""
-    port = address.rsplit(":", 1)[1]
-    (pid,) = [p.pid for p in d.processes() if p.role == role and f"--port {port} " in p.args + " "]
-    return pid
+    return d.worker_pids(role)[int(address.rsplit(":", 1)[1])]
 
 
 def session_owners(d: Deployment) -> list[str]:
