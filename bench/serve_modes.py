@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS, record, write_benchmarks_md
+from bench.sweep import SWEEP_JSON, load, plot, rate_point, stamp, sweep_records
 from kvrelay.client import Client
 from kvrelay.deployment import Deployment
 from kvrelay.loadgen.report import RequestRecord, Slo
@@ -32,13 +33,20 @@ from kvrelay.loadgen.report import RequestRecord, Slo
 ROOT = Path(__file__).resolve().parent.parent
 
 COMMAND = "python -m bench.serve_modes --model DIR"
+SWEEP_COMMAND = "python -m bench.serve_modes --model DIR --sweep RATES --modes disaggregated,colocated@4096,..."
 
 
 def mode_flags(mode: str, args) -> list[str]:
-    """colocated, disaggregated, mps (prefill gets --prefill-sm-pct of the SMs), mpsNN (prefill gets NN%) or
-    mpsNNdDD (and decode DD%); any of them may end in @CHUNK, its prefill token budget (`split_mode`)."""
+    """colocated, disaggregated (the default deployment: the split adapts, SLO admission on), fixed (disaggregated
+    with --no-split), mps (prefill gets --prefill-sm-pct of the SMs), mpsNN (prefill gets NN%) or mpsNNdDD (and decode
+    DD%); a `-noadm` suffix turns the SLO admission off (--slo-ttft-ms 0); any of them may end in @CHUNK, its prefill
+    token budget (`split_mode`)."""
+    if mode.endswith("-noadm"):
+        return [*mode_flags(mode.removesuffix("-noadm"), args), "--slo-ttft-ms", "0"]
     if mode in ("colocated", "disaggregated"):
         return ["--mode", mode]
+    if mode == "fixed":
+        return ["--mode", "disaggregated", "--no-split"]
     if mode.startswith("mps"):
         pct, _, decode_pct = mode[3:].partition("d")  # mpsNNdDD: decode gets DD% (default all of them)
         pct = pct or str(args.prefill_sm_pct)
@@ -172,6 +180,71 @@ def run_mode(model: str, mode: str, args) -> dict:
     return out
 
 
+def run_sweep(model: str, mode: str, rates: list[float], args) -> dict:
+    """One deployment of `mode`, primed, then a load run at each rate in turn (each drained before the next):
+    rate -> point (bench/sweep.py rate_point), and the multi-turn TTFTs when asked."""
+    name, chunk = split_mode(mode, args)
+    label = mode.replace("@", "_chunk")
+    print(f"{stamp()} sweep {mode}: starting the deployment", flush=True)
+    d = Deployment(*deployment_flags(model, chunk), *mode_flags(name, args), "--max-restarts", "0")
+    points: dict[str, dict] = {}
+    try:
+        prime(d.address, chunk)
+        for rate in rates:
+            print(f"{stamp()} sweep {mode}: {rate:g} req/s", flush=True)
+            run = loadgen(
+                d.address,
+                f"sweep_{label}_rate{rate:g}",
+                "--rate", str(rate), "--prompt-len", "2048:8192", "--output-len", "256",
+                "--warmup", str(args.warmup), "--duration", str(args.duration),
+                "--drain-timeout", str(args.drain_timeout),
+                "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-itl-ms", str(args.slo_itl_ms),
+                "--seed", "1", "--no-plots",
+            )  # fmt: skip
+            points[f"{rate:g}"] = rate_point(run, rate)
+            p = points[f"{rate:g}"]
+            print(
+                f"{stamp()} {mode} @ {rate:g} req/s: goodput {p['goodput']:.2f} ({100 * p['fraction_in_slo']:.0f}% in "
+                f"SLO), errors {p['errors']}, TTFT p50/p99 {p['ttft_p50']:.0f}/{p['ttft_p99']:.0f} ms, ITL p99 "
+                f"{p['itl_p99']:.1f} ms, interference {p['interference']}",
+                flush=True,
+            )
+        if args.multiturn and name != "colocated":
+            points["multiturn"] = measure_multiturn(d.address)
+    finally:
+        d.stop()
+    return points
+
+
+def deployment_flags(model: str, chunk: int) -> list[str]:
+    """The deployment every mode shares: the 8B shape with int8 KV, 10k context, a 40 GB pool."""
+    return ["--model", model, "--kv-dtype", "int8", "--max-model-len", "10240", "--kv-cache-mb", "40000",
+            "--max-batch-tokens", str(chunk)]  # fmt: skip
+
+
+def sweep_main(args) -> None:
+    """--sweep RATES: every mode of --modes over every rate, merged into bench/results/serve_sweep.json (so that
+    modes measured in separate device calls on one machine combine), then the records and the plot."""
+    rates = [float(r) for r in args.sweep.split(",")]
+    sweeps = load(SWEEP_JSON)
+    for mode in [m for m in args.modes.split(",") if m]:
+        sweeps[mode] = run_sweep(args.model, mode, rates, args)
+        SWEEP_JSON.write_text(json.dumps(sweeps, indent=1))  # after each mode: a call cut short keeps what it ran
+    finish_sweep(sweeps, args)
+
+
+def finish_sweep(sweeps: dict, args) -> None:
+    curves = {m: {r: p for r, p in pts.items() if r != "multiturn"} for m, pts in sweeps.items()}
+    slo = f"TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms"
+    sweep_records(curves, args.sweep_mode, SWEEP_COMMAND, slo)
+    mt = sweeps.get(args.sweep_mode, {}).get("multiturn")
+    if mt:
+        ratio = mt["recompute_ttft_ms"] / mt["reuse_ttft_ms"]
+        record("multiturn_ttft_ratio", ratio, "x", 5.0, ratio / 5.0, SWEEP_COMMAND, mode=args.sweep_mode, **mt)
+    plot(curves, RESULTS / "serve_sweep.png", f"2k-8k-token prompts, 256-token outputs, int8 KV; {slo}")
+    write_benchmarks_md()
+
+
 def prime(address: str, chunk: int) -> None:
     """One prompt of each chunk shape the load will run (a full chunk, a remainder, the longest prompt), before any
     timing: on a fresh machine Triton compiles each new kernel shape on first use (seconds), and a stall at the start
@@ -217,7 +290,14 @@ def measure_multiturn(address: str, history: int = 4096, turn_tokens: int = 64, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="the checkpoint (required unless --plot-only)")
+    parser.add_argument(
+        "--sweep", help="RATES, comma-separated req/s: each mode of --modes at each rate (one deployment)"
+    )
+    parser.add_argument("--sweep-mode", default="disaggregated", help="the mode the sweep records are about")
+    parser.add_argument("--warmup", type=float, default=5)
+    parser.add_argument("--drain-timeout", type=float, default=15, help="sweep: seconds open requests may take")
+    parser.add_argument("--plot-only", action="store_true", help="records and plot from bench/results/serve_sweep.json")
     parser.add_argument("--modes", default="colocated,disaggregated,mps", help="also mpsNN, mpsNNdDD (SM shares)")
     parser.add_argument("--rate", type=float, default=3.0, help="req/s: keeps prefill about half busy on an H200")
     parser.add_argument("--duration", type=float, default=40)
@@ -232,6 +312,12 @@ def main() -> None:
     parser.add_argument("--merge", help="JSON of modes measured earlier: read, extended, written back")
     parser.add_argument("--prefill-sm-pct", type=int, default=60, help="mps mode: prefill's share of the SMs")
     args = parser.parse_args()
+    if args.plot_only:
+        return finish_sweep(load(SWEEP_JSON), args)
+    if not args.model:
+        parser.error("--model is required")
+    if args.sweep:
+        return sweep_main(args)
     # --merge FILE: modes measured by an earlier call (a GPU machine's calls are time-limited), rewritten with these.
     results = json.loads(Path(args.merge).read_text()) if args.merge and Path(args.merge).exists() else {}
     for r in results.values():  # measured before the in-run split: their "ratio" was the one against the quiet run

@@ -76,6 +76,14 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def use_mps(a: UpSettings) -> bool:
+    """--mps / --no-mps as given; by default on where it can run and pays: an NVIDIA host with the MPS daemon and a
+    disaggregated deployment (without MPS, processes on one GPU time-slice: the split's processes could not overlap)."""
+    if a.mps is not None:
+        return a.mps
+    return a.mode == "disaggregated" and shutil.which("nvidia-cuda-mps-control") is not None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -278,7 +286,7 @@ class Launcher:
         a = self.settings
         security = self.gateway_security()
         self.redis_url = self.ensure_redis()
-        if a.mps:
+        if use_mps(a):
             self.start_mps()
         py = [sys.executable, "-m"]
         common = ["--name", a.name]
@@ -303,20 +311,23 @@ class Launcher:
         worker = ["--kvstore", f"127.0.0.1:{kv_port}", *common, "--max-batch-tokens", str(a.max_batch_tokens)]
         worker += ["--cpu-threads", str(self.cpu_threads()), "--session-ttl", str(a.session_ttl)]
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
+        worker += [] if a.split is None else ["--split" if a.split else "--no-split"]
         decode_only = [] if a.decode_overlap else ["--no-overlap"]
+        prefill_only = ["--slo-ttft-ms", str(a.slo_ttft_ms)] if a.slo_ttft_ms is not None else []
+        prefill_only += ["--slo-itl-ms", str(a.slo_itl_ms)] if a.slo_itl_ms is not None else []
         waits = []
         port = kv_port
         if a.mode == "colocated":  # the baseline: each replica is one process that prefills and decodes
             for i in range(a.decode_replicas):
                 port += 1
-                argv = py + ["services.colocated.server", "--port", str(port), *worker, *decode_only]
+                argv = py + ["services.colocated.server", "--port", str(port), *worker, *decode_only, *prefill_only]
                 service = "kvrelay.internal.v1.Decode"
                 waits.append(self.spawn(f"decode-{i}", argv, redis_env, address=f"127.0.0.1:{port}", service=service))
         for role, count in (("prefill", a.prefill_replicas), ("decode", a.decode_replicas)):
             for i in range(count if a.mode == "disaggregated" else 0):
                 port += 1
                 argv = py + [f"services.{role}.server", "--port", str(port), *worker]
-                argv += decode_only if role == "decode" else []
+                argv += decode_only if role == "decode" else prefill_only
                 service = f"kvrelay.internal.v1.{role.capitalize()}"
                 env = redis_env | self.service_env(role)
                 waits.append(self.spawn(f"{role}-{i}", argv, env, address=f"127.0.0.1:{port}", service=service))

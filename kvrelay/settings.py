@@ -32,6 +32,12 @@ def setting(default: Any, help: str, *, choices: Sequence[str] | None = None, en
     return field(default=default, metadata={"help": help, "choices": choices, "env": tuple(env)})
 
 
+SLO_TTFT_HELP = (
+    "TTFT SLO (ms): a prompt predicted to miss it behind the queue is refused (RESOURCE_EXHAUSTED); the split's target "
+    "(default: 2000 on a GPU, off on the CPU; 0: off)"
+)
+SLO_ITL_HELP = "ITL SLO (ms): the split keeps decode's ITL p90 under 3/4 of it (default: 20 on a GPU, off on the CPU)"
+
 # --- the processes --------------------------------------------------------------------------------------------------
 
 
@@ -79,11 +85,16 @@ class WorkerSettings(ServerSettings):
     session_ttl: float = setting(
         3600.0, "seconds an idle session (its KV and token ids) is kept after its last turn (0: until evicted)"
     )
+    split: bool | None = setting(
+        None, "adapt the prefill/decode split to the measured load at run time (default: on a GPU; --no-split: fixed)"
+    )
 
 
 @dataclass(frozen=True)
 class PrefillSettings(WorkerSettings):
     port: int = setting(50071, "listen port")
+    slo_ttft_ms: float | None = setting(None, SLO_TTFT_HELP)
+    slo_itl_ms: float | None = setting(None, SLO_ITL_HELP)
     prefill_graph_tokens: int = setting(
         256, "one-sequence chunks of up to this many new tokens replay a CUDA graph (0: always eager)"
     )
@@ -146,9 +157,18 @@ class UpSettings(ModelSettings):
     )
     decode_overlap: bool = setting(True, "decode workers overlap steps (--no-decode-overlap: for comparisons)")
     cpu_threads: int = setting(0, "torch threads of each prefill/decode process (0: the cores split among them)")
-    mps: bool = setting(False, "NVIDIA: start the MPS daemon so services run concurrently")
-    prefill_sm_pct: int = setting(80, "with mps: prefill's SM share (percent)")
-    decode_sm_pct: int = setting(100, "with mps: decode's SM share (percent)")
+    slo_ttft_ms: float | None = setting(None, SLO_TTFT_HELP)
+    slo_itl_ms: float | None = setting(None, SLO_ITL_HELP)
+    split: bool | None = setting(
+        None, "adapt the prefill/decode split to the measured load at run time (default: on a GPU; --no-split: fixed)"
+    )
+    mps: bool | None = setting(
+        None,
+        "NVIDIA: run the services under the MPS daemon, concurrently (default: when nvidia-cuda-mps-control is "
+        "on PATH and the mode is disaggregated)",
+    )
+    prefill_sm_pct: int = setting(100, "with mps: cap on prefill's SM share (percent; an override, the split adapts)")
+    decode_sm_pct: int = setting(100, "with mps: cap on decode's SM share (percent; an override)")
     prefill_cu_mask: str = setting("", "AMD: HSA_CU_MASK for prefill (e.g. 0:0-151)")
     decode_cu_mask: str = setting("", "AMD: HSA_CU_MASK for decode (e.g. 0:152-303)")
     host: str = setting("127.0.0.1", "gateway listen address")

@@ -316,6 +316,11 @@ class SessionStore:
         """The full name of a key of this prefix, e.g. key("session", sid, "blocks")."""
         return ":".join((self.prefix, *parts))
 
+    @property
+    def redis(self):
+        """The client of this store's bounded pool, for a deployment's other small keys (services/split/board.py)."""
+        return self._redis
+
     async def _run(self, name: str, *args: object) -> Any:
         try:
             return await self._scripts[name](keys=[], args=[self.prefix, *args])

@@ -10,6 +10,7 @@ The gateway sees it as one prefill and one decode worker at the same address.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from kvrelay.internal.v1 import decode_pb2_grpc, prefill_pb2_grpc
@@ -26,6 +27,8 @@ log = logging.getLogger("kvrelay.colocated")
 
 
 async def run(settings: ColocatedSettings) -> None:
+    # Both roles take turns on one stream: there is no split to adapt (the SLO admission still applies).
+    settings = dataclasses.replace(settings, split=False)
     prefill, decode = PrefillWorker(settings), DecodeWorker(settings)
     tasks: list[asyncio.Task] = []
     runtimes: list[Runtime] = []

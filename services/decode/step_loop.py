@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -129,6 +130,29 @@ class StepLoopHost(Protocol):
     def may_act(self) -> bool: ...  # False: no step may start (services/common/worker.py, ACT_S)
 
 
+class ItlWindow:
+    """The gaps between consecutive steps' tokens over the last WINDOW_S, while the batch ran without a break."""
+
+    WINDOW_S = 1.0
+
+    def __init__(self) -> None:
+        self.gaps: deque[tuple[float, float]] = deque()  # (when, gap in ms)
+        self.last: float | None = None
+
+    def step_done(self, now: float, running: bool) -> None:
+        if self.last is not None:
+            self.gaps.append((now, (now - self.last) * 1e3))
+        self.last = now if running else None  # an empty batch's wait for work is no inter-token gap
+
+    def p90_ms(self, now: float) -> float | None:
+        while self.gaps and self.gaps[0][0] < now - self.WINDOW_S:
+            self.gaps.popleft()
+        if not self.gaps:
+            return None
+        ordered = sorted(g for _, g in self.gaps)
+        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
 class StepLoop:
     """The batch and its loop, mixed into a StepLoopHost (DecodeWorker)."""
 
@@ -146,6 +170,10 @@ class StepLoop:
         # worker still owns them and renews their leases, so nobody else would ever free them)
         self.unreleased: dict[str, RunningSeq] = {}
         self.released_retry_at = 0.0
+        # The split (services/split): the gaps between steps' tokens lately (what the controller protects), and the
+        # pause a running prefill asks of decode before each step.
+        self.itl = ItlWindow()
+        self.yield_ms = 0.0
 
     async def step_loop(self) -> None:
         while True:
@@ -162,6 +190,8 @@ class StepLoop:
             for seq in to_retire(self.running, queued):
                 await self._retire(seq)
             if self.inflight is None:
+                if self.yield_ms > 0 and self.running:
+                    await asyncio.sleep(self.yield_ms / 1e3)  # the GPU is prefill's alone meanwhile
                 await self._start_from_host()
             else:
                 await self._advance()
@@ -228,6 +258,8 @@ class StepLoop:
         ahead (the next step writes at num_cached + 1)."""
         if not self.overlap or not keeps_batch(step.batch, self.running, self._host.attached.max_model_len):
             return False
+        if self.yield_ms > 0:
+            return False  # a step queued behind this one would leave the GPU no gap to yield
         if not self._host.may_act():
             return False
         for seq in step.batch:
@@ -274,6 +306,7 @@ class StepLoop:
         """Stream the tokens of a completed step. `nxt`, when queued, still writes into the blocks of the sequences
         in it: those that end here are retired when it completes."""
         ending, step.ending = step.ending, []  # taken first, so that a failure below never retires them twice
+        done_at = time.perf_counter()
         for seq, msg in ending:  # `step` has completed: the blocks it wrote into can go
             await self._release(seq)
             if msg is not None:
@@ -307,6 +340,7 @@ class StepLoop:
                 seq.out.put_nowait(msg)
             else:
                 await self._end(seq, nxt if seq in queued else None, msg)
+        self.itl.step_done(done_at, bool(self.running))
 
     async def _end(self, seq: RunningSeq, nxt: Step | None, msg: decode_pb2.DecodeResponse | None) -> None:
         """Take `seq` out of the batch and send its final message; its blocks go now, or after `nxt` completes."""

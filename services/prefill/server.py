@@ -39,6 +39,9 @@ from services.scheduler import (
     queue_full,
     reusable_prefix,
 )
+from services.split.board import PrefillReport, SplitBoard
+from services.split.controller import TICK_S, Observation, PrefillRate, Slo, SplitController, refusal, slo_and_split
+from services.split.mechanism import pacing_pause_s
 
 log = logging.getLogger("kvrelay.prefill")
 SERVICE = "kvrelay.internal.v1.Prefill"
@@ -93,6 +96,14 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         self.ready: list[PrefillJob] = []  # blocks allocated, being computed (chunk by chunk)
         self.wakeup = asyncio.Event()
         self.sampler = Sampler()
+        self.slo = Slo(0, 0)  # set in prepare(), where the device is known
+        self.rate = PrefillRate()  # the admission's and the controller's measure of this worker's speed
+        self.controller: SplitController | None = None
+        self.last_pass_s = 0.0  # the last forward pass's compute time: what pacing idles after, in proportion
+
+    def queued_tokens(self) -> int:
+        """Prompt tokens this worker has still to compute (an IDLE session's reusable prefix counted as new)."""
+        return sum(len(j.token_ids) - j.progress for j in self.ready) + sum(len(j.token_ids) for j in self.waiting)
 
     def load(self) -> dict:
         return {"active": len(self.ready), "queued": len(self.waiting)}
@@ -106,6 +117,8 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
 
     def prepare(self) -> None:
         self.attached.runner.enable_prefill_graphs(self.settings.prefill_graph_tokens, self.attached.max_model_len)
+        self.slo, split = slo_and_split(self.settings, self.attached.runner.device)
+        self.controller = SplitController(self.slo) if split else None
 
     async def Prefill(self, request, context):  # noqa: N802
         if self.attached is None:
@@ -127,6 +140,9 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             )
         if queue_full(len(self.waiting)):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill queue is full; retry later")
+        why = refusal(self.queued_tokens(), len(ids), self.rate, self.slo)
+        if why is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         job = PrefillJob(
             request.session_id, request.request_id, ids, params, asyncio.get_running_loop().create_future()
         )
@@ -296,7 +312,33 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                     await self._fail(job, exc)
             if self.ready or self.waiting:
                 self.wakeup.set()
-                await asyncio.sleep(0 if self.ready else 0.05)  # waiting only for blocks: poll gently
+                pause = pacing_pause_s(self.last_pass_s, self.controller.split.prefill_duty) if self.controller else 0
+                self.last_pass_s = 0.0
+                await asyncio.sleep(pause if self.ready else max(pause, 0.05))  # waiting only for blocks: poll gently
+
+    async def split_loop(self) -> None:
+        """Every TICK_S: decide the split from decode's ITL and this queue's predicted TTFT, and publish it (decode
+        workers read the pause it asks of them). A Redis failure skips a tick; the split stays as it was."""
+        board = SplitBoard(self.store)
+        while not self.stopping.is_set():
+            try:
+                obs = Observation(
+                    time.monotonic(), await board.decode_itl_ms(), self.rate.predict_ms(self.queued_tokens())
+                )
+                before = self.controller.level
+                split = self.controller.decide(obs)
+                if self.controller.level != before:
+                    log.info(
+                        "split: level %d -> %d (prefill duty %.2f, decode yield %g ms): queue TTFT %.0f ms, decode ITL "
+                        "p90 %s ms", before, self.controller.level, split.prefill_duty, split.decode_yield_ms,
+                        obs.queue_ttft_ms, "-" if obs.decode_itl_ms is None else f"{obs.decode_itl_ms:.1f}",
+                    )  # fmt: skip
+                active = bool(self.ready or self.waiting)
+                report = PrefillReport(active, split.decode_yield_ms, self.controller.level)
+                await board.publish(self.role, self.worker_id, report)
+            except Exception as exc:  # noqa: BLE001 - the split is an optimisation: serving goes on without it
+                log.debug("split tick failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(TICK_S)
 
     def _compute(self, chunks: list[SeqChunk], done: list[int], jobs: list[PrefillJob]):
         """Forward pass, first tokens of the prompts that completed, and a stream sync (on the worker's stream)."""
@@ -336,7 +378,10 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         writes the same K/V into the same slots), so a prompt that fails alone fails, and only it."""
         done = [i for i, job in enumerate(batch) if job.progress == len(job.token_ids)]
         try:
+            started = time.perf_counter()
             out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, [batch[i] for i in done])
+            self.last_pass_s = time.perf_counter() - started
+            self.rate.observe(sum(len(c.token_ids) for c in chunks), self.last_pass_s)
             return [([batch[i] for i in done], out)] if done else []
         except Exception as exc:
             if len(batch) == 1:
@@ -402,7 +447,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         asyncio.run(self.run([(prefill_pb2_grpc.add_PrefillServicer_to_server, self)], [SERVICE]))
 
     def loops(self) -> list:
-        return [self.batch_loop()]
+        return [self.batch_loop()] + ([self.split_loop()] if self.controller else [])
 
 
 def main() -> None:

@@ -1,0 +1,238 @@
+"""The split controller against a simulated prefill/decode timing model, SLO admission's rule, and the mechanisms'
+pure parts (pacing, CU masks with a fake HIP library, the decode ITL window)."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import pytest
+
+from services.decode.step_loop import ItlWindow
+from services.split.controller import (
+    DWELL_S,
+    GROW_AT,
+    ITL_BUDGET,
+    LADDER,
+    NEUTRAL,
+    TICK_S,
+    Observation,
+    PrefillRate,
+    Slo,
+    SplitController,
+    refusal,
+)
+from services.split.mechanism import CuMaskStreams, cu_mask, pacing_pause_s
+
+SLO = Slo(ttft_ms=2000, itl_ms=20)
+
+
+@dataclass
+class Gpu:
+    """A toy of one GPU shared by a prefill and a decode process, with the shape measured under MPS on an H100/H200
+    (BENCHMARKS.md): decode alone steps in `step_ms`; a running prefill slows it by `interference` (x1.6 at the median
+    with both unpaced), less as prefill's duty falls; each ms decode yields adds a ms to its gaps and gives prefill the
+    GPU alone; prefill alone runs `rate` tokens/s, at half that beside a decode."""
+
+    step_ms: float = 7.0
+    interference: float = 0.6
+    rate: float = 24000.0
+
+    def decode_itl(self, split, prefill_busy: bool) -> float:
+        if not prefill_busy:
+            return self.step_ms
+        return self.step_ms * (1 + self.interference * split.prefill_duty) + split.decode_yield_ms
+
+    def prefill_rate(self, split, decode_busy: bool) -> float:
+        if not decode_busy:
+            return self.rate * split.prefill_duty
+        itl = self.decode_itl(split, True)
+        alone = split.decode_yield_ms / itl  # the part of each gap prefill has the GPU to itself
+        return self.rate * split.prefill_duty * (alone + (1 - alone) * 0.5)
+
+
+def simulate(gpu: Gpu, arrivals_tokens_per_s: float, seconds: float, decode_busy=True, slo=SLO):
+    """Feed the controller TICK_S by TICK_S: prefill's queue grows by the arrivals and shrinks at the rate the split
+    gives it; decode's ITL follows the split. Returns [(t, level, itl, queue_ttft_ms)]."""
+    ctl = SplitController(slo)
+    queue = 0.0
+    trace = []
+    t = 0.0
+    while t < seconds:
+        split = ctl.split
+        busy = queue > 0
+        rate = gpu.prefill_rate(split, decode_busy)
+        queue = max(0.0, queue + (arrivals_tokens_per_s - rate) * TICK_S)
+        itl = gpu.decode_itl(split, busy) if decode_busy else None
+        queue_ttft = queue / (gpu.rate * 0.5) * 1e3  # what PrefillRate would measure beside a decode, unpaced
+        ctl.decide(Observation(t, itl, queue_ttft))
+        trace.append((t, ctl.level, itl, queue_ttft))
+        t += TICK_S
+    return trace
+
+
+def changes(trace) -> list[float]:
+    return [t for (t, level, *_), (_, before, *_) in zip(trace[1:], trace, strict=False) if level != before]
+
+
+def test_grows_prefill_share_when_the_queue_presses_and_decode_has_room():
+    # 14k tokens/s of prompts against 12k/s at the neutral rung: the queue's predicted TTFT passes GROW_AT * SLO
+    trace = simulate(Gpu(), 14000, 20)
+    first = next(t for t, level, *_ in trace if level > NEUTRAL)
+    ttft_then = next(q for t, _, _, q in trace if t == first)  # what the controller saw when it moved
+    assert ttft_then > SLO.ttft_ms * GROW_AT
+    assert max(level for _, level, *_ in trace) > NEUTRAL
+    # never past the rung where decode's ITL would exceed its budget for long: the ITL stays under the SLO
+    assert all(itl <= SLO.itl_ms for _, _, itl, _ in trace[-20:])
+
+
+def test_gives_back_when_decode_nears_the_itl_slo():
+    # decode is slow (13 ms a step alone): any yield puts it past ITL_BUDGET * 20 = 15 ms, so the split falls back
+    gpu = Gpu(step_ms=13.0)
+    trace = simulate(gpu, 14000, 30)
+    budget = SLO.itl_ms * ITL_BUDGET
+    for (_, before, *_), (_, after, itl, _) in zip(trace, trace[1:], strict=False):
+        if itl > budget and after != before:
+            assert after < before  # decode over budget when it decided: the only move is down
+    # it settles where decode is within budget (prefill paced below neutral if it must)
+    assert all(itl <= budget for _, _, itl, _ in trace[-10:])
+    assert trace[-1][1] < NEUTRAL
+
+
+def test_drifts_back_to_neutral_when_nothing_queues():
+    ctl = SplitController(SLO, level=len(LADDER) - 1)
+    t = 0.0
+    for _ in range(40):
+        ctl.decide(Observation(t, 8.0, 0.0))
+        t += TICK_S
+    assert ctl.level == NEUTRAL
+
+
+def test_never_changes_faster_than_the_dwell():
+    # a load that sits right at the edge: the controller may move, but never twice within DWELL_S
+    for arrivals in (9000, 12000, 14000, 20000):
+        trace = simulate(Gpu(step_ms=9.0), arrivals, 60)
+        moves = changes(trace)
+        assert all(b - a >= DWELL_S - 1e-9 for a, b in zip(moves, moves[1:], strict=False)), (arrivals, moves)
+
+
+def test_idle_decode_leaves_prefill_unpaced():
+    trace = simulate(Gpu(), 30000, 10, decode_busy=False)
+    assert all(LADDER[level].prefill_duty == 1.0 for _, level, *_ in trace)
+
+
+def test_slo_off_never_moves_for_ttft():
+    ctl = SplitController(Slo(ttft_ms=0, itl_ms=20))
+    for i in range(20):
+        ctl.decide(Observation(i * TICK_S, 8.0, 1e9))
+    assert ctl.level == NEUTRAL
+
+
+# -- admission -------------------------------------------------------------------------------------------------------
+
+
+def rate_of(tokens_per_s: float) -> PrefillRate:
+    rate = PrefillRate()
+    rate.observe(int(tokens_per_s), 1.0)
+    return rate
+
+
+def test_refuses_exactly_when_the_predicted_ttft_passes_the_slo():
+    rate = rate_of(1000.0)  # 1 token a ms
+    slo = Slo(ttft_ms=2000, itl_ms=20)
+    assert refusal(1500, 500, rate, slo) is None  # 2000 ms: meets it
+    why = refusal(1500, 501, rate, slo)  # 2001 ms: cannot
+    assert why is not None and "2001 ms" in why and "2000 ms SLO" in why and "1500 prompt tokens queued" in why
+
+
+def test_a_prompt_alone_or_before_any_measurement_is_admitted():
+    slo = Slo(ttft_ms=100, itl_ms=20)
+    assert refusal(0, 10**6, rate_of(10.0), slo) is None  # alone: refusing makes nobody faster
+    assert refusal(10**6, 10**6, PrefillRate(), slo) is None  # no measurement yet
+    assert refusal(10**6, 10**6, rate_of(10.0), Slo(ttft_ms=0, itl_ms=20)) is None  # SLO off
+
+
+def test_prefill_rate_follows_the_measurements():
+    rate = PrefillRate(weight=0.5)
+    rate.observe(1000, 1.0)
+    rate.observe(3000, 1.0)
+    assert rate.tokens_per_s == pytest.approx(2000.0)
+    rate.observe(0, 1.0)  # nothing computed: ignored
+    assert rate.predict_ms(4000) == pytest.approx(2000.0)
+    assert rate.predict_ms(4000, duty=0.5) == pytest.approx(4000.0)
+
+
+# -- mechanisms ------------------------------------------------------------------------------------------------------
+
+
+def test_pacing_gives_prefill_its_duty():
+    assert pacing_pause_s(0.1, 1.0) == 0.0
+    compute = 0.1
+    for duty in (0.25, 0.5, 0.75):
+        pause = pacing_pause_s(compute, duty)
+        assert compute / (compute + pause) == pytest.approx(duty)
+
+
+@pytest.mark.parametrize("num_cus", [1, 38, 64, 100, 304])
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.75, 1.0])
+def test_cu_mask_enables_the_share_spread_over_the_device(num_cus, share):
+    words = cu_mask(num_cus, share)
+    bits = [(words[i // 32] >> (i % 32)) & 1 for i in range(num_cus)]
+    assert len(words) == (num_cus + 31) // 32
+    assert sum(bits) == max(1, int(share * num_cus + 1e-9))
+    assert all(w >> 32 == 0 for w in words)
+    assert not any(words[i // 32] >> (i % 32) & 1 for i in range(num_cus, 32 * len(words)))  # nothing past the CUs
+    if share == 0.5 and num_cus >= 8:  # spread: every 8-CU block has its half, not all at one end
+        assert all(sum(bits[i : i + 8]) == 4 for i in range(0, num_cus - 7, 8))
+
+
+class FakeHip:
+    """hipExtStreamCreateWithCUMask and hipStreamDestroy as the HIP runtime has them, recording what they get."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.created: dict[int, list[int]] = {}
+        self.destroyed: list[int] = []
+        self.fail = fail
+
+    def hipExtStreamCreateWithCUMask(self, stream_ptr, count, array):  # noqa: N802
+        if self.fail:
+            return self.fail
+        handle = 0x1000 + len(self.created)
+        ctypes.cast(stream_ptr, ctypes.POINTER(ctypes.c_void_p))[0] = handle
+        self.created[handle] = [array[i] for i in range(count)]
+        return 0
+
+    def hipStreamDestroy(self, stream):  # noqa: N802
+        self.destroyed.append(stream.value)
+        return 0
+
+
+def test_cu_mask_streams_one_per_share_and_the_controller_picks_by_share():
+    hip = FakeHip()
+    shares = sorted({s.prefill_share for s in LADDER})
+    streams = CuMaskStreams(304, shares, hip=hip)
+    assert len(hip.created) == len(shares)
+    for share in shares:
+        assert hip.created[streams.handle_for(share)] == cu_mask(304, share)
+    assert streams.handle_for(0.6) == streams.handle_for(0.5)  # the largest share not above
+    assert streams.handle_for(0.1) == streams.handle_for(0.25)  # below all: the smallest
+    streams.close()
+    assert sorted(hip.destroyed) == sorted(hip.created)
+
+
+def test_cu_mask_stream_failure_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="hipExtStreamCreateWithCUMask.*error 101"):
+        CuMaskStreams(304, [0.5], hip=FakeHip(fail=101))
+
+
+def test_itl_window_measures_gaps_of_a_running_batch_only():
+    w = ItlWindow()
+    w.step_done(0.000, True)
+    w.step_done(0.010, True)
+    w.step_done(0.030, False)  # the batch emptied after this step
+    w.step_done(5.000, True)  # the wait for new work is not a gap
+    w.step_done(5.008, True)
+    assert w.p90_ms(5.01) == pytest.approx(8.0)  # the old gaps fell out of the window
+    w.step_done(5.020, True)
+    assert w.p90_ms(5.03) == pytest.approx(12.0)
+    assert ItlWindow().p90_ms(1.0) is None
