@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def run_mode(model: str, mode: str, args) -> dict:
     return out
 
 
-def run_sweep(model: str, mode: str, rates: list[float], args) -> dict:
+def run_sweep(model: str, mode: str, rates: list[float], args, save=lambda points: None) -> dict:
     """One deployment of `mode`, primed, then a load run at each rate in turn (each drained before the next):
     rate -> point (bench/sweep.py rate_point), and the multi-turn TTFTs when asked."""
     name, chunk = split_mode(mode, args)
@@ -202,6 +203,7 @@ def run_sweep(model: str, mode: str, rates: list[float], args) -> dict:
                 "--seed", "1", "--no-plots",
             )  # fmt: skip
             points[f"{rate:g}"] = rate_point(run, rate)
+            save(points)  # after each rate: a device call cut short keeps what it measured
             p = points[f"{rate:g}"]
             print(
                 f"{stamp()} {mode} @ {rate:g} req/s: goodput {p['goodput']:.2f} ({100 * p['fraction_in_slo']:.0f}% in "
@@ -212,6 +214,8 @@ def run_sweep(model: str, mode: str, rates: list[float], args) -> dict:
         if args.multiturn and name != "colocated":
             points["multiturn"] = measure_multiturn(d.address)
     finally:
+        if os.environ.get("OUT"):  # the GPU machine: the deployment's log (the split's moves) comes back
+            Path(os.environ["OUT"], f"sweep_{label}.log").write_text(d.output())
         d.stop()
     return points
 
@@ -228,8 +232,12 @@ def sweep_main(args) -> None:
     rates = [float(r) for r in args.sweep.split(",")]
     sweeps = load(SWEEP_JSON)
     for mode in [m for m in args.modes.split(",") if m]:
-        sweeps[mode] = run_sweep(args.model, mode, rates, args)
-        SWEEP_JSON.write_text(json.dumps(sweeps, indent=1))  # after each mode: a call cut short keeps what it ran
+
+        def save(points: dict, mode: str = mode) -> None:
+            SWEEP_JSON.write_text(json.dumps(sweeps | {mode: points}, indent=1))
+
+        sweeps[mode] = run_sweep(args.model, mode, rates, args, save)
+        save(sweeps[mode])
     finish_sweep(sweeps, args)
 
 
