@@ -312,9 +312,9 @@ class Launcher:
         worker += ["--cpu-threads", str(self.cpu_threads()), "--session-ttl", str(a.session_ttl)]
         worker += ["--max-model-len", str(a.max_model_len)] if a.max_model_len else []
         worker += [] if a.split is None else ["--split" if a.split else "--no-split"]
+        worker += ["--slo-itl-ms", str(a.slo_itl_ms)] if a.slo_itl_ms is not None else []
         decode_only = [] if a.decode_overlap else ["--no-overlap"]
         prefill_only = ["--slo-ttft-ms", str(a.slo_ttft_ms)] if a.slo_ttft_ms is not None else []
-        prefill_only += ["--slo-itl-ms", str(a.slo_itl_ms)] if a.slo_itl_ms is not None else []
         waits = []
         port = kv_port
         if a.mode == "colocated":  # the baseline: each replica is one process that prefills and decodes

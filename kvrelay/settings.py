@@ -36,7 +36,10 @@ SLO_TTFT_HELP = (
     "TTFT SLO (ms): a prompt predicted to miss it behind the queue is refused (RESOURCE_EXHAUSTED); the split's target "
     "(default: 2000 on a GPU, off on the CPU; 0: off)"
 )
-SLO_ITL_HELP = "ITL SLO (ms): the split keeps decode's ITL p90 under 3/4 of it (default: 20 on a GPU, off on the CPU)"
+SLO_ITL_HELP = (
+    "ITL SLO (ms), on a request's mean: the split keeps decode's ITL under 0.8 of it (default: 20 on a GPU, off on the "
+    "CPU)"
+)
 
 # --- the processes --------------------------------------------------------------------------------------------------
 
@@ -88,13 +91,13 @@ class WorkerSettings(ServerSettings):
     split: bool | None = setting(
         None, "adapt the prefill/decode split to the measured load at run time (default: on a GPU; --no-split: fixed)"
     )
+    slo_itl_ms: float | None = setting(None, SLO_ITL_HELP)
 
 
 @dataclass(frozen=True)
 class PrefillSettings(WorkerSettings):
     port: int = setting(50071, "listen port")
     slo_ttft_ms: float | None = setting(None, SLO_TTFT_HELP)
-    slo_itl_ms: float | None = setting(None, SLO_ITL_HELP)
     prefill_graph_tokens: int = setting(
         256, "one-sequence chunks of up to this many new tokens replay a CUDA graph (0: always eager)"
     )

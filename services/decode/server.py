@@ -29,7 +29,7 @@ from services.common.worker import LEASE_MS, Worker, main_for
 from services.decode.step_loop import Failed, RunningSeq, StepLoop
 from services.model.sampler import Sampler, make_generator
 from services.split.board import DecodeReport, SplitBoard
-from services.split.controller import TICK_S, split_on
+from services.split.controller import TICK_S, PauseCredit, itl_budget_ms, split_on
 
 log = logging.getLogger("kvrelay.decode")
 SERVICE = "kvrelay.internal.v1.Decode"
@@ -289,22 +289,36 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
 
     def loops(self) -> list:
         """The coroutines a decode worker runs beside its gRPC handlers."""
-        split = [self.split_loop()] if split_on(self.settings, self.attached.runner.device) else []
-        return [self.step_loop(), self.handoff_listener(), *split]
+        device = self.attached.runner.device
+        if not split_on(self.settings, device):
+            return [self.step_loop(), self.handoff_listener()]
+        self.credit = PauseCredit(itl_budget_ms(self.settings, device))
+        return [self.step_loop(), self.handoff_listener(), self.split_loop(), self.pass_listener()]
 
     async def split_loop(self) -> None:
-        """Every TICK_S: publish the ITL this worker's streams see, and take the pause prefill workers ask of it
-        (services/split). A Redis failure drops the pause: decode never waits on a request it cannot read."""
+        """Every TICK_S: publish the ITL this worker's streams see (services/split), for prefill's controller."""
         board = SplitBoard(self.store)
         while not self.stopping.is_set():
             try:
-                itl = self.itl.p90_ms(time.perf_counter())
+                itl = self.itl.mean_ms(time.perf_counter())
                 await board.publish(self.role, self.worker_id, DecodeReport(itl, len(self.running)))
-                self.yield_ms = await board.decode_yield_ms()
             except Exception as exc:  # noqa: BLE001 - the split is an optimisation: serving goes on without it
-                self.yield_ms = 0.0
                 log.debug("split tick failed: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(TICK_S)
+
+    async def pass_listener(self) -> None:
+        """Prefill's pass announcements, for the step loop's pauses. While the subscription is down no pass is
+        known, so decode never waits."""
+        board = SplitBoard(self.store)
+        while not self.stopping.is_set():
+            try:
+                async for worker, expected_ms in board.passes():
+                    self.prefill_pass(worker, expected_ms)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("pass announcements lost (%s: %s); subscribing again", type(exc).__name__, exc)
+            for worker in list(self.prefill_passes):
+                self.prefill_pass(worker, None)
+            await asyncio.sleep(1.0)
 
     async def Abort(self, request, context):  # noqa: N802
         try:

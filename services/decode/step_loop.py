@@ -51,6 +51,7 @@ from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import LEASE_MS, OwnStream, sync_device
 from services.model.sampler import PendingSample, SampleOutput, Sampler, finish_reason
 from services.scheduler import catching_up, keeps_batch, preemption_victim, to_retire
+from services.split.controller import PauseCredit
 
 log = logging.getLogger("kvrelay.decode")
 RETRY_RELEASE_S = 1.0  # how often a session whose free failed is tried again
@@ -139,18 +140,27 @@ class ItlWindow:
         self.gaps: deque[tuple[float, float]] = deque()  # (when, gap in ms)
         self.last: float | None = None
 
-    def step_done(self, now: float, running: bool) -> None:
+    def step_done(self, now: float, running: bool) -> float | None:
+        """Note a step's tokens out at `now`; returns the gap since the step before (None after a break)."""
+        gap = None
         if self.last is not None:
-            self.gaps.append((now, (now - self.last) * 1e3))
+            gap = (now - self.last) * 1e3
+            self.gaps.append((now, gap))
         self.last = now if running else None  # an empty batch's wait for work is no inter-token gap
+        return gap
 
-    def p90_ms(self, now: float) -> float | None:
+    def _recent(self, now: float) -> list[float]:
         while self.gaps and self.gaps[0][0] < now - self.WINDOW_S:
             self.gaps.popleft()
-        if not self.gaps:
-            return None
-        ordered = sorted(g for _, g in self.gaps)
-        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+        return [g for _, g in self.gaps]
+
+    def mean_ms(self, now: float) -> float | None:
+        recent = self._recent(now)
+        return sum(recent) / len(recent) if recent else None
+
+    def p90_ms(self, now: float) -> float | None:
+        ordered = sorted(self._recent(now))
+        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))] if ordered else None
 
 
 class StepLoop:
@@ -170,10 +180,14 @@ class StepLoop:
         # worker still owns them and renews their leases, so nobody else would ever free them)
         self.unreleased: dict[str, RunningSeq] = {}
         self.released_retry_at = 0.0
-        # The split (services/split): the gaps between steps' tokens lately (what the controller protects), and the
-        # pause a running prefill asks of decode before each step.
+        # The split (services/split): the gaps between steps' tokens lately (what the controller protects); the
+        # slack decode may spend pausing for prefill passes (None: the split is off); the passes running now, by
+        # prefill worker, until when they are expected to end (monotonic), and an event set when none runs.
         self.itl = ItlWindow()
-        self.yield_ms = 0.0
+        self.credit: PauseCredit | None = None
+        self.prefill_passes: dict[str, float] = {}
+        self.no_prefill_pass = asyncio.Event()
+        self.no_prefill_pass.set()
 
     async def step_loop(self) -> None:
         while True:
@@ -190,8 +204,7 @@ class StepLoop:
             for seq in to_retire(self.running, queued):
                 await self._retire(seq)
             if self.inflight is None:
-                if self.yield_ms > 0 and self.running:
-                    await asyncio.sleep(self.yield_ms / 1e3)  # the GPU is prefill's alone meanwhile
+                await self._pause_for_prefill()
                 await self._start_from_host()
             else:
                 await self._advance()
@@ -258,8 +271,8 @@ class StepLoop:
         ahead (the next step writes at num_cached + 1)."""
         if not self.overlap or not keeps_batch(step.batch, self.running, self._host.attached.max_model_len):
             return False
-        if self.yield_ms > 0:
-            return False  # a step queued behind this one would leave the GPU no gap to yield
+        if self._pause_ms() > 0:
+            return False  # a step queued behind this one would leave the GPU no gap: pause first (step_loop)
         if not self._host.may_act():
             return False
         for seq in step.batch:
@@ -340,7 +353,37 @@ class StepLoop:
                 seq.out.put_nowait(msg)
             else:
                 await self._end(seq, nxt if seq in queued else None, msg)
-        self.itl.step_done(done_at, bool(self.running))
+        gap = self.itl.step_done(done_at, bool(self.running))
+        if gap is not None and self.credit is not None:
+            self.credit.step(gap)
+
+    def prefill_pass(self, worker: str, expected_ms: float | None) -> None:
+        """A prefill worker announced a pass starting (expected to take expected_ms) or, with None, ending."""
+        if expected_ms is None:
+            self.prefill_passes.pop(worker, None)
+        else:
+            self.prefill_passes[worker] = time.monotonic() + expected_ms / 1e3
+        if not self.prefill_passes:
+            self.no_prefill_pass.set()
+        else:
+            self.no_prefill_pass.clear()
+
+    def _pause_ms(self) -> float:
+        """How long to pause before the next step for a prefill pass running now (0: step now)."""
+        if self.credit is None or not self.prefill_passes or not self.running:
+            return 0.0
+        now = time.monotonic()
+        for worker in [w for w, end in self.prefill_passes.items() if end <= now]:
+            self.prefill_pass(worker, None)  # its end was lost or it overran: stop waiting for it
+        remaining = max((end - now for end in self.prefill_passes.values()), default=0.0)
+        return self.credit.pause_ms(remaining * 1e3)
+
+    async def _pause_for_prefill(self) -> None:
+        """While decode has slack, let a running prefill pass have the GPU alone (services/split PauseCredit)."""
+        pause = self._pause_ms()
+        if pause > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.no_prefill_pass.wait(), pause / 1e3)
 
     async def _end(self, seq: RunningSeq, nxt: Step | None, msg: decode_pb2.DecodeResponse | None) -> None:
         """Take `seq` out of the batch and send its final message; its blocks go now, or after `nxt` completes."""

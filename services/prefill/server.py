@@ -99,6 +99,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         self.slo = Slo(0, 0)  # set in prepare(), where the device is known
         self.rate = PrefillRate()  # the admission's and the controller's measure of this worker's speed
         self.controller: SplitController | None = None
+        self.board: SplitBoard | None = None  # with the controller: decode hears of each pass through it
         self.last_pass_s = 0.0  # the last forward pass's compute time: what pacing idles after, in proportion
 
     def queued_tokens(self) -> int:
@@ -119,6 +120,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         self.attached.runner.enable_prefill_graphs(self.settings.prefill_graph_tokens, self.attached.max_model_len)
         self.slo, split = slo_and_split(self.settings, self.attached.runner.device)
         self.controller = SplitController(self.slo) if split else None
+        self.board = SplitBoard(self.store) if split else None
 
     async def Prefill(self, request, context):  # noqa: N802
         if self.attached is None:
@@ -140,7 +142,8 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             )
         if queue_full(len(self.waiting)):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill queue is full; retry later")
-        why = refusal(self.queued_tokens(), len(ids), self.rate, self.slo)
+        duty = self.controller.split.prefill_duty if self.controller else 1.0
+        why = refusal(self.queued_tokens(), len(ids), self.rate, self.slo, duty)
         if why is not None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         job = PrefillJob(
@@ -319,22 +322,22 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
     async def split_loop(self) -> None:
         """Every TICK_S: decide the split from decode's ITL and this queue's predicted TTFT, and publish it (decode
         workers read the pause it asks of them). A Redis failure skips a tick; the split stays as it was."""
-        board = SplitBoard(self.store)
+        board = self.board
         while not self.stopping.is_set():
             try:
-                obs = Observation(
-                    time.monotonic(), await board.decode_itl_ms(), self.rate.predict_ms(self.queued_tokens())
-                )
+                duty = self.controller.split.prefill_duty
+                queue_ms = self.rate.predict_ms(self.queued_tokens(), duty)
+                obs = Observation(time.monotonic(), await board.decode_itl_ms(), queue_ms)
                 before = self.controller.level
                 split = self.controller.decide(obs)
                 if self.controller.level != before:
                     log.info(
-                        "split: level %d -> %d (prefill duty %.2f, decode yield %g ms): queue TTFT %.0f ms, decode ITL "
-                        "p90 %s ms", before, self.controller.level, split.prefill_duty, split.decode_yield_ms,
-                        obs.queue_ttft_ms, "-" if obs.decode_itl_ms is None else f"{obs.decode_itl_ms:.1f}",
+                        "split: level %d -> %d (prefill duty %.2f): queue TTFT %.0f ms, decode ITL %s ms",
+                        before, self.controller.level, split.prefill_duty, obs.queue_ttft_ms,
+                        "-" if obs.decode_itl_ms is None else f"{obs.decode_itl_ms:.1f}",
                     )  # fmt: skip
                 active = bool(self.ready or self.waiting)
-                report = PrefillReport(active, split.decode_yield_ms, self.controller.level)
+                report = PrefillReport(active, self.controller.level)
                 await board.publish(self.role, self.worker_id, report)
             except Exception as exc:  # noqa: BLE001 - the split is an optimisation: serving goes on without it
                 log.debug("split tick failed: %s: %s", type(exc).__name__, exc)
@@ -377,11 +380,16 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         When the pass over several prompts raises, one of them may be the cause: each chunk runs again alone (it
         writes the same K/V into the same slots), so a prompt that fails alone fails, and only it."""
         done = [i for i, job in enumerate(batch) if job.progress == len(job.token_ids)]
+        tokens = sum(len(c.token_ids) for c in chunks)
         try:
+            await self._announce(self.rate.predict_ms(tokens) or None)
             started = time.perf_counter()
-            out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, [batch[i] for i in done])
+            try:
+                out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, [batch[i] for i in done])
+            finally:
+                await self._announce(None)
             self.last_pass_s = time.perf_counter() - started
-            self.rate.observe(sum(len(c.token_ids) for c in chunks), self.last_pass_s)
+            self.rate.observe(tokens, self.last_pass_s)
             return [([batch[i] for i in done], out)] if done else []
         except Exception as exc:
             if len(batch) == 1:
@@ -399,6 +407,18 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             if complete:
                 groups.append(([job], out))
         return groups
+
+    async def _announce(self, expected_ms: float | None) -> None:
+        """Tell decode workers a pass starts (how long it should take) or ended, so they may pause for it
+        (services/split). Not before the first pass is measured; a Redis failure only costs decode's pause."""
+        if self.board is None or (expected_ms is None and self.rate.tokens_per_s is None):
+            return
+        if expected_ms is not None and expected_ms <= 0:
+            return
+        try:
+            await self.board.announce_pass(self.worker_id, expected_ms)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: the pass runs either way
+            log.debug("pass announcement failed: %s: %s", type(exc).__name__, exc)
 
     async def _hand_off(self, job: PrefillJob, out, row: int) -> None:
         """A prompt completed with its first token in `out`'s row: hand the session to decode (or end it here), then

@@ -1,31 +1,38 @@
 """The adaptive split between prefill and decode on one GPU, and SLO-aware admission: pure decisions over measured
 numbers (no torch, no Redis, no gRPC), so the CPU tests drive them with a simulated timing model.
 
-What moves compute between the two processes (services/split/mechanism.py applies a `Split`):
-- prefill's duty cycle: after a forward pass of t seconds prefill idles t * (1 - duty) / duty, so at duty 0.5 it
-  computes half the time and decode has the GPU (SMs and bandwidth) alone the other half;
-- decode's yield: while a prefill is running, decode waits this long before each step, so prefill has the GPU alone
-  for that long every step (on NVIDIA under MPS both run at once; a paused decode leaves prefill every SM);
-- on AMD, also prefill's stream by CU-mask share (`CuMaskStreams`).
+What moves compute between the two processes:
+- decode's pauses (`PauseCredit`, per step, in the decode worker): decode earns credit when its tokens come faster
+  than its ITL budget (ITL_BUDGET of the ITL SLO) and spends it pausing while prefill announces a forward pass, so
+  that pass has the GPU alone. Measured on an H100 under MPS (8B shape, 2026-12-08), a prefill and a decode running
+  at once each ran at about half speed or less (decode 6-7 ms a step alone, 15-17 ms beside a prefill), so taking
+  turns while decode has slack serves more than running together; with no slack left decode never pauses, and both
+  run at once;
+- prefill's duty cycle (`Split`, the rung below, chosen by `SplitController` in the prefill worker): after a forward
+  pass of t seconds prefill idles t * (1 - duty) / duty, for when decode's ITL is over budget even without pausing;
+- on AMD, also prefill's stream by CU-mask share (`CuMaskStreams`), set with the rung.
 
-The ladder below orders them from decode-first to prefill-first. The controller climbs it when the prefill queue's
-predicted TTFT passes GROW_AT of the TTFT SLO and decode's ITL has room under its budget (ITL_BUDGET of the ITL
-SLO), climbs down when decode's ITL passes that budget, and drifts back to the neutral rung when nothing presses. It
-changes at most one rung per DWELL_S: it never oscillates faster than 2 * DWELL_S a period.
+The controller climbs down the ladder when decode's ITL (the mean of its last window) passes its budget and back up
+(to the top: prefill unpaced) when decode has room again; while below the top it climbs only when the prefill
+queue's predicted TTFT passes GROW_AT of the TTFT SLO or decode has room. It changes at most one rung per DWELL_S: it
+never oscillates faster than 2 * DWELL_S a period.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Decode's measured ITL (p90 of the last window) may reach this fraction of the ITL SLO before prefill gives back: the
-# rest is margin for the window's noise and for a request's mean ITL, which counts its slowest gaps too.
-ITL_BUDGET = 0.75
+# Decode's ITL (the mean of its last window; the SLO is on a request's mean) may reach this fraction of the ITL SLO:
+# the rest is margin for the window's noise and for requests that join mid-window.
+ITL_BUDGET = 0.8
 HEADROOM = 0.8  # prefill may take more only while decode's ITL is below HEADROOM * budget
 # The queue's predicted TTFT above which prefill asks for more: a quarter of the SLO, so it grows while requests still
 # meet the SLO instead of after they start to miss it.
 GROW_AT = 0.25
 DWELL_S = 1.0  # at least this long between two changes of the split
+# A rung where decode was over budget is not climbed back to for the queue's sake for this long (the load may have
+# changed by then: it is tried again).
+MEMORY_S = 10.0
 TICK_S = 0.25  # how often the workers publish what they measure and the controller decides
 
 
@@ -39,28 +46,20 @@ class Slo:
 
 @dataclass(frozen=True)
 class Split:
-    """One rung: what prefill and decode each do while both have work."""
+    """One rung: how much of the GPU prefill takes while decode has work too."""
 
     prefill_duty: float  # fraction of the time prefill computes (1: as fast as it can)
-    decode_yield_ms: float  # decode's pause before each step while a prefill runs
     prefill_share: float  # AMD: the fraction of the CUs prefill's stream may use (CU masks)
 
 
-LADDER = (
-    Split(0.25, 0.0, 0.25),
-    Split(0.5, 0.0, 0.5),
-    Split(1.0, 0.0, 0.75),  # neutral: both run at once, nobody waits
-    Split(1.0, 2.0, 1.0),
-    Split(1.0, 5.0, 1.0),
-    Split(1.0, 10.0, 1.0),
-)
-NEUTRAL = 2
+LADDER = (Split(0.25, 0.25), Split(0.5, 0.5), Split(1.0, 1.0))
+NEUTRAL = len(LADDER) - 1  # prefill unpaced; decode's pauses do the rest
 
 
 @dataclass(frozen=True)
 class Observation:
     now: float  # seconds, any monotonic clock
-    decode_itl_ms: float | None  # decode's ITL p90 over the last window; None: decode ran no step in it
+    decode_itl_ms: float | None  # decode's mean ITL over the last window; None: decode ran no step in it
     queue_ttft_ms: float  # predicted TTFT of the newest prompt in prefill's queue (0: nothing queued)
 
 
@@ -71,6 +70,7 @@ class SplitController:
         self.slo = slo
         self.level = level
         self.changed_at = float("-inf")
+        self.over_at: dict[int, float] = {}  # rung -> when decode was last over budget there
 
     @property
     def split(self) -> Split:
@@ -91,14 +91,37 @@ class SplitController:
         room = itl is None or itl < budget * HEADROOM
         pressure = self.slo.ttft_ms > 0 and obs.queue_ttft_ms > self.slo.ttft_ms * GROW_AT
         if over:
+            self.over_at[self.level] = obs.now
             return -1 if self.level > 0 else 0
-        if pressure and room:
-            return 1 if self.level < len(LADDER) - 1 else 0
-        if not pressure and self.level > NEUTRAL:
-            return -1  # nothing queues: decode gets its time back
-        if room and self.level < NEUTRAL:
-            return 1  # decode has room again: prefill need not hold back
-        return 0
+        if self.level >= NEUTRAL:
+            return 0
+        if room:
+            return 1  # decode has room again: hold back less
+        recently_over = obs.now - self.over_at.get(self.level + 1, float("-inf")) < MEMORY_S
+        return 1 if pressure and not recently_over else 0  # the queue presses and the rung above may fit
+
+
+# The longest decode pauses at once for a prefill pass (and the most credit it saves): a 4k-token pass of the 8B shape
+# takes ~150 ms alone on an H100. A request's mean ITL pays for a pause over its whole length (256 tokens: +0.8 ms).
+CREDIT_MAX_MS = 200.0
+
+
+class PauseCredit:
+    """Decode's saved slack: each step adds (budget - its gap), so while tokens come faster than the ITL budget decode
+    may pause for a prefill pass, and a pause (which lengthens the next gap) is paid back before the next one. Bounded
+    both ways: one long pause at most CREDIT_MAX_MS, and a debt (decode slower than budget without pausing) is
+    forgotten past the same amount."""
+
+    def __init__(self, budget_ms: float) -> None:
+        self.budget_ms = budget_ms
+        self.ms = CREDIT_MAX_MS  # an idle worker has all its slack
+
+    def step(self, gap_ms: float) -> None:
+        self.ms = max(-CREDIT_MAX_MS, min(CREDIT_MAX_MS, self.ms + self.budget_ms - gap_ms))
+
+    def pause_ms(self, pass_remaining_ms: float) -> float:
+        """How long to pause for a prefill pass with this much left to run (0: step now, beside it)."""
+        return max(0.0, min(self.ms, pass_remaining_ms))
 
 
 class PrefillRate:
@@ -149,6 +172,12 @@ GPU_SLO = Slo(2000.0, 20.0)
 def split_on(settings, device) -> bool:
     """Whether a worker's split adapts: as set, else on a GPU (ROCm's torch says cuda too)."""
     return settings.split if settings.split is not None else device.type == "cuda"
+
+
+def itl_budget_ms(settings, device) -> float:
+    """Decode's ITL budget (ITL_BUDGET of the ITL SLO; the SLO None: the device's default); inf when off."""
+    slo = settings.slo_itl_ms if settings.slo_itl_ms is not None else (GPU_SLO.itl_ms if device.type == "cuda" else 0)
+    return slo * ITL_BUDGET if slo > 0 else float("inf")
 
 
 def slo_and_split(settings, device) -> tuple[Slo, bool]:
