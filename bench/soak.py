@@ -6,15 +6,16 @@
 
 Closed loop: N client tasks, each sends a Generate call through `kvrelay.AsyncClient` (a short random prompt, a few
 tokens) and sends the next one when it ends, until --duration is over; then the calls in flight finish (each has
---timeout as its deadline). A refused call (RESOURCE_EXHAUSTED, UNAVAILABLE) is sent again after --backoff seconds
-(jittered), as a polite client would; --backoff 0 hammers.
+--timeout as its deadline). A refused call (RESOURCE_EXHAUSTED, UNAVAILABLE) is sent again after a pause, as a polite
+client would: --backoff seconds, doubled for each refusal in a row up to --backoff-max, jittered; --backoff 0 hammers
+(every refusal is answered by a new call at once, which on 2 cores costs the served requests most of the CPU).
 
 Printed at the end, and written to bench/results/soak_<date>.json: outcomes by status with a sample of each non-OK
 status's message, tokens/s, TTFT and ITL percentiles of OK streams (client clock), whether a process restarted (pids
 and registry worker ids before and after), SessionStore.audit() after the load drained, the machine (CPU count, GPU,
 load average). The issue's target (19): every request OK or RESOURCE_EXHAUSTED, none UNKNOWN or INTERNAL.
-Exit status 1 when a call ended UNKNOWN or INTERNAL, an OK stream lost its finish or tokens, a process restarted, or
-the audit is not clean.
+Exit status 1 when a call ended UNKNOWN or INTERNAL, an OK stream lost its finish or tokens, a process restarted, the
+deployment logged a traceback, or the audit is not clean.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -118,10 +120,13 @@ async def one_stream(client: AsyncClient, rng: random.Random, args, tally: Tally
 
 async def client_loop(client: AsyncClient, seed: int, end: float, args, tally: Tally) -> None:
     rng = random.Random(seed)
+    refused = 0  # refusals in a row
     while time.monotonic() < end:
         status = await one_stream(client, rng, args, tally)
-        if status in RETRY_LATER and args.backoff > 0:
-            await asyncio.sleep(args.backoff * rng.uniform(0.5, 1.5))
+        refused = refused + 1 if status in RETRY_LATER else 0
+        if refused and args.backoff > 0:
+            pause = min(args.backoff * 2 ** (refused - 1), args.backoff_max) * rng.uniform(0.5, 1.5)
+            await asyncio.sleep(min(pause, max(end - time.monotonic(), 0.0)))
 
 
 async def worker_ids(client: AsyncClient) -> list[str]:
@@ -208,6 +213,17 @@ def audit_by_name(redis_url: str, name: str, timeout_s: float) -> tuple:
     return asyncio.run(poll())
 
 
+def log_summary(text: str) -> dict:
+    """What the deployment's log says about the soak: tracebacks (none expected: every failure is a status) and its
+    warning lines, a sample of each kind with timestamps, ids and numbers blanked out."""
+    kinds: Counter = Counter()
+    lines = text.splitlines()
+    for line in lines:
+        if " WARNING " in line or line.startswith("kvrelay: "):
+            kinds[re.sub(r"[0-9a-f]{6,}|\d+(\.\d+)?", "#", line)[:200]] += 1
+    return {"tracebacks": text.count("Traceback"), "lines": len(lines), "notices": dict(kinds.most_common(20))}
+
+
 def machine() -> dict:
     gpu = None
     if shutil.which("nvidia-smi"):
@@ -250,6 +266,8 @@ def verdict(result: dict) -> list[str]:
     """Why the soak failed (empty: it passed)."""
     out = result["outcomes"]
     why = [f"{n} {s}" for s, n in out.items() if s in FORBIDDEN or s in ("OK_WITHOUT_FINISH", "TOKENS_LOST")]
+    if result["deployment_log"] and result["deployment_log"]["tracebacks"]:
+        why.append(f"{result['deployment_log']['tracebacks']} tracebacks in the deployment's log")
     if result["restarted"]:
         why.append("a process restarted")
     if result["audit"] is not None and not result["audit"]["ok"]:
@@ -269,6 +287,11 @@ def report(result: dict) -> None:
         p = result[name]
         print(f"{name[:-3].upper():<5} (OK streams) p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']} ms")
     print(f"restarted: {result['restarted']}")
+    if result["deployment_log"] is not None:
+        log = result["deployment_log"]
+        print(f"deployment log: {log['lines']} lines, {log['tracebacks']} tracebacks")
+        for line, n in log["notices"].items():
+            print(f"  {n:6d} x {line[:150]}")
     audit = result["audit"]
     print("audit: " + ("skipped (no --name)" if audit is None else f"{audit['message']} {audit['stats']}"))
     target = set(result["outcomes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
@@ -281,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds new streams are started")
     parser.add_argument("--max-tokens", type=int, default=16, help="each request asks for 1..this many tokens")
     parser.add_argument("--timeout", type=float, default=120.0, help="each call's deadline, seconds")
-    parser.add_argument("--backoff", type=float, default=1.0, help="mean pause after a refusal, seconds (0: none)")
+    parser.add_argument("--backoff", type=float, default=0.5, help="pause after a refusal, seconds (0: none)")
+    parser.add_argument("--backoff-max", type=float, default=8.0, help="longest pause after refusals in a row")
     parser.add_argument("--channels", type=int, default=8, help="gRPC connections the streams are spread over")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", help="soak this running gateway instead of starting a deployment")
     parser.add_argument("--name", help="with --address: the deployment's name (its Redis prefix), for the audit")
     parser.add_argument("--redis-url", default=REDIS_URL, help="with --address and --name: its Redis")
+    parser.add_argument("--log", help="keep the started deployment's log in this file (it is removed otherwise)")
     parser.add_argument("--no-write", action="store_true", help="print only, no JSON under bench/results/")
     args = parser.parse_args(argv)
 
@@ -312,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             leftovers = deployment.leftovers()
             if code != 0 or leftovers:
                 print(f"deployment stop: exit {code}, leftovers {leftovers}", file=sys.stderr)
+            if args.log:
+                Path(args.log).write_text(deployment.output())
     result |= {
         "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": date.today().isoformat(),
@@ -323,10 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "timeout_s": args.timeout,
         "backoff_s": args.backoff,
+        "backoff_max_s": args.backoff_max,
         "channels": args.channels,
         "seed": args.seed,
         "pids_before": pids_before,
         "pids_after": pids_after,
+        "deployment_log": log_summary(deployment.output()) if deployment else None,
         "restarted": (pids_before != pids_after) or result["worker_ids_before"] != result["worker_ids_after"],
         "audit": None
         if report_ is None
