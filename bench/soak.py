@@ -11,9 +11,10 @@ client would: --backoff seconds, doubled for each refusal in a row up to --backo
 (every refusal is answered by a new call at once, which on 2 cores costs the served requests most of the CPU).
 
 Printed at the end, and written to bench/results/soak_<date>.json: outcomes by status with a sample of each non-OK
-status's message, tokens/s, TTFT and ITL percentiles of OK streams (client clock), whether a process restarted (pids
-and registry worker ids before and after), SessionStore.audit() after the load drained, the machine (CPU count, GPU,
-load average). The issue's target (19): every request OK or RESOURCE_EXHAUSTED, none UNKNOWN or INTERNAL.
+status's message, tokens/s, TTFT, ITL and end-to-end percentiles of OK streams (client clock), whether a process
+restarted (pids and registry worker ids before and after), SessionStore.audit() after the load drained, the machine
+(CPU count, GPU, load average). The issue's target (19): every request OK or RESOURCE_EXHAUSTED, none UNKNOWN or
+INTERNAL.
 Exit status 1 when a call ended UNKNOWN or INTERNAL, an OK stream lost its finish or tokens, a process restarted, the
 deployment logged a traceback, or the audit is not clean.
 """
@@ -62,6 +63,7 @@ class Tally:
     samples: dict[str, list[str]] = field(default_factory=dict)
     ttft_ms: list[float] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
     ok_tokens: int = 0
     all_tokens: int = 0
     in_flight: int = 0
@@ -112,6 +114,7 @@ async def one_stream(client: AsyncClient, rng: random.Random, args, tally: Tally
     if status == "OK":
         tally.ok_tokens += received
         tally.ttft_ms.append((messages[0][0] - start) * 1e3)
+        tally.e2e_ms.append((time.perf_counter() - start) * 1e3)
         times = spread_token_times(messages)
         tally.itl_ms.extend((b - a) * 1e3 for a, b in zip(times, times[1:], strict=False))
     tally.add(status, detail)
@@ -191,6 +194,7 @@ async def soak(address: str, args) -> dict:
         "ok_per_s": round(tally.outcomes["OK"] / elapsed, 2),
         "ttft_ms": percentiles(tally.ttft_ms),
         "itl_ms": percentiles(tally.itl_ms),
+        "e2e_ms": percentiles(tally.e2e_ms),
         "load_avg_1m": {"start": loads[0], "max": max(loads), "end": loads[-1]},
         "worker_ids_before": ids_before,
         "worker_ids_after": ids_after,
@@ -248,7 +252,9 @@ def _cpuinfo() -> list[str]:
 
 def commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
+    )
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
@@ -283,7 +289,7 @@ def report(result: dict) -> None:
         for sample in result["samples"].get(status, []):
             print(f"      e.g. {sample[:160]!r}")
     print(f"tokens: {result['tokens_all']} ({result['tokens_per_s']} tok/s); OK requests {result['ok_per_s']}/s")
-    for name in ("ttft_ms", "itl_ms"):
+    for name in ("ttft_ms", "itl_ms", "e2e_ms"):
         p = result[name]
         print(f"{name[:-3].upper():<5} (OK streams) p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']} ms")
     print(f"restarted: {result['restarted']}")
@@ -309,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=8, help="gRPC connections the streams are spread over")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefill-replicas", type=int, default=1, help="of the deployment the soak starts")
+    parser.add_argument("--decode-replicas", type=int, default=1, help="of the deployment the soak starts")
     parser.add_argument("--address", help="soak this running gateway instead of starting a deployment")
     parser.add_argument("--name", help="with --address: the deployment's name (its Redis prefix), for the audit")
     parser.add_argument("--redis-url", default=REDIS_URL, help="with --address and --name: its Redis")
@@ -319,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     deployment = None
     if args.address is None:
         print("starting a deployment of the default model on the CPU ...", flush=True)
-        deployment = Deployment(env={"KVRELAY_DEVICE": "cpu"})
+        deployment = Deployment(
+            env={"KVRELAY_DEVICE": "cpu"},
+            prefill_replicas=args.prefill_replicas,
+            decode_replicas=args.decode_replicas,
+        )
     address = args.address or deployment.address
     try:
         pids_before = {p.pid: p.role for p in deployment.processes()} if deployment else None
@@ -344,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": date.today().isoformat(),
         "commit": commit(),
         "machine": machine(),
-        "address": args.address or "deployment started by the soak (kvrelay up, default model, CPU)",
+        "address": args.address
+        or f"started by the soak (kvrelay up, default model, CPU, {args.prefill_replicas} prefill and "
+        f"{args.decode_replicas} decode replicas)",
         "concurrency": args.concurrency,
         "duration_s": args.duration,
         "max_tokens": args.max_tokens,
