@@ -16,7 +16,8 @@ restarted (pids and registry worker ids before and after), SessionStore.audit() 
 (CPU count, GPU, load average). The issue's target (19): every request OK or RESOURCE_EXHAUSTED, none UNKNOWN or
 INTERNAL.
 Exit status 1 when a call ended UNKNOWN or INTERNAL, an OK stream lost its finish or tokens, a process restarted, the
-deployment logged a traceback, or the audit is not clean.
+deployment logged a traceback, the audit is not clean, or the started deployment did not stop cleanly (exit status,
+processes, /dev/shm regions, its log or Redis keys left behind).
 """
 
 from __future__ import annotations
@@ -228,6 +229,19 @@ def log_summary(text: str) -> dict:
     return {"tracebacks": text.count("Traceback"), "lines": len(lines), "notices": dict(kinds.most_common(20))}
 
 
+def leftovers(deployment: Deployment) -> list[str]:
+    """What the stopped deployment left: processes, /dev/shm regions (Deployment.leftovers), its log, Redis keys."""
+    import redis
+
+    out = deployment.leftovers() + ([str(deployment.log)] if deployment.log.exists() else [])
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        out += [f"redis:{k.decode()}" for k in client.scan_iter(match=f"{deployment.name}:*", count=1000)]
+    finally:
+        client.close()
+    return out
+
+
 def machine() -> dict:
     gpu = None
     if shutil.which("nvidia-smi"):
@@ -274,6 +288,10 @@ def verdict(result: dict) -> list[str]:
     why = [f"{n} {s}" for s, n in out.items() if s in FORBIDDEN or s in ("OK_WITHOUT_FINISH", "TOKENS_LOST")]
     if result["deployment_log"] and result["deployment_log"]["tracebacks"]:
         why.append(f"{result['deployment_log']['tracebacks']} tracebacks in the deployment's log")
+    if result["deployment"] and result["deployment"]["left_behind"]:
+        why.append(f"left behind: {result['deployment']['left_behind'][:5]}")
+    if result["deployment"] and result["deployment"]["exit"] != 0:
+        why.append(f"kvrelay up exited with {result['deployment']['exit']}")
     if result["restarted"]:
         why.append("a process restarted")
     if result["audit"] is not None and not result["audit"]["ok"]:
@@ -293,6 +311,9 @@ def report(result: dict) -> None:
         p = result[name]
         print(f"{name[:-3].upper():<5} (OK streams) p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']} ms")
     print(f"restarted: {result['restarted']}")
+    if result["deployment"] is not None:
+        d = result["deployment"]
+        print(f"deployment {d['name']}: stopped with exit {d['exit']}, left behind: {d['left_behind'] or 'nothing'}")
     if result["deployment_log"] is not None:
         log = result["deployment_log"]
         print(f"deployment log: {log['lines']} lines, {log['tracebacks']} tracebacks")
@@ -324,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only, no JSON under bench/results/")
     args = parser.parse_args(argv)
 
-    deployment = None
+    deployment, code, left = None, None, []
     if args.address is None:
         print("starting a deployment of the default model on the CPU ...", flush=True)
         deployment = Deployment(
@@ -346,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if deployment is not None:
             code = deployment.stop()
-            leftovers = deployment.leftovers()
-            if code != 0 or leftovers:
-                print(f"deployment stop: exit {code}, leftovers {leftovers}", file=sys.stderr)
+            left = leftovers(deployment)
+            if code != 0 or left:
+                print(f"deployment stop: exit {code}, left behind: {left}", file=sys.stderr)
             if args.log:
                 Path(args.log).write_text(deployment.output())
     result |= {
@@ -369,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "pids_before": pids_before,
         "pids_after": pids_after,
+        "deployment": None if deployment is None else {"name": deployment.name, "exit": code, "left_behind": left},
         "deployment_log": log_summary(deployment.output()) if deployment else None,
         "restarted": (pids_before != pids_after) or result["worker_ids_before"] != result["worker_ids_after"],
         "audit": None
