@@ -290,10 +290,14 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
     def loops(self) -> list:
         """The coroutines a decode worker runs beside its gRPC handlers."""
         device = self.attached.runner.device
-        if not split_on(self.settings, device):
-            return [self.step_loop(), self.handoff_listener()]
-        self.credit = PauseCredit(itl_budget_ms(self.settings, device))
-        return [self.step_loop(), self.handoff_listener(), self.split_loop(), self.pass_listener()]
+        loops = [self.step_loop(), self.handoff_listener()]
+        budget = itl_budget_ms(self.settings, device)
+        if budget < float("inf"):  # an ITL SLO: publish the ITL (prefill's controller, its overload check)
+            loops.append(self.split_loop())
+        if split_on(self.settings, device):
+            self.credit = PauseCredit(budget)
+            loops.append(self.pass_listener())
+        return loops
 
     async def split_loop(self) -> None:
         """Every TICK_S: publish the ITL this worker's streams see (services/split), for prefill's controller."""

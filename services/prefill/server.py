@@ -97,9 +97,11 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         self.wakeup = asyncio.Event()
         self.sampler = Sampler()
         self.slo = Slo(0, 0)  # set in prepare(), where the device is known
+        self.reads_decode = False
         self.rate = PrefillRate()  # the admission's and the controller's measure of this worker's speed
         self.controller: SplitController | None = None
         self.board: SplitBoard | None = None  # with the controller: decode hears of each pass through it
+        self.decode_itl_ms: float | None = None  # decode's mean ITL as last read (the admission's overload check)
         self.last_pass_s = 0.0  # the last forward pass's compute time: what pacing idles after, in proportion
 
     def queued_tokens(self) -> int:
@@ -121,6 +123,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         self.slo, split = slo_and_split(self.settings, self.attached.runner.device)
         self.controller = SplitController(self.slo) if split else None
         self.board = SplitBoard(self.store) if split else None
+        self.reads_decode = split or self.slo.itl_ms > 0  # the tick loop runs: the controller, the overload check
 
     async def Prefill(self, request, context):  # noqa: N802
         if self.attached is None:
@@ -143,7 +146,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         if queue_full(len(self.waiting)):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "prefill queue is full; retry later")
         duty = self.controller.split.prefill_duty if self.controller else 1.0
-        why = refusal(self.queued_tokens(), len(ids), self.rate, self.slo, duty)
+        why = refusal(self.queued_tokens(), len(ids), self.rate, self.slo, duty, self.decode_itl_ms)
         if why is not None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         job = PrefillJob(
@@ -320,14 +323,20 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 await asyncio.sleep(pause if self.ready else max(pause, 0.05))  # waiting only for blocks: poll gently
 
     async def split_loop(self) -> None:
-        """Every TICK_S: decide the split from decode's ITL and this queue's predicted TTFT, and publish it (decode
-        workers read the pause it asks of them). A Redis failure skips a tick; the split stays as it was."""
-        board = self.board
+        """Every TICK_S: read decode's ITL (the admission's overload check), decide the split from it and this
+        queue's predicted TTFT, and publish the rung. A Redis failure skips a tick; the split stays as it was, and
+        the overload check forgets decode's ITL (it never refuses on a stale reading)."""
+        board = SplitBoard(self.store)
         while not self.stopping.is_set():
             try:
+                self.decode_itl_ms = None
+                self.decode_itl_ms = await board.decode_itl_ms()
+                if self.controller is None:
+                    await asyncio.sleep(TICK_S)
+                    continue
                 duty = self.controller.split.prefill_duty
                 queue_ms = self.rate.predict_ms(self.queued_tokens(), duty)
-                obs = Observation(time.monotonic(), await board.decode_itl_ms(), queue_ms)
+                obs = Observation(time.monotonic(), self.decode_itl_ms, queue_ms)
                 before = self.controller.level
                 split = self.controller.decide(obs)
                 if self.controller.level != before:
@@ -467,7 +476,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         asyncio.run(self.run([(prefill_pb2_grpc.add_PrefillServicer_to_server, self)], [SERVICE]))
 
     def loops(self) -> list:
-        return [self.batch_loop()] + ([self.split_loop()] if self.controller else [])
+        return [self.batch_loop()] + ([self.split_loop()] if self.reads_decode else [])
 
 
 def main() -> None:

@@ -146,13 +146,29 @@ class PrefillRate:
         return tokens / (self.tokens_per_s * max(duty, 1e-3)) * 1e3
 
 
-def refusal(queued_tokens: int, prompt_tokens: int, rate: PrefillRate, slo: Slo, duty: float = 1.0) -> str | None:
+# Decode's mean ITL past this multiple of the ITL SLO refuses new prompts: their streams could not meet it, and each
+# one more in the batch slows every running stream further. A margin above 1, so that a short burst (or decode's own
+# pauses, which stay under the budget) does not refuse work the SLO would have met.
+DECODE_OVERLOAD = 1.5
+
+
+def refusal(
+    queued_tokens: int,
+    prompt_tokens: int,
+    rate: PrefillRate,
+    slo: Slo,
+    duty: float = 1.0,
+    decode_itl_ms: float | None = None,
+) -> str | None:
     """SLO-aware admission: why a new prompt is refused now (RESOURCE_EXHAUSTED), or None to admit it.
 
-    Its predicted TTFT is the time to prefill everything queued before it and itself at the measured speed (at full
-    duty: the controller stops pacing prefill when the queue presses). A prompt that cannot meet the TTFT SLO is told
-    so at once instead of queueing and pushing the prompts behind it out of the SLO too. Before the first measurement
-    everything is admitted. Prompts already admitted are never dropped by this."""
+    Its predicted TTFT is the time to prefill everything queued before it and itself at the measured speed and the
+    current duty. A prompt that cannot meet the TTFT SLO is told so at once instead of queueing and pushing the prompts
+    behind it out of the SLO too; a prompt alone is never refused for it, and before the first measurement everything
+    is admitted. A prompt is also refused while decode's mean ITL (the slowest decode worker's) is past DECODE_OVERLOAD
+    times the ITL SLO. Prompts already admitted are never dropped by this."""
+    if slo.itl_ms > 0 and decode_itl_ms is not None and decode_itl_ms > slo.itl_ms * DECODE_OVERLOAD:
+        return f"decode is running at {decode_itl_ms:.0f} ms a token, past the {slo.itl_ms:g} ms ITL SLO; retry later"
     if slo.ttft_ms <= 0 or queued_tokens <= 0:
         return None  # a prompt alone is never refused: refusing it makes nobody faster
     predicted = rate.predict_ms(queued_tokens + prompt_tokens, duty)

@@ -11,6 +11,7 @@ import pytest
 from services.decode.step_loop import ItlWindow
 from services.split.controller import (
     CREDIT_MAX_MS,
+    DECODE_OVERLOAD,
     DWELL_S,
     GROW_AT,
     HEADROOM,
@@ -277,3 +278,13 @@ def test_itl_window_measures_gaps_of_a_running_batch_only():
     assert w.p90_ms(5.03) == pytest.approx(12.0)
     assert w.mean_ms(5.03) == pytest.approx(10.0)
     assert ItlWindow().p90_ms(1.0) is None and ItlWindow().mean_ms(1.0) is None
+
+
+def test_refuses_while_decode_is_past_its_itl_slo():
+    slo = Slo(ttft_ms=2000, itl_ms=20)
+    rate = rate_of(1000.0)
+    assert refusal(0, 10, rate, slo, decode_itl_ms=20 * DECODE_OVERLOAD) is None  # at the margin: admitted
+    why = refusal(0, 10, rate, slo, decode_itl_ms=20 * DECODE_OVERLOAD + 1)  # past it: even alone
+    assert why is not None and "31 ms a token" in why and "20 ms ITL SLO" in why
+    assert refusal(0, 10, rate, Slo(ttft_ms=2000, itl_ms=0), decode_itl_ms=1e6) is None  # ITL SLO off
+    assert refusal(0, 10, rate, slo, decode_itl_ms=None) is None  # decode idle, or its ITL unknown
