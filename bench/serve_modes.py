@@ -244,11 +244,12 @@ def sweep_main(args) -> None:
 def finish_sweep(sweeps: dict, args) -> None:
     curves = {m: {r: p for r, p in pts.items() if r != "multiturn"} for m, pts in sweeps.items()}
     slo = f"TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms"
-    sweep_records(curves, args.sweep_mode, SWEEP_COMMAND, slo)
+    gpu = {"gpu": args.gpu} if args.gpu else {}  # --plot-only on another machine: the sweep's GPU, not this one's
+    sweep_records(curves, args.sweep_mode, SWEEP_COMMAND, slo, **gpu)
     mt = sweeps.get(args.sweep_mode, {}).get("multiturn")
     if mt:
         ratio = mt["recompute_ttft_ms"] / mt["reuse_ttft_ms"]
-        record("multiturn_ttft_ratio", ratio, "x", 5.0, ratio / 5.0, SWEEP_COMMAND, mode=args.sweep_mode, **mt)
+        record("multiturn_ttft_ratio", ratio, "x", 5.0, ratio / 5.0, SWEEP_COMMAND, mode=args.sweep_mode, **mt, **gpu)
     plot(curves, RESULTS / "serve_sweep.png", f"2k-8k-token prompts, 256-token outputs, int8 KV; {slo}")
     write_benchmarks_md()
 
@@ -306,6 +307,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--drain-timeout", type=float, default=15, help="sweep: seconds open requests may take")
     parser.add_argument("--plot-only", action="store_true", help="records and plot from bench/results/serve_sweep.json")
+    parser.add_argument("--gpu", help="with --plot-only: the GPU the sweep ran on (the records name it)")
     parser.add_argument("--modes", default="colocated,disaggregated,mps", help="also mpsNN, mpsNNdDD (SM shares)")
     parser.add_argument("--rate", type=float, default=3.0, help="req/s: keeps prefill about half busy on an H200")
     parser.add_argument("--duration", type=float, default=40)

@@ -53,7 +53,7 @@ def best_colocated(sweeps: dict[str, dict[str, dict]], rate: str) -> tuple[str, 
     return max(options, key=lambda o: o[1]["goodput"], default=None)
 
 
-def sweep_records(sweeps: dict[str, dict[str, dict]], disagg: str, command: str, slo: str) -> dict:
+def sweep_records(sweeps: dict[str, dict[str, dict]], disagg: str, command: str, slo: str, **extra) -> dict:
     """The four records from the sweeps (mode -> rate -> point); returns what it recorded, by name."""
     ours = sweeps.get(disagg)
     if not ours or not any(m.startswith("colocated") for m in sweeps):
@@ -79,7 +79,7 @@ def sweep_records(sweeps: dict[str, dict[str, dict]], disagg: str, command: str,
         }
         for x in rows
     ]
-    common = {
+    common = extra | {
         "command": command,
         "slo": slo,
         "modes": f"{disagg} over the best of {sorted(m for m in sweeps if m.startswith('colocated'))}",
@@ -136,10 +136,12 @@ def plot(sweeps: dict[str, dict[str, dict]], path: Path, title: str) -> Path | N
     for mode, points in sorted(sweeps.items()):
         rates = sorted(points, key=float)
         x = [float(r) for r in rates]
-        axes[0].plot(x, [points[r]["goodput"] for r in rates], marker="o", label=mode)
-        axes[1].plot(x, [points[r]["ttft_p50"] / 1e3 for r in rates], marker="o", label=f"{mode} p50")
-        axes[1].plot(x, [points[r]["ttft_p99"] / 1e3 for r in rates], marker="x", linestyle="--", label=f"{mode} p99")
-        axes[2].plot(x, [points[r]["itl_p99"] for r in rates], marker="o", label=mode)
+        (line,) = axes[0].plot(x, [points[r]["goodput"] for r in rates], marker="o", label=mode)
+        color = line.get_color()  # one colour a mode in every panel
+        axes[1].plot(x, [points[r]["ttft_p50"] / 1e3 for r in rates], marker="o", color=color, label=f"{mode} p50")
+        axes[1].plot(x, [points[r]["ttft_p99"] / 1e3 for r in rates], marker="x", linestyle="--", color=color,
+                     label=f"{mode} p99")  # fmt: skip
+        axes[2].plot(x, [points[r]["itl_p99"] for r in rates], marker="o", color=color, label=mode)
     top = max(float(r) for p in sweeps.values() for r in p)
     axes[0].plot([0, top], [0, top], color="grey", linewidth=0.5, label="offered")
     for ax, label in zip(axes, ("goodput (req/s within SLO)", "TTFT (s)", "ITL p99 (ms)"), strict=True):
