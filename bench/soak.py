@@ -2,6 +2,7 @@
 
     python -m bench.soak                                   # 1000 streams, 180 s, a fresh CPU deployment
     python -m bench.soak --concurrency 200 --duration 60
+    python -m bench.soak --up-flags "--slo-ttft-ms 20000 --slo-itl-ms 2000"   # flags of the started `kvrelay up`
     python -m bench.soak --address HOST:PORT [--name NAME --redis-url URL]   # a running deployment (audit with --name)
 
 Closed loop: N client tasks, each sends a Generate call through `kvrelay.AsyncClient` (a short random prompt, a few
@@ -28,6 +29,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -338,17 +340,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefill-replicas", type=int, default=1, help="of the deployment the soak starts")
     parser.add_argument("--decode-replicas", type=int, default=1, help="of the deployment the soak starts")
+    parser.add_argument(
+        "--up-flags",
+        default="",
+        help='more flags of the started `kvrelay up`, one string split as a shell would (e.g. "--slo-ttft-ms 20000 '
+        '--slo-itl-ms 2000": SLO admission, off on the CPU by default; a single flag needs the = form: '
+        "--up-flags=--flag)",
+    )
     parser.add_argument("--address", help="soak this running gateway instead of starting a deployment")
     parser.add_argument("--name", help="with --address: the deployment's name (its Redis prefix), for the audit")
     parser.add_argument("--redis-url", default=REDIS_URL, help="with --address and --name: its Redis")
     parser.add_argument("--log", help="keep the started deployment's log in this file (it is removed otherwise)")
     parser.add_argument("--no-write", action="store_true", help="print only, no JSON under bench/results/")
     args = parser.parse_args(argv)
+    up_flags = shlex.split(args.up_flags)
+    if up_flags and args.address is not None:
+        parser.error("--up-flags is for the deployment the soak starts, not with --address")
 
     deployment, code, left = None, None, []
     if args.address is None:
         print("starting a deployment of the default model on the CPU ...", flush=True)
         deployment = Deployment(
+            *up_flags,
             env={"KVRELAY_DEVICE": "cpu"},
             prefill_replicas=args.prefill_replicas,
             decode_replicas=args.decode_replicas,
@@ -373,13 +386,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.log:
                 Path(args.log).write_text(deployment.output())
     result |= {
-        "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "bench.soak", *(argv if argv is not None else sys.argv[1:])]),
         "date": date.today().isoformat(),
         "commit": commit(),
         "machine": machine(),
         "address": args.address
         or f"started by the soak (kvrelay up, default model, CPU, {args.prefill_replicas} prefill and "
-        f"{args.decode_replicas} decode replicas)",
+        f"{args.decode_replicas} decode replicas{', ' + shlex.join(up_flags) if up_flags else ''})",
         "concurrency": args.concurrency,
         "duration_s": args.duration,
         "max_tokens": args.max_tokens,
@@ -387,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "backoff_s": args.backoff,
         "backoff_max_s": args.backoff_max,
         "channels": args.channels,
+        "up_flags": up_flags,
         "seed": args.seed,
         "pids_before": pids_before,
         "pids_after": pids_after,

@@ -132,13 +132,15 @@ class StepLoopHost(Protocol):
 
 
 class ItlWindow:
-    """The gaps between consecutive steps' tokens over the last WINDOW_S, while the batch ran without a break."""
+    """The gaps between consecutive steps' tokens over the last WINDOW_S, while the batch ran without a break; with
+    steps slower than the window, the running batch's last gap or the one in progress."""
 
     WINDOW_S = 1.0
 
     def __init__(self) -> None:
         self.gaps: deque[tuple[float, float]] = deque()  # (when, gap in ms)
-        self.last: float | None = None
+        self.last: float | None = None  # when the running batch's last step ended; None: no batch runs
+        self.last_gap: float | None = None  # the running batch's last gap (ms); None: none yet
 
     def step_done(self, now: float, running: bool) -> float | None:
         """Note a step's tokens out at `now`; returns the gap since the step before (None after a break)."""
@@ -147,12 +149,23 @@ class ItlWindow:
             gap = (now - self.last) * 1e3
             self.gaps.append((now, gap))
         self.last = now if running else None  # an empty batch's wait for work is no inter-token gap
+        self.last_gap = gap if running else None
         return gap
+
+    def idle(self) -> None:
+        """The batch is empty (its last sequences ended between steps): no gap is in progress until the next one."""
+        self.last = self.last_gap = None
 
     def _recent(self, now: float) -> list[float]:
         while self.gaps and self.gaps[0][0] < now - self.WINDOW_S:
             self.gaps.popleft()
-        return [g for _, g in self.gaps]
+        in_progress = None if self.last is None else (now - self.last) * 1e3
+        if self.gaps or in_progress is None or in_progress < self.WINDOW_S * 1e3:
+            return [g for _, g in self.gaps]
+        # The batch runs but no step ended in the window (steps slower than WINDOW_S: a CPU under load). Its ITL is
+        # then its last gap, or the gap in progress once that is longer; not None, which reads as an idle decode and
+        # would let the admission's overload check pass while decode is at its slowest.
+        return [max(in_progress, self.last_gap or 0.0)]
 
     def mean_ms(self, now: float) -> float | None:
         recent = self._recent(now)
@@ -192,6 +205,7 @@ class StepLoop:
     async def step_loop(self) -> None:
         while True:
             if not self.running and self.inflight is None:
+                self.itl.idle()  # the wait for work is no inter-token gap
                 self.wakeup.clear()
                 if self.unreleased:
                     with contextlib.suppress(TimeoutError):

@@ -280,6 +280,32 @@ def test_itl_window_measures_gaps_of_a_running_batch_only():
     assert ItlWindow().p90_ms(1.0) is None and ItlWindow().mean_ms(1.0) is None
 
 
+def test_itl_window_of_steps_slower_than_the_window_is_the_gap_in_progress():
+    w = ItlWindow()  # 1 s window; decode steps of 3 s (hundreds of sessions on a loaded CPU)
+    w.step_done(0.0, True)
+    assert w.mean_ms(0.5) is None  # the first step's gap has not run a window long yet
+    w.step_done(3.0, True)
+    assert w.mean_ms(3.5) == pytest.approx(3000.0)  # the gap that ended in the window
+    assert w.mean_ms(4.5) == pytest.approx(3000.0)  # none ended in it: the last gap, not None
+    assert w.mean_ms(7.0) == pytest.approx(4000.0)  # the gap in progress, once longer
+    w.step_done(7.0, False)  # the batch emptied: no gap in progress
+    assert w.mean_ms(8.5) is None
+    w.step_done(20.0, True)  # a new batch: the old one's gaps are not its ITL
+    assert w.mean_ms(20.5) is None and w.mean_ms(21.5) == pytest.approx(1500.0)
+    w.step_done(23.0, True)
+    w.idle()  # its sequences ended between steps: decode waits for work, no gap is in progress
+    assert w.mean_ms(30.0) is None
+
+
+def test_slow_decode_steps_refuse_new_prompts_between_steps():
+    w = ItlWindow()
+    for t in (0.0, 3.0, 6.0):
+        w.step_done(t, True)
+    slo = Slo(ttft_ms=0, itl_ms=1000)  # refused past 1.5 s
+    assert refusal(0, 10, rate_of(1000.0), slo, decode_itl_ms=w.mean_ms(6.5)) is not None  # a step ended in it
+    assert refusal(0, 10, rate_of(1000.0), slo, decode_itl_ms=w.mean_ms(7.5)) is not None  # mid-step
+
+
 def test_refuses_while_decode_is_past_its_itl_slo():
     slo = Slo(ttft_ms=2000, itl_ms=20)
     rate = rate_of(1000.0)
