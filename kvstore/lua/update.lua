@@ -10,7 +10,11 @@ local skey = session_key(sid)
 
 local current = redis.call('HGET', skey, 'owner')
 if current == false then return fail('NOSESSION', 'session ' .. sid .. ' does not exist') end
-if current ~= owner then return owner_error(sid, current, owner) end
+if current ~= owner then
+  -- the repeat of this owner's hand-off whose reply was lost: the session went on to a decode worker meanwhile
+  if state == 'PREFILLED' and redis.call('HGET', skey, 'prefilled_by') == owner then return 1 end
+  return owner_error(sid, current, owner)
+end
 
 local fields = {}
 for i = 6, #ARGV, 2 do
@@ -30,6 +34,10 @@ local now = now_ms()
 if state ~= '' then
   fields[#fields + 1] = 'state'
   fields[#fields + 1] = state
+end
+if state == 'PREFILLED' then
+  fields[#fields + 1] = 'prefilled_by'
+  fields[#fields + 1] = owner
 end
 redis.call('HSET', skey, 'updated_ms', int(now), unpack(fields))
 if lease_ms ~= '' then set_lease(sid, now + tonumber(lease_ms)) end
