@@ -11,8 +11,11 @@ local skey = session_key(sid)
 local current = redis.call('HGET', skey, 'owner')
 if current == false then return fail('NOSESSION', 'session ' .. sid .. ' does not exist') end
 if current ~= owner then
-  -- the repeat of this owner's hand-off whose reply was lost: the session went on to a decode worker meanwhile
-  if state == 'PREFILLED' and redis.call('HGET', skey, 'prefilled_by') == owner then return 1 end
+  -- the repeat of this owner's hand-off of this request whose reply was lost: the session went on to a decode worker
+  local request = nil
+  for i = 6, #ARGV, 2 do if ARGV[i] == 'request_id' then request = ARGV[i + 1] end end
+  local was = redis.call('HMGET', skey, 'prefilled_by', 'request_id')
+  if state == 'PREFILLED' and request and was[1] == owner and was[2] == request then return 1 end
   return owner_error(sid, current, owner)
 end
 
