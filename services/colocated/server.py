@@ -27,6 +27,7 @@ log = logging.getLogger("kvrelay.colocated")
 
 async def run(settings: ColocatedSettings) -> None:
     prefill, decode = PrefillWorker(settings), DecodeWorker(settings)
+    decode.health = prefill.health  # one process, one health: both heartbeats report Redis to it
     tasks: list[asyncio.Task] = []
     runtimes: list[Runtime] = []
 
@@ -54,7 +55,7 @@ async def run(settings: ColocatedSettings) -> None:
         (prefill_pb2_grpc.add_PrefillServicer_to_server, prefill),
         (decode_pb2_grpc.add_DecodeServicer_to_server, decode),
     ]
-    await serve(servicers, [PREFILL, DECODE], settings.host, settings.port, startup, shutdown)
+    await serve(servicers, [PREFILL, DECODE], settings.host, settings.port, startup, shutdown, health=prefill.health)
 
 
 def main() -> None:

@@ -24,7 +24,15 @@ from kvrelay.internal.v1 import decode_pb2_grpc
 from kvrelay.sampling import params_from_proto
 from kvrelay.settings import DecodeSettings
 from kvrelay.v1 import common_pb2
-from kvstore.sessions import NotOwner, SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
+from kvstore.sessions import (
+    HeldSession,
+    NotOwner,
+    SessionError,
+    SessionNotFound,
+    SessionRecord,
+    SessionState,
+    WrongState,
+)
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.decode.step_loop import Failed, RunningSeq, StepLoop
 from services.model.sampler import Sampler, make_generator
@@ -62,6 +70,33 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         for seq in self.running:
             if seq.session_id not in owned:
                 self.lose(seq)
+
+    def held_sessions(self) -> list[HeldSession]:
+        held = [
+            HeldSession(seq.session_id, SessionState.DECODING, seq.num_cached, seq.request_id, tuple(seq.block_table))
+            for seq in self.running
+            if not (seq.finished or seq.lost or seq.cancelled)
+        ]
+        for record, _ in self.handed.values():  # handed to a call that has not taken it yet
+            if not any(h.session_id == record.session_id for h in held):
+                held.append(
+                    HeldSession(
+                        record.session_id,
+                        SessionState.DECODING,
+                        record.num_tokens,
+                        record.request_id,
+                        record.block_table,
+                    )
+                )
+        return held
+
+    def give_up_store(self, why: str) -> None:
+        for seq in self.running:
+            if not (seq.finished or seq.cancelled):
+                log.warning("session %s: %s", seq.session_id, why)
+                seq.out.put_nowait(Failed(grpc.StatusCode.UNAVAILABLE, why))
+                seq.cancelled = seq.aborted = True  # freed (once Redis answers), never kept
+        self.wakeup.set()
 
     async def Decode(self, request, context):  # noqa: N802
         received = time.perf_counter()
@@ -139,6 +174,7 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
             keep_session=request.keep_session,
             received=received,
             cancelled=cancelled,
+            request_id=request.request_id,
         )
         self.running.append(seq)
         self.wakeup.set()

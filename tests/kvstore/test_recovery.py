@@ -16,6 +16,7 @@ from kvstore.sessions import (
     SessionState,
     SessionStore,
     StoreUnavailable,
+    WrongState,
 )
 from tests.kvstore.test_sessions import _SKIP, LEASE, run
 
@@ -109,7 +110,7 @@ def test_scripts_are_harmless_to_repeat():
         assert await store.allocate("s", 1, "p1", LEASE, create=False, have=2) == more
         assert (await store.stats()).free == 16 - 3
         # a hand-off taken by the claiming decode worker in the same script: the repeat succeeds, changing nothing
-        with pytest.raises(Exception):
+        with pytest.raises(WrongState):  # not offered yet: the call leaves its claim
             await store.adopt("s", "d1", LEASE, SessionState.PREFILLED, expected_request="r", claim_ms=5_000)
         assert await store.update("s", "p1", SessionState.PREFILLED, lease_ms=LEASE, num_tokens=5, request_id="r")
         assert not await store.update("s", "p1", SessionState.PREFILLED, lease_ms=LEASE, num_tokens=5, request_id="r")
