@@ -228,7 +228,7 @@ FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 # After Redis lost its state, how long the re-created pool waits for live workers to re-assert what they hold before
 # the rest becomes free: several heartbeats (services/common/worker.py HEARTBEAT_S = 1 s) and a retry's backoff.
-RECOVERY_WINDOW_MS = 4_000
+RECOVERY_WINDOW_MS = 3_000
 
 T = TypeVar("T")
 
