@@ -45,6 +45,14 @@ CLAIM_MS = 5000  # a waiting call's claim on its session (kvstore/sessions.py), 
 # WORKER_TTL_MS (5 s) and its lease within LEASE_MS (10 s), whichever Redis sees first; a live owner keeps it.
 RESUME_WAIT_S = LEASE_MS / 1000 + 2.0
 RESUME_POLL_S = 0.2  # how often a resume tries the takeover again
+# A call still waiting for its hand-off this long after Redis lost its state gives up with UNAVAILABLE: a session that
+# was PREFILLED and offered to nobody yet had no holder to re-assert it, and would otherwise be waited for until the
+# deadline. A prompt still queued at prefill (its session not created yet) may be cut off too: a retry serves it.
+LOST_HANDOFF_S = 10.0
+
+
+class HandoffLost(Exception):
+    """Redis lost the state of the session this call waits for (see LOST_HANDOFF_S)."""
 
 
 class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
@@ -118,6 +126,8 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         except SessionError as exc:
             code = grpc.StatusCode.NOT_FOUND if isinstance(exc, LookupError) else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, f"cannot adopt session {request.session_id}: {exc}")
+        except HandoffLost as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if request.await_prefill and len(history) != record.num_tokens + 1:
             await self.store.free(request.session_id, owner=self.worker_id)
             await context.abort(
@@ -247,6 +257,7 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         notice = asyncio.Event()
         self.awaiting.setdefault(sid, set()).add(notice)
         taken = False
+        epoch, lost_at = self.epoch, None
         try:
             while True:
                 notice.clear()
@@ -270,7 +281,14 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
                     trace.mark(sid, "dc_adopted")
                     return record, offered
                 except (WrongState, SessionNotFound):
-                    pass  # not offered yet: still being prefilled, or not even admitted
+                    # not offered yet: still being prefilled, or not even admitted; or lost with Redis' state
+                    if self.epoch != epoch:
+                        lost_at = lost_at or time.monotonic()
+                        if time.monotonic() - lost_at > LOST_HANDOFF_S:
+                            raise HandoffLost(
+                                "the session store lost this request's session (Redis restarted or was flushed) "
+                                "before its hand-off; retry"
+                            ) from None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(notice.wait(), PREFILL_POLL_S)
         finally:
