@@ -5,6 +5,11 @@ Failover: a worker that dies or stops answering costs the client a pause, never 
 as if its worker were gone is retried on another prefill worker; a Decode stream that does is resumed on another
 decode worker with every token the client has, and the stream goes on from there (services/decode/server.py).
 
+Redis faults: the gateway pings Redis every STORE_POLL_S; while it does not answer, health says NOT_SERVING and new
+requests get UNAVAILABLE ("session store unreachable at redis://:***@host:port ...") at once. A worker that says the
+same is not taken for a dead one (another would fail alike): its status goes to the client as it is. Streams in
+flight wait: a silent worker is not declared gone while Redis is away or recovering from lost state.
+
     python -m gateway.server --kvstore 127.0.0.1:50070 --port 50051
 """
 
@@ -19,6 +24,7 @@ import time
 import uuid
 
 import grpc
+from redis.exceptions import RedisError
 
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.router import NoWorkers, Router
@@ -31,12 +37,12 @@ from kvrelay.rpc.auth import ApiKeyGate, ApiKeys, SecurityConfigError, server_tl
 from kvrelay.rpc.grpc_server import install_uvloop
 from kvrelay.rpc.health import wait_healthy
 from kvrelay.rpc.layout import fetch_layout
-from kvrelay.rpc.lifecycle import serve
+from kvrelay.rpc.lifecycle import Health, serve
 from kvrelay.sampling import params_to_proto
 from kvrelay.settings import GatewaySettings, parse
 from kvrelay.tokenizer import Tokenizer
 from kvrelay.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from kvstore.sessions import SessionState, SessionStore, WrongState
+from kvstore.sessions import STORE_UNREACHABLE, SessionState, SessionStore, WrongState
 
 log = logging.getLogger("kvrelay.gateway")
 SERVICE = "kvrelay.v1.Gateway"
@@ -58,6 +64,13 @@ SILENCE_S = 1.0
 PREFILL_ATTEMPTS = 3  # prefill workers tried per request
 DECODE_RESUMES = 4  # times a request's decode may move to another worker
 FAILOVER_WAIT_S = 30.0  # how long a failover waits for a worker to route to (e.g. one that is restarting)
+STORE_POLL_S = 0.5  # how often the gateway pings Redis (health, and refusing new requests while it is away)
+PING_TIMEOUT_S = 1.5  # a ping that takes longer counts as Redis away (a stopped Redis never answers)
+
+
+def store_failure(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a worker's UNAVAILABLE is about the session store (Redis away), not about the worker itself."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and STORE_UNREACHABLE in (exc.details() or "")
 
 
 class _Gone(Exception):
@@ -80,6 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     ready = False
     api_keys = ApiKeys()  # none: open, and session ids as clients send them
+    store_down = ""  # why Redis is away ("session store unreachable at ..."), "" while it answers
 
     def configure(
         self,
@@ -170,9 +184,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             active_sessions=stats.active_sessions,
         )
 
+    async def watch_store(self, health) -> None:
+        """Ping Redis every STORE_POLL_S: health and admission follow whether it answers."""
+        while True:
+            try:
+                await asyncio.wait_for(self.store.ping(), PING_TIMEOUT_S)
+                if self.store_down:
+                    log.warning("the session store answers again; serving")
+                self.store_down = ""
+            except Exception as exc:  # down, stopped, or refusing: all the same to a request
+                if not self.store_down:
+                    log.warning("the session store is unreachable (%s: %s); NOT_SERVING", type(exc).__name__, exc)
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.store_down = f"{STORE_UNREACHABLE} at {self.store.url} ({why})"
+            await health.dependency(not self.store_down, self.store_down)
+            await asyncio.sleep(STORE_POLL_S)
+
     async def _generate(self, request, context):
         start = time.perf_counter()
         await self._check_ready(context)
+        if self.store_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.store_down}; retry")
         try:
             valid = await self.validate(request)
         except InvalidRequest as exc:
@@ -270,7 +302,7 @@ class _Stream:
             try:
                 return await self._reply(call, worker)
             except (grpc.aio.AioRpcError, _Gone) as exc:
-                failed = isinstance(exc, _Gone) or exc.code() in RETRY_CODES
+                failed = isinstance(exc, _Gone) or (exc.code() in RETRY_CODES and not store_failure(exc))
                 if not failed or attempt == PREFILL_ATTEMPTS:
                     code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, _Gone) else downstream_code(exc)
                     details = "the prefill worker vanished" if isinstance(exc, _Gone) else exc.details()
@@ -294,7 +326,7 @@ class _Stream:
                 done, _ = await asyncio.wait({waiter}, timeout=SILENCE_S)
                 if done:
                     return waiter.result()
-                if not await self.gw.store.worker_registered(worker.worker_id):
+                if await self._gone(worker):
                     raise _Gone(worker.worker_id)
         finally:
             if not waiter.done():
@@ -437,7 +469,15 @@ class _Stream:
                     self._switch(self.left_call, self.left_worker)
                     self.left_call, answered = None, True
                     continue
-                if exc.code() not in RETRY_CODES:
+                if exc.code() == grpc.StatusCode.NOT_FOUND and resumes > 0:
+                    # the resumed session is not in Redis: Redis lost its state and nobody re-asserted it, or its
+                    # lease ran out while its worker was away. Its K/V cannot be trusted: the client retries.
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "decode: the session's state is gone from the session store (Redis lost it, or its lease "
+                        "ran out while its decode worker was away); retry",
+                    )
+                if exc.code() not in RETRY_CODES or store_failure(exc):
                     raise
                 self.gw.router.unreachable(worker)
                 d = None
@@ -469,9 +509,18 @@ class _Stream:
             done, _ = await asyncio.wait({reader}, timeout=SILENCE_S)
             if done:
                 return reader.result()
-            if not await self.gw.store.worker_registered(worker.worker_id):
+            if await self._gone(worker):
                 self.reading[call] = reader
                 raise _Gone(worker.worker_id)
+
+    async def _gone(self, worker) -> bool:
+        """Whether a silent worker is gone for good. Not while Redis is away or has just lost its state (every
+        registry entry is missing then, and live workers re-assert theirs): nothing proves it gone, and the worker
+        itself ends what it cannot finish (services/common/worker.py STORE_WAIT_S)."""
+        try:
+            return await asyncio.wait_for(self.gw.store.worker_gone(worker.worker_id), SILENCE_S)
+        except (RedisError, TimeoutError):
+            return False
 
     def _switch(self, call, worker) -> None:
         router = self.gw.router
@@ -510,10 +559,14 @@ class _Stream:
             # The request ended between prefill and decode: a hand-off nobody adopted is ours to free. Only while it
             # is this request's and still PREFILLED; once a decode worker adopted it, it is that worker's to free,
             # and one still PREFILLING is its prefill worker's (which frees the cancelled request's blocks).
-            with contextlib.suppress(WrongState):
+            try:
                 await self.gw.store.free(
                     self.session_id, expected_state=SessionState.PREFILLED, expected_request=self.request_id
                 )
+            except WrongState:
+                pass
+            except RedisError as exc:  # Redis away: the hand-off's lease runs out and a worker reclaims it
+                log.warning("request %s: could not free its hand-off (%s)", self.request_id, exc)
 
 
 async def run(settings: GatewaySettings) -> None:
@@ -524,6 +577,8 @@ async def run(settings: GatewaySettings) -> None:
     if tls is None:
         log.info("gateway: no TLS (--tls-cert, --tls-key): requests, answers and API keys cross the network as is")
     stores: list[SessionStore] = []
+    health = Health()
+    tasks: list[asyncio.Task] = []
 
     async def startup(stop: asyncio.Event) -> None:
         await wait_healthy(settings.kvstore, "kvrelay.internal.v1.KVStore", timeout_s=600)
@@ -538,6 +593,7 @@ async def run(settings: GatewaySettings) -> None:
         servicer.configure(
             tokenizer, config, name, layout, store, limit, settings.max_prompt_bytes, settings.tokenize_threads
         )
+        tasks.append(asyncio.create_task(servicer.watch_store(health)))
         while True:  # serving means a request can complete: one prefill and one decode worker are up
             roles = {w.role for w in await store.list_workers()}
             if {"prefill", "decode"} <= roles:
@@ -546,6 +602,8 @@ async def run(settings: GatewaySettings) -> None:
         log.info("gateway serving %s on %s:%d", name, settings.host, settings.port)
 
     async def shutdown() -> None:
+        for task in tasks:
+            task.cancel()
         if servicer.ready:
             servicer.validate.close()
         for store in stores:
@@ -563,6 +621,7 @@ async def run(settings: GatewaySettings) -> None:
         interceptors=[ApiKeyGate(servicer.api_keys)] if len(servicer.api_keys) else [],  # public: no deployment secret
         tls=tls,
         unix_socket=settings.local_socket,
+        health=health,
     )
 
 

@@ -72,11 +72,17 @@ def live_processes(*select: str) -> list[tuple[int, str]]:
 
 class Deployment:
     def __init__(
-        self, *extra: str, decode_replicas: int = 1, prefill_replicas: int = 1, env: dict[str, str] | None = None
+        self,
+        *extra: str,
+        decode_replicas: int = 1,
+        prefill_replicas: int = 1,
+        env: dict[str, str] | None = None,
+        redis_url: str = REDIS_URL,
     ) -> None:
         """extra: flags of `kvrelay up`; env: variables for every process on top of this one's (e.g. a preset
         KVRELAY_DEPLOYMENT_SECRET, KVRELAY_API_KEYS, or a gateway setting `kvrelay up` has no flag for:
-        {"KVRELAY_MAX_PROMPT_BYTES": "4000000"})."""
+        {"KVRELAY_MAX_PROMPT_BYTES": "4000000"}); redis_url: the Redis it uses (a test's own, to fault it)."""
+        self.redis_url = redis_url
         # KVRELAY_TEST_RUN (set by tests/conftest.py) marks everything one test run creates, so that its leftover check
         # sees its own things only, even beside another run or a live deployment
         self.name = f"kvtest{os.environ.get('KVRELAY_TEST_RUN', '')}{uuid.uuid4().hex[:8]}"
@@ -95,7 +101,7 @@ class Deployment:
             "--base-port",
             str(self.base_port),
             "--redis-url",
-            REDIS_URL,
+            redis_url,
             "--decode-replicas",
             str(decode_replicas),
             "--prefill-replicas",
@@ -127,7 +133,7 @@ class Deployment:
         """Poll until every block is free and no session is active (cancellations land asynchronously)."""
 
         async def poll():
-            async with SessionStore(REDIS_URL, self.name) as store:
+            async with SessionStore(self.redis_url, self.name) as store:
                 deadline = time.monotonic() + timeout_s
                 while True:
                     report = await store.audit()
@@ -162,7 +168,7 @@ class Deployment:
     def drop_keys(self) -> None:
         import redis
 
-        client = redis.Redis.from_url(REDIS_URL)
+        client = redis.Redis.from_url(self.redis_url)
         try:
             keys = list(client.scan_iter(match=f"{self.name}:*", count=1000))
             if keys:
@@ -199,7 +205,7 @@ class Deployment:
         `owner`, looked up in the worker registry); None while nobody (or no live worker) owns it."""
 
         async def find() -> WorkerInfo | None:
-            async with SessionStore(REDIS_URL, self.name) as store:
+            async with SessionStore(self.redis_url, self.name) as store:
                 sids = [session_id] if session_id else await store._redis.smembers(store.key("sessions"))
                 for sid in sids:
                     record = await store.get(sid)

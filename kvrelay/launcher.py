@@ -1,8 +1,9 @@
 """`kvrelay up`: start redis (if needed), kvstore, prefill and decode workers and the gateway as child processes;
 wait until each is healthy; then supervise them. A worker or the gateway that exits is started again (same argv,
-environment and port) after a backoff while the other replicas keep serving; the deployment stops when the kvstore or
-a private Redis dies, when one process keeps dying (the crash-loop limit), or on Ctrl-C / SIGTERM, and then stops
-every process, in order (no orphans, no /dev/shm leftovers).
+environment and port) after a backoff while the other replicas keep serving; so is a private Redis (same port,
+config and password; its append-only file brings the state back). The deployment stops when the kvstore dies, when
+one process keeps dying (the crash-loop limit), or on Ctrl-C / SIGTERM, and then stops every process, in order (no
+orphans, no /dev/shm leftovers).
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ KVSTORE_EXIT = (
     "the kvstore owns the weights and the KV pool: a new one would allocate a fresh pool, which invalidates the KV of "
     "every session (Redis holds their block ids into this one)"
 )
-REDIS_EXIT = "it was this deployment's private Redis, which holds all session metadata"
 
 
 def _die_with_parent() -> None:
@@ -243,15 +243,17 @@ class Launcher:
         port, password = free_port(), secrets.token_urlsafe(24)
         # A password, because any local user can reach a port on 127.0.0.1. It goes in a file only this user can read
         # (the folder is 0700), not on the command line, where `ps` shows it to everyone. Append-only persistence:
-        # every write reaches the folder's AOF within a second, so a redis-server restarted on it loses (almost)
-        # nothing; `kvrelay up` itself does not restart it (supervise: its exit stops the deployment).
+        # every write is in the folder's AOF before Redis answers it (appendfsync always: a write a worker saw
+        # succeed is never lost, so a restarted redis-server holds exactly what its clients believe), and the
+        # supervisor restarts a redis-server that exits on the same config. Should the file be lost anyway, the
+        # kvstore re-creates the pool and the workers re-assert what they hold (kvstore/lua/recover_pool.lua).
         conf = os.path.join(self.tmp, "redis.conf")
         with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(
                 f'port {port}\nbind 127.0.0.1\nrequirepass "{password}"\ndir "{self.tmp}"\n'
-                f'logfile "{os.path.join(self.tmp, "redis.log")}"\nsave ""\nappendonly yes\n'
+                f'logfile "{os.path.join(self.tmp, "redis.log")}"\nsave ""\nappendonly yes\nappendfsync always\n'
             )
-        self.spawn("redis", ["redis-server", conf], essential=REDIS_EXIT)
+        self.spawn("redis", ["redis-server", conf])
         url = f"redis://:{password}@127.0.0.1:{port}/0"
         for _ in range(100):
             if redis_answers(url):
@@ -270,6 +272,15 @@ class Launcher:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {proc.returncode} before it was healthy")
+            if not child.address:  # the private Redis: healthy once it answers the deployment's password
+                if await asyncio.to_thread(redis_answers, self.redis_url):
+                    if child.proc is proc:
+                        child.healthy_since = time.monotonic()
+                    return
+                if time.monotonic() > deadline or self.stopping:
+                    raise TimeoutError(f"{child.name} did not answer within {timeout_s:g} s")
+                await asyncio.sleep(0.1)
+                continue
             try:
                 await wait_healthy(child.address, child.service, timeout_s=1.0)
                 if child.proc is proc:  # not a successor on the same port, started after this one died

@@ -26,38 +26,57 @@ prefill's `update(..., PREFILLED)` then hands the session to the claimer in the 
 on `{prefix}:adopted:{owner}` (`handoffs(owner)` listens). A lost announcement costs latency only: the claimer's next
 `adopt` returns the session handed to it; a call that gives up calls `unclaim`, which also frees a session handed to
 it meanwhile.
+
+Redis faults. Every call is bounded: a reply waits at most SOCKET_TIMEOUT_S (a stopped Redis cannot hang a call), and
+a call that cannot reach Redis is retried with backoff for retry_s, then raises StoreUnavailable ("session store
+unreachable at redis://:***@host:port ..."). Retrying is safe because every script is harmless to repeat: a reply
+lost after the script ran (a timeout, a reset) makes the caller run it again (allocate takes `have`, update, adopt
+and release recognise their own repeat). Redis that loses its state (a restart without persistence, a FLUSHALL) is
+recovered from the living: the kvstore re-creates the pool under a new epoch (`recover_pool`), every live worker
+re-asserts what it holds (`reassert`), and the free-list is rebuilt from the rest (kvstore/lua/recover_pool.lua has
+the protocol).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvrelay.ids import check_id
 from kvstore.allocator import OutOfBlocks
 
 __all__ = [
     "AuditReport",
+    "HeldSession",
     "NotOwner",
     "OutOfBlocks",
     "PoolGeometryMismatch",
     "PoolNotInitialized",
+    "PoolRecovering",
+    "PoolState",
+    "RecoveryClosed",
     "PoolStats",
     "SessionError",
     "SessionNotFound",
     "SessionRecord",
     "SessionState",
     "SessionStore",
+    "StoreUnavailable",
     "WorkerInfo",
     "WrongState",
 ]
@@ -104,7 +123,26 @@ class PoolGeometryMismatch(SessionError, ValueError):
 
 
 class PoolNotInitialized(SessionError):
-    """No pool under the prefix: call init_pool first."""
+    """No pool under the prefix: call init_pool first (or, after Redis lost its state, wait for the kvstore)."""
+
+
+class PoolRecovering(SessionError):
+    """Redis lost its state and the pool waits for live workers to re-assert what they hold: no allocation until then
+    (a second or few; see recover_pool)."""
+
+
+class RecoveryClosed(SessionError):
+    """reassert came after the recovery window: the caller's sessions were not kept and must be dropped unseen."""
+
+
+class StoreUnavailable(RedisConnectionError):
+    """Redis did not answer within the store's retry budget. A redis ConnectionError, so every handler that treats
+    Redis errors as UNAVAILABLE does so; its message names the store's URL (password masked)."""
+
+
+# What a session-store failure tells a client: the gateway recognises the words, and does not take a worker that
+# says them for a dead one (another would fail the same way).
+STORE_UNREACHABLE = "session store unreachable"
 
 
 @dataclass(frozen=True)
@@ -125,6 +163,23 @@ class SessionRecord:
 
     def token_ids(self) -> list[int]:
         return [int(t) for t in self.tokens_raw.split(",")] if self.tokens_raw else []
+
+
+@dataclass(frozen=True)
+class HeldSession:
+    """A session as the worker holding it knows it, for reassert after Redis lost its state."""
+
+    session_id: str
+    state: SessionState
+    num_tokens: int  # tokens whose K/V the worker has written (0 while prefilling: trusted only once PREFILLED)
+    request_id: str | None
+    block_table: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PoolState:
+    epoch: str  # the pool's random id; "" when there is no pool (Redis lost its state, not re-created yet)
+    recovering: bool  # re-created, waiting for re-asserts (allocation refused meanwhile)
 
 
 @dataclass(frozen=True)
@@ -161,6 +216,21 @@ class AuditReport:
 MAX_CONNECTIONS = 64
 # How long a call waits for a free connection before it fails (redis ConnectionError -> UNAVAILABLE at the API).
 POOL_TIMEOUT_S = 10.0
+# One reply, or one connection attempt, waits at most this long: a stopped (SIGSTOP) or unreachable Redis fails the
+# attempt instead of hanging it. Far above any reply kvrelay waits for (a script runs in well under a millisecond;
+# the audit of a big pool in tens).
+SOCKET_TIMEOUT_S = 2.0
+# A call that cannot reach Redis (refused, reset, timed out, still loading its AOF) is retried with backoff (0.05 s
+# doubling to 1 s) for this long, then StoreUnavailable: a Redis restart (about a second) or a pause of a few seconds
+# costs a pause, a Redis that stays away a clear error within seconds.
+RETRY_S = 8.0
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+# After Redis lost its state, how long the re-created pool waits for live workers to re-assert what they hold before
+# the rest becomes free: several heartbeats (services/common/worker.py HEARTBEAT_S = 1 s) and a retry's backoff.
+RECOVERY_WINDOW_MS = 3_000
+
+T = TypeVar("T")
 
 # Fields of the session hash that update() may set, with their encoders ('' stores None).
 _UPDATABLE = {
@@ -172,6 +242,8 @@ _UPDATABLE = {
 }
 _SCRIPTS = (
     "init_pool",
+    "recover_pool",
+    "reassert",
     "allocate",
     "update",
     "adopt",
@@ -237,6 +309,10 @@ def _raise(err: ResponseError) -> NoReturn:
         raise ValueError(detail) from None
     if code == "KVRELAY_NOPOOL":
         raise PoolNotInitialized(f"no KV block pool under prefix {detail!r}: call init_pool first") from None
+    if code == "KVRELAY_RECOVERING":
+        raise PoolRecovering(f"the pool of prefix {detail!r} is recovering from lost Redis state") from None
+    if code == "KVRELAY_CLOSED":
+        raise RecoveryClosed(detail) from None
     if code == "KVRELAY_DIRTY":
         raise SessionError(f"{detail}; wipe them with init_pool(..., reset=True)") from None
     raise err
@@ -275,18 +351,27 @@ class SessionStore:
         *,
         max_connections: int = MAX_CONNECTIONS,
         pool_timeout_s: float = POOL_TIMEOUT_S,
+        retry_s: float = RETRY_S,
     ) -> None:
         """max_connections bounds this store's connections to Redis; a call that finds them all busy waits up to
-        pool_timeout_s for one, then raises redis.exceptions.ConnectionError ("No connection available.")."""
+        pool_timeout_s for one, then raises redis.exceptions.ConnectionError ("No connection available."). A call
+        that cannot reach Redis is retried for retry_s, then raises StoreUnavailable (0: one attempt)."""
         if not prefix or prefix != prefix.strip():
             raise ValueError(f"invalid key prefix {prefix!r}")
         _check_positive("max_connections", max_connections)
         self.prefix = prefix
+        self.url = masked(redis_url)
+        self.retry_s = retry_s
         # Blocking, not redis-py's default pool: that one raises MaxConnectionsError as soon as every connection is
         # busy (100 in redis-py 8), which failed a quarter of the streams of a gateway past ~200 concurrent ones.
         # Here a burst queues for a connection instead; only a Redis that stays too slow for pool_timeout_s fails.
         pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url, decode_responses=True, max_connections=max_connections, timeout=pool_timeout_s
+            redis_url,
+            decode_responses=True,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
         )
         self._redis = aioredis.Redis.from_pool(pool)  # from_pool: closing the client closes the pool
         self._scripts = {name: self._redis.register_script(_script_source(name)) for name in _SCRIPTS}
@@ -321,11 +406,36 @@ class SessionStore:
         """The client of this store's bounded pool, for a deployment's other small keys (services/split/board.py)."""
         return self._redis
 
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """call(), again with backoff while Redis cannot be reached, for retry_s at most (see the module docstring:
+        every call is harmless to repeat). Then StoreUnavailable. A wrong password is not retried."""
+        deadline = time.monotonic() + self.retry_s
+        delay = FIRST_BACKOFF_S
+        while True:
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if isinstance(exc, StoreUnavailable | AuthenticationError):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(
+                        f"{STORE_UNREACHABLE} at {self.url} ({what}, retried for {self.retry_s:g} s: "
+                        f"{type(exc).__name__}: {exc})"
+                    ) from exc
+                await asyncio.sleep(min(delay, left))
+                delay = min(2 * delay, MAX_BACKOFF_S)
+
     async def _run(self, name: str, *args: object) -> Any:
+        script = self._scripts[name]
         try:
-            return await self._scripts[name](keys=[], args=[self.prefix, *args])
+            return await self._retrying(name, lambda: script(keys=[], args=[self.prefix, *args]))
         except ResponseError as err:
             _raise(err)
+
+    async def ping(self) -> None:
+        """One PING, not retried (raises a redis ConnectionError or TimeoutError): health checks ask this."""
+        await self._redis.ping()
 
     # -- pool -----------------------------------------------------------------------------------------------------
 
@@ -342,7 +452,7 @@ class SessionStore:
         if reset:
             await self.wipe()
         try:
-            return bool(await self._run("init_pool", num_blocks, block_size))
+            return bool(await self._run("init_pool", num_blocks, block_size, uuid.uuid4().hex[:16]))
         except ResponseError as err:
             code, _, detail = str(err).partition(" ")
             if code != "KVRELAY_GEOMETRY":
@@ -352,6 +462,49 @@ class SessionStore:
                 f"prefix {self.prefix!r} holds a pool of {have_blocks} blocks x {have_size} tokens, not "
                 f"{num_blocks} x {block_size}; pass reset=True to wipe it (and every session) or use another prefix"
             ) from None
+
+    async def recover_pool(self, num_blocks: int, block_size: int, window_ms: int = RECOVERY_WINDOW_MS) -> str:
+        """The kvstore's periodic check that Redis still holds the pool (kvstore/lua/recover_pool.lua has the
+        protocol). Returns "ok"; "recreated" when Redis had lost it (re-created under a new epoch, waiting window_ms
+        for live workers to reassert); "recovering" meanwhile; "recovered" when the window closed just now (the
+        blocks nobody re-asserted are free)."""
+        _check_positive("window_ms", window_ms)
+        try:
+            what, _epoch = await self._run("recover_pool", num_blocks, block_size, window_ms, uuid.uuid4().hex[:16])
+        except ResponseError as err:
+            raise PoolGeometryMismatch(f"prefix {self.prefix!r} holds another pool: {err}") from None
+        return what
+
+    async def pool_state(self) -> PoolState:
+        """The pool's epoch and whether it is recovering (one HMGET): how a worker tells that Redis lost its state."""
+        epoch, until = await self._retrying(
+            "pool", lambda: self._redis.hmget(self.key("pool"), "epoch", "recovering_until_ms")
+        )
+        return PoolState(epoch=epoch or "", recovering=bool(until))
+
+    async def reassert(
+        self,
+        worker_id: str,
+        role: str,
+        address: str,
+        ttl_ms: int,
+        lease_ms: int,
+        sessions: list[HeldSession],
+        info: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """After Redis lost its state: registers the worker and re-creates the sessions it holds (owner, state,
+        num_tokens, request_id, block table, a lease of lease_ms), atomically. Returns the ids refused (another
+        worker re-asserted them, or their blocks): the caller drops those without touching them.
+        PoolNotInitialized: the kvstore has not re-created the pool yet; RecoveryClosed: too late."""
+        _check_id("worker id", worker_id)
+        _check_positive("ttl_ms", ttl_ms)
+        _check_positive("lease_ms", lease_ms)
+        args: list[object] = [worker_id, role, address, ttl_ms, json.dumps(dict(info or {})), lease_ms]
+        for held in sessions:
+            state = SessionState(held.state).value
+            blocks = ",".join(str(int(b)) for b in held.block_table)
+            args += [held.session_id, state, int(held.num_tokens), held.request_id or "", blocks]
+        return list(await self._run("reassert", *args))
 
     async def wipe(self) -> int:
         """Deletes every key of the prefix (SCAN, not KEYS, so Redis keeps serving). Returns the number deleted."""
@@ -378,6 +531,7 @@ class SessionStore:
         *,
         create: bool = True,
         request_id: str | None = None,
+        have: int | None = None,
     ) -> list[int]:
         """Takes n free blocks and appends them to the session's block table; returns them in table order.
 
@@ -387,14 +541,16 @@ class SessionStore:
         the blocks this call could have had (free-list plus, with evict, the idle sessions' blocks). Pass
         create=False when growing a session you believe you own: SessionNotFound then tells a stalled worker that its
         session was reclaimed instead of silently starting a new one. request_id is recorded on a session this call
-        creates (a retry of the request may take the half-prefilled session over; see adopt's takeover).
+        creates (a retry of the request may take the half-prefilled session over; see adopt's takeover). have: the
+        number of blocks the caller's table holds, which makes the call harmless to repeat (a repeat after a lost
+        reply returns the blocks the first run took). PoolRecovering while Redis recovers from lost state.
         """
         _check_id("session id", session_id)
         _check_id("owner", owner)
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         _check_positive("lease_ms", lease_ms)
-        args = (session_id, n, owner, lease_ms, int(evict), int(create), request_id or "")
+        args = (session_id, n, owner, lease_ms, int(evict), int(create), request_id or "", "" if have is None else have)
         return _block_ids(await self._run("allocate", *args))
 
     async def update(
@@ -552,7 +708,7 @@ class SessionStore:
 
     async def owned_sessions(self, owner: str) -> set[str]:
         """The ids of the sessions owner holds now (a worker back from a stall finds out which it lost)."""
-        return set(await self._redis.smembers(self.key("owned", owner)))
+        return set(await self._retrying("owned", lambda: self._redis.smembers(self.key("owned", owner))))
 
     async def reclaim_expired(self, now_ms: int | None = None) -> list[str]:
         """Frees every session whose lease expired (by the Redis clock, or now_ms); returns their ids."""
@@ -586,14 +742,17 @@ class SessionStore:
 
     async def get_tokens(self, session_id: str) -> list[int]:
         """The token ids recorded with update(tokens=...); [] when none were."""
-        raw = await self._redis.hget(self.key("session", session_id), "tokens")
+        raw = await self._retrying("tokens", lambda: self._redis.hget(self.key("session", session_id), "tokens"))
         return [int(t) for t in raw.split(",")] if raw else []
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.key("session", session_id))
-            pipe.lrange(self.key("session", session_id, "blocks"), 0, -1)
-            fields, blocks = await pipe.execute()
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.key("session", session_id))
+                pipe.lrange(self.key("session", session_id, "blocks"), 0, -1)
+                return await pipe.execute()
+
+        fields, blocks = await self._retrying("get", read)
         return _record(session_id, fields, blocks) if fields else None
 
     # -- workers --------------------------------------------------------------------------------------------------
@@ -618,7 +777,17 @@ class SessionStore:
     async def worker_registered(self, worker_id: str) -> bool:
         """Whether the worker's registry entry is alive (it heartbeated within its TTL): the liveness a takeover
         goes by (adopt with takeover)."""
-        return bool(await self._redis.exists(self.key("worker", worker_id)))
+        return bool(await self._retrying("worker", lambda: self._redis.exists(self.key("worker", worker_id))))
+
+    async def worker_gone(self, worker_id: str) -> bool:
+        """Whether the worker is gone for good: its registry entry is missing while the pool is whole. Right after
+        Redis lost its state every entry is missing, but live workers are about to re-assert theirs (no pool yet, or
+        recovering): not gone. Answers at once (no retries): the gateway asks on a stream's silence."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(self.key("worker", worker_id))
+            pipe.hmget(self.key("pool"), "epoch", "recovering_until_ms")
+            registered, (epoch, recovering) = await pipe.execute()
+        return not registered and bool(epoch) and not recovering
 
     async def list_workers(self, role: str | None = None) -> list[WorkerInfo]:
         """The live (unexpired) workers, of one role or all, ordered by registration expiry (soonest first)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -18,6 +19,29 @@ from kvrelay.rpc.grpc_server import (
     start_server,
     stop_server,
 )
+
+
+@dataclass
+class Health:
+    """What a process's own loops report about a dependency it cannot serve without (Redis): SERVING only while the
+    process has started, is not stopping, and the dependency is there. Bound by `serve`; before that it only records.
+    """
+
+    dependency_ok: bool = True
+    why: str = ""  # why not, while not dependency_ok
+    _servicer: object = None
+    _names: Sequence[str] = field(default_factory=tuple)
+    _serving: bool = False  # started and not stopping
+
+    async def dependency(self, ok: bool, why: str = "") -> None:
+        changed = ok != self.dependency_ok
+        self.dependency_ok, self.why = ok, "" if ok else why
+        if changed and self._serving:
+            await set_serving(self._servicer, self._names, ok)
+
+    async def _bind(self, servicer: object, names: Sequence[str], serving: bool) -> None:
+        self._servicer, self._names, self._serving = servicer, names, serving
+        await set_serving(servicer, names, serving and self.dependency_ok)
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -54,6 +78,7 @@ async def serve(
     interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
     tls: grpc.ServerCredentials | None = None,
     unix_socket: str | None = None,
+    health: Health | None = None,
 ) -> None:
     """The life of every kvrelay process, in order:
 
@@ -64,9 +89,10 @@ async def serve(
     5. `shutdown()`: cancel loops, deregister, close connections, free memory; it runs even when startup failed.
 
     `stop` is the event the signals set; a process's own loops watch it too. interceptors, tls, unix_socket: see
-    `start_server` (None: an internal service, which wants the deployment secret).
+    `start_server` (None: an internal service, which wants the deployment secret). health: lets the process's loops
+    say NOT_SERVING while a dependency is away (step 3 then reports SERVING only while it is there).
     """
-    server, health = await start_server(
+    server, servicer = await start_server(
         servicers,
         service_names,
         port,
@@ -77,11 +103,13 @@ async def serve(
         unix_socket=unix_socket,
     )
     stop = stop_event_on_signals()
+    health = health or Health()
     try:
         if await unless_stopped(startup(stop), stop):
-            await set_serving(health, service_names, True)
+            await health._bind(servicer, service_names, True)
             await stop.wait()
     finally:
-        await stop_server(server, health, grace_s=grace_s)
+        health._serving = False  # draining: a dependency coming back must not say SERVING again
+        await stop_server(server, servicer, grace_s=grace_s)
         if shutdown is not None:
             await shutdown()

@@ -15,6 +15,8 @@ local SESSIONS = PREFIX .. ':sessions'
 local LEASES = PREFIX .. ':leases'
 local IDLE = PREFIX .. ':idle'
 local WORKERS = PREFIX .. ':workers'
+-- While the pool is recovering from lost state (recover_pool.lua): the blocks live workers re-asserted (reassert.lua)
+local HELD = PREFIX .. ':recovery:held'
 
 -- unpack() is bounded by Lua's C stack (about 8000 values); large block lists are pushed in chunks.
 local CHUNK = 1000
@@ -44,6 +46,23 @@ local function now_ms_fine()
 end
 
 local function fail(code, msg) return redis.error_reply('KVRELAY_' .. code .. ' ' .. msg) end
+
+-- Until when (ms) the pool waits for live workers to re-assert what they hold after Redis lost its state, or nil.
+local function recovering_until()
+  local until_ms = redis.call('HGET', POOL, 'recovering_until_ms')
+  return until_ms and tonumber(until_ms) or nil
+end
+
+-- The worker's registry entry (register_worker.lua, reassert.lua). The key expires by itself, so a vanished worker
+-- leaves nothing behind; the zset lets list_workers avoid SCAN.
+local function register(wid, role, address, ttl_ms, info, now)
+  local key = worker_key(wid)
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'worker_id', wid, 'role', role, 'address', address, 'info', info, 'load', '{}',
+    'registered_ms', int(now), 'heartbeat_ms', int(now), 'expires_ms', int(now + ttl_ms))
+  redis.call('PEXPIRE', key, ttl_ms)
+  redis.call('ZADD', WORKERS, int(now + ttl_ms), wid)
+end
 
 local function push_all(key, values)
   for i = 1, #values, CHUNK do

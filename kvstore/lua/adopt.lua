@@ -58,6 +58,10 @@ if expected_request ~= '' and cur_owner == new_owner and cur_state == state and 
   return session_reply(sid)  -- handed to us already (update.lua) for this very request
 end
 if expected_state ~= '' and cur_state ~= expected_state then
+  if cur_owner == new_owner and cur_state == state then
+    drop_own_claim(sid, new_owner)
+    return session_reply(sid)  -- the repeat of an adoption whose reply was lost
+  end
   return not_yet('STATE', 'session ' .. sid .. ' is ' .. cur_state .. ', expected ' .. expected_state)
 end
 if expected_request ~= '' and cur_request ~= expected_request then

@@ -5,15 +5,23 @@
 -- that is gone, e.g. reclaimed while its owner stalled), request_id ('' none: recorded when it creates the session, so a
 -- retry of the same request can tell its own half-prefilled session from another request's). Returns the new block ids, in table order, as one
 -- comma-separated string (one reply element, not one per block: much faster to parse for a long prompt).
+-- have ('' unknown): how many blocks the caller's table holds. It makes a repeat harmless: a caller whose reply was lost
+-- (Redis stopped or timed out after running the script) calls again and gets the same blocks, not n more.
+-- While the pool recovers from lost state (recover_pool.lua) the free-list is incomplete: refused (RECOVERING).
 local sid, n, owner, lease_ms = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local evict, create, request = ARGV[6] == '1', ARGV[7] == '1', ARGV[8] or ''
+local have = tonumber(ARGV[9] or '')
 
 if redis.call('EXISTS', POOL) == 0 then return fail('NOPOOL', PREFIX) end
+if recovering_until() then return fail('RECOVERING', PREFIX) end
 local skey = session_key(sid)
 local current = redis.call('HGET', skey, 'owner')
 local exists = current ~= false
 if not exists and not create then return fail('NOSESSION', 'session ' .. sid .. ' does not exist') end
 if exists and current ~= owner then return owner_error(sid, current, owner) end
+if have and exists and n > 0 and redis.call('LLEN', blocks_key(sid)) == have + n then
+  return table.concat(redis.call('LRANGE', blocks_key(sid), have, -1), ',')  -- the repeat of a call that took them
+end
 
 local free = redis.call('LLEN', FREE)
 local victims = {}

@@ -1,5 +1,5 @@
 -- init_pool: create the pool record and the free-list 0..num_blocks-1, once.
--- ARGV: prefix, num_blocks, block_size. Returns 1 when created, 0 when a pool of the same geometry already exists
+-- ARGV: prefix, num_blocks, block_size, epoch (a fresh random id: workers tell a re-created pool by it). Returns 1 when created, 0 when a pool of the same geometry already exists
 -- (a restarted process must not hand out blocks that live sessions hold).
 local num_blocks, block_size = tonumber(ARGV[2]), tonumber(ARGV[3])
 
@@ -13,7 +13,8 @@ if redis.call('EXISTS', FREE, SESSIONS, LEASES, IDLE) > 0 then
   return fail('DIRTY', 'keys of prefix ' .. PREFIX .. ' exist without a pool record')
 end
 
-redis.call('HSET', POOL, 'num_blocks', num_blocks, 'block_size', block_size, 'created_ms', int(now_ms()))
+redis.call('HSET', POOL, 'num_blocks', num_blocks, 'block_size', block_size, 'created_ms', int(now_ms()),
+  'epoch', ARGV[4])
 for first = 0, num_blocks - 1, CHUNK do
   local ids = {}
   for id = first, math.min(first + CHUNK, num_blocks) - 1 do ids[#ids + 1] = id end

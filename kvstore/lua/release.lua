@@ -6,6 +6,7 @@ local skey = session_key(sid)
 
 local current = redis.call('HGET', skey, 'owner')
 if current == false then return fail('NOSESSION', 'session ' .. sid .. ' does not exist') end
+if current == '' and redis.call('HGET', skey, 'state') == 'IDLE' then return 1 end  -- released already (a repeat)
 if current ~= owner then return owner_error(sid, current, owner) end
 
 set_owner(sid, current, '')

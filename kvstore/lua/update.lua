@@ -10,7 +10,14 @@ local skey = session_key(sid)
 
 local current = redis.call('HGET', skey, 'owner')
 if current == false then return fail('NOSESSION', 'session ' .. sid .. ' does not exist') end
-if current ~= owner then return owner_error(sid, current, owner) end
+if current ~= owner then
+  -- the repeat of this owner's hand-off of this request whose reply was lost: the session went on to a decode worker
+  local request = nil
+  for i = 6, #ARGV, 2 do if ARGV[i] == 'request_id' then request = ARGV[i + 1] end end
+  local was = redis.call('HMGET', skey, 'prefilled_by', 'request_id')
+  if state == 'PREFILLED' and request and was[1] == owner and was[2] == request then return 1 end
+  return owner_error(sid, current, owner)
+end
 
 local fields = {}
 for i = 6, #ARGV, 2 do
@@ -30,6 +37,10 @@ local now = now_ms()
 if state ~= '' then
   fields[#fields + 1] = 'state'
   fields[#fields + 1] = state
+end
+if state == 'PREFILLED' then
+  fields[#fields + 1] = 'prefilled_by'
+  fields[#fields + 1] = owner
 end
 redis.call('HSET', skey, 'updated_ms', int(now), unpack(fields))
 if lease_ms ~= '' then set_lease(sid, now + tonumber(lease_ms)) end

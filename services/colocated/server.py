@@ -30,6 +30,7 @@ async def run(settings: ColocatedSettings) -> None:
     # Both roles take turns on one stream: there is no split to adapt (the SLO admission still applies).
     settings = dataclasses.replace(settings, split=False)
     prefill, decode = PrefillWorker(settings), DecodeWorker(settings)
+    decode.health = prefill.health  # one process, one health: both heartbeats report Redis to it
     tasks: list[asyncio.Task] = []
     runtimes: list[Runtime] = []
 
@@ -57,7 +58,7 @@ async def run(settings: ColocatedSettings) -> None:
         (prefill_pb2_grpc.add_PrefillServicer_to_server, prefill),
         (decode_pb2_grpc.add_DecodeServicer_to_server, decode),
     ]
-    await serve(servicers, [PREFILL, DECODE], settings.host, settings.port, startup, shutdown)
+    await serve(servicers, [PREFILL, DECODE], settings.host, settings.port, startup, shutdown, health=prefill.health)
 
 
 def main() -> None:

@@ -24,7 +24,15 @@ from kvrelay.internal.v1 import decode_pb2_grpc
 from kvrelay.sampling import params_from_proto
 from kvrelay.settings import DecodeSettings
 from kvrelay.v1 import common_pb2
-from kvstore.sessions import NotOwner, SessionError, SessionNotFound, SessionRecord, SessionState, WrongState
+from kvstore.sessions import (
+    HeldSession,
+    NotOwner,
+    SessionError,
+    SessionNotFound,
+    SessionRecord,
+    SessionState,
+    WrongState,
+)
 from services.common.worker import LEASE_MS, Worker, main_for
 from services.decode.step_loop import Failed, RunningSeq, StepLoop
 from services.model.sampler import Sampler, make_generator
@@ -39,6 +47,14 @@ CLAIM_MS = 5000  # a waiting call's claim on its session (kvstore/sessions.py), 
 # WORKER_TTL_MS (5 s) and its lease within LEASE_MS (10 s), whichever Redis sees first; a live owner keeps it.
 RESUME_WAIT_S = LEASE_MS / 1000 + 2.0
 RESUME_POLL_S = 0.2  # how often a resume tries the takeover again
+# A call still waiting for its hand-off this long after Redis lost its state gives up with UNAVAILABLE: a session that
+# was PREFILLED and offered to nobody yet had no holder to re-assert it, and would otherwise be waited for until the
+# deadline. A prompt still queued at prefill (its session not created yet) may be cut off too: a retry serves it.
+LOST_HANDOFF_S = 10.0
+
+
+class HandoffLost(Exception):
+    """Redis lost the state of the session this call waits for (see LOST_HANDOFF_S)."""
 
 
 class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
@@ -65,6 +81,33 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
             if seq.session_id not in owned:
                 self.lose(seq)
 
+    def held_sessions(self) -> list[HeldSession]:
+        held = [
+            HeldSession(seq.session_id, SessionState.DECODING, seq.num_cached, seq.request_id, tuple(seq.block_table))
+            for seq in self.running
+            if not (seq.finished or seq.lost or seq.cancelled)
+        ]
+        for record, _ in self.handed.values():  # handed to a call that has not taken it yet
+            if not any(h.session_id == record.session_id for h in held):
+                held.append(
+                    HeldSession(
+                        record.session_id,
+                        SessionState.DECODING,
+                        record.num_tokens,
+                        record.request_id,
+                        record.block_table,
+                    )
+                )
+        return held
+
+    def give_up_store(self, why: str) -> None:
+        for seq in self.running:
+            if not (seq.finished or seq.cancelled):
+                log.warning("session %s: %s", seq.session_id, why)
+                seq.out.put_nowait(Failed(grpc.StatusCode.UNAVAILABLE, why))
+                seq.cancelled = seq.aborted = True  # freed (once Redis answers), never kept
+        self.wakeup.set()
+
     async def Decode(self, request, context):  # noqa: N802
         received = time.perf_counter()
         if self.attached is None:
@@ -85,6 +128,8 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         except SessionError as exc:
             code = grpc.StatusCode.NOT_FOUND if isinstance(exc, LookupError) else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, f"cannot adopt session {request.session_id}: {exc}")
+        except HandoffLost as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if request.await_prefill and len(history) != record.num_tokens + 1:
             await self.store.free(request.session_id, owner=self.worker_id)
             await context.abort(
@@ -141,6 +186,7 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
             keep_session=request.keep_session,
             received=received,
             cancelled=cancelled,
+            request_id=request.request_id,
         )
         self.running.append(seq)
         self.wakeup.set()
@@ -213,6 +259,7 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
         notice = asyncio.Event()
         self.awaiting.setdefault(sid, set()).add(notice)
         taken = False
+        epoch, lost_at = self.epoch, None
         try:
             while True:
                 notice.clear()
@@ -236,7 +283,14 @@ class DecodeWorker(StepLoop, Worker, decode_pb2_grpc.DecodeServicer):
                     trace.mark(sid, "dc_adopted")
                     return record, offered
                 except (WrongState, SessionNotFound):
-                    pass  # not offered yet: still being prefilled, or not even admitted
+                    # not offered yet: still being prefilled, or not even admitted; or lost with Redis' state
+                    if self.epoch != epoch:
+                        lost_at = lost_at or time.monotonic()
+                        if time.monotonic() - lost_at > LOST_HANDOFF_S:
+                            raise HandoffLost(
+                                "the session store lost this request's session (Redis restarted or was flushed) "
+                                "before its hand-off; retry"
+                            ) from None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(notice.wait(), PREFILL_POLL_S)
         finally:

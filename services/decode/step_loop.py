@@ -22,7 +22,10 @@ the step's input the known token and its sample thrown away, exactly the steps t
 writes and every later logit are those of an uninterrupted run; then it samples again.
 
 The loop runs a step only while the worker may act on its sessions (`Worker.may_act`: its heartbeats reach Redis), so
-that a worker cut off from Redis has stopped writing before another may take its sessions over.
+that a worker cut off from Redis has stopped writing before another may take its sessions over. A Redis call of the
+loop's own that finds Redis away, or its state lost (the pool re-created, the session not re-asserted yet), pauses the
+loop the same way (`pause_acting`) instead of failing the sequence: the heartbeat re-asserts the sessions and lets the
+loop go on (services/common/worker.py).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from kvrelay.sampling import SamplingParams
 from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
 from kvstore.block_table import blocks_needed
-from kvstore.sessions import SessionError, SessionState
+from kvstore.sessions import PoolNotInitialized, PoolRecovering, SessionError, SessionState, StoreUnavailable
 from services.common.attach import Attached
 from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import LEASE_MS, OwnStream, sync_device
@@ -76,6 +79,7 @@ class RunningSeq:
     aborted: bool = False  # Abort always frees
     lost: bool = False  # another worker took the session over: drop it, touching nothing in Redis
     solo: bool = False  # was in a step that failed: runs alone once, so that only a sequence that fails alone fails
+    request_id: str = ""  # the request it serves (re-asserted with the session after Redis lost its state)
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,9 @@ class DecodeStore(Protocol):
     create=False: SessionError when the session was reclaimed or taken over meanwhile).
     """
 
-    async def allocate(self, session_id: str, n: int, owner: str, lease_ms: int, /, *, create: bool) -> list[int]: ...
+    async def allocate(
+        self, session_id: str, n: int, owner: str, lease_ms: int, /, *, create: bool, have: int | None = None
+    ) -> list[int]: ...
 
     async def update(
         self, session_id: str, owner: str, state: SessionState | None, /, *, num_tokens: int, tokens: list[int]
@@ -129,6 +135,10 @@ class StepLoopHost(Protocol):
     sampler: Sampler
 
     def may_act(self) -> bool: ...  # False: no step may start (services/common/worker.py, ACT_S)
+
+    def pause_acting(self) -> None: ...  # no step until the next heartbeat that reaches Redis
+
+    async def store_lost(self) -> bool: ...  # whether Redis lost its state since this worker's sessions were known
 
 
 class ItlWindow:
@@ -241,6 +251,8 @@ class StepLoop:
         if solo is not None and not batch:
             solo.solo = False  # no block for it now: it waits with the others
             return
+        if not self._host.may_act():
+            return  # Redis away or recovering (a _grow paused the loop): blocks are not short, nobody is preempted
         if paused and not batch:
             # Nobody can grow, so nobody will free blocks: give up the newest sequence (its blocks free others).
             victim = preemption_victim(paused)
@@ -494,12 +506,22 @@ class StepLoop:
         if need <= 0:
             return True
         try:
-            seq.block_table += await host.store.allocate(seq.session_id, need, host.worker_id, LEASE_MS, create=False)
+            have = len(seq.block_table)  # makes the call harmless to repeat (the store retries it)
+            seq.block_table += await host.store.allocate(
+                seq.session_id, need, host.worker_id, LEASE_MS, create=False, have=have
+            )
             return True
         except OutOfBlocks:
             return False
-        except SessionError:  # taken over (or reclaimed) while this worker was cut off: not ours to touch
-            self.lose(seq)
+        except (PoolRecovering, PoolNotInitialized, StoreUnavailable):
+            # Redis away, or recovering from lost state: every sequence waits for the heartbeat that re-asserts
+            # the sessions (or ends them, services/common/worker.py STORE_WAIT_S)
+            host.pause_acting()
+            return False
+        except SessionError:
+            if await host.store_lost():  # the record went with Redis' state; the re-assert brings it back
+                return False
+            self.lose(seq)  # taken over (or reclaimed) while this worker was cut off: not ours to touch
             return False
         except Exception as exc:  # Redis failed for this call: this sequence fails, not the batch
             self._fail_alone(seq, exc)

@@ -4,6 +4,10 @@
 
 Workers call GetLayout and map the two regions. The process keeps them alive as long as it runs and removes the
 /dev/shm files when it stops, so it must outlive every worker (the launcher stops it last).
+
+It also watches Redis for lost state (a restart without persistence, a FLUSHALL): the pool's record gone, it
+re-creates it with the same geometry and lets the live workers re-assert what they hold before the rest is free
+(kvstore/lua/recover_pool.lua). Its health says NOT_SERVING while Redis does not answer.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from kvrelay.internal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from kvrelay.model_config import ModelConfig
 from kvrelay.rpc.grpc_server import install_uvloop
-from kvrelay.rpc.lifecycle import serve
+from kvrelay.rpc.lifecycle import Health, serve
 from kvrelay.settings import KVStoreSettings, parse
 from kvstore.formats import bytes_per_token, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
@@ -28,6 +32,7 @@ from services.model.loader import load_weights
 
 log = logging.getLogger("kvrelay.kvstore")
 SERVICE = "kvrelay.internal.v1.KVStore"
+WATCH_S = 0.5  # how often the pool's record in Redis is checked: a lost one is re-created within this
 
 
 def size_pool(config: ModelConfig, spec, block_size: int, num_blocks: int | None, kv_cache_mb: int) -> int:
@@ -93,24 +98,67 @@ def build_regions(args: KVStoreSettings) -> tuple[kvstore_pb2.Layout, list]:
     return layout, [weights_handle, pool_handle]
 
 
+async def watch_pool(store: SessionStore, num_blocks: int, block_size: int, health: Health) -> None:
+    """Re-create the pool when Redis lost it, close the recovery window in time (recover_pool), and report Redis'
+    absence in health."""
+    away = False
+    while True:
+        try:
+            what = await store.recover_pool(num_blocks, block_size)
+            if what == "recreated":
+                log.warning(
+                    "the session store lost its state (Redis restarted without persistence, or was flushed): "
+                    "re-created the pool of %d blocks; live workers re-assert what they hold",
+                    num_blocks,
+                )
+            elif what == "recovered":
+                stats = await store.stats()
+                log.warning(
+                    "pool recovered: %d blocks held by %d live session(s), %d free",
+                    stats.used,
+                    stats.active_sessions,
+                    stats.free,
+                )
+            if away:
+                log.warning("the session store answers again")
+            away = False
+            await health.dependency(True)
+        except Exception as exc:  # Redis away (the store retried already): say so once, keep watching
+            if not away:
+                log.warning("the session store is unreachable: %s: %s", type(exc).__name__, exc)
+            away = True
+            await health.dependency(False, str(exc))
+        await asyncio.sleep(WATCH_S)
+
+
 async def run(settings: KVStoreSettings) -> None:
     # Health answers NOT_SERVING while the weights load, so the server starts first and the layout is filled in later.
     servicer = KVStoreServicer(kvstore_pb2.Layout())
     handles = []
+    health = Health()
+    stores: list[SessionStore] = []
+    tasks: list[asyncio.Task] = []
 
     async def startup(stop: asyncio.Event) -> None:
         servicer.layout, regions = await asyncio.to_thread(build_regions, settings)
         handles.extend(regions)
         # Fresh memory: any session a previous run left in Redis points at K/V that no longer exist.
-        async with SessionStore(settings.redis_url, settings.name) as store:
-            await store.init_pool(servicer.layout.pool.num_blocks, servicer.layout.pool.block_size, reset=True)
+        store = SessionStore(settings.redis_url, settings.name, retry_s=WATCH_S)
+        stores.append(store)
+        pool = servicer.layout.pool
+        await store.init_pool(pool.num_blocks, pool.block_size, reset=True)
+        tasks.append(asyncio.create_task(watch_pool(store, pool.num_blocks, pool.block_size, health)))
 
     async def shutdown() -> None:
+        for task in tasks:
+            task.cancel()
+        for store in stores:
+            await store.close()
         for handle in handles:
             remove_region(handle)
 
     servicers = [(kvstore_pb2_grpc.add_KVStoreServicer_to_server, servicer)]
-    await serve(servicers, [SERVICE], settings.host, settings.port, startup, shutdown, grace_s=5.0)
+    await serve(servicers, [SERVICE], settings.host, settings.port, startup, shutdown, grace_s=5.0, health=health)
 
 
 def main() -> None:

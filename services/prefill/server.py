@@ -26,7 +26,15 @@ from kvrelay.sampling import SamplingParams, params_from_proto
 from kvrelay.settings import PrefillSettings
 from kvrelay.v1 import common_pb2
 from kvstore.allocator import OutOfBlocks
-from kvstore.sessions import NotOwner, SessionError, SessionState
+from kvstore.sessions import (
+    HeldSession,
+    NotOwner,
+    PoolNotInitialized,
+    PoolRecovering,
+    SessionError,
+    SessionState,
+    StoreUnavailable,
+)
 from services.common.convert import FINISH, logprob_to_proto
 from services.common.worker import HANDOFF_LEASE_MS, LEASE_MS, Worker, main_for, sync_device
 from services.model.runner import SeqChunk
@@ -53,6 +61,11 @@ FENCED_POLL_S = 0.05  # while the worker may not act (no heartbeat lately), it l
 
 class Aborted(Exception):
     """A job's future holds this when Abort stopped it: its Prefill call ends with CANCELLED."""
+
+
+class StateLost(Exception):
+    """Redis lost the job's session (restarted without persistence, flushed) before its hand-off: the call ends with
+    UNAVAILABLE, and the gateway prefills it again (services/common/worker.py has the recovery)."""
 
 
 @dataclass(eq=False)
@@ -118,6 +131,21 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             if not job.future.done():
                 job.future.set_exception(SessionError(f"session {job.session_id} was taken over by another worker"))
 
+    def held_sessions(self) -> list[HeldSession]:
+        # num_tokens 0: a PREFILLING session's K/V is trusted only once it is PREFILLED
+        return [
+            HeldSession(j.session_id, SessionState.PREFILLING, 0, j.request_id or None, tuple(j.block_table))
+            for j in self.ready
+            if not j.cancelled and j.block_table
+        ]
+
+    def give_up_store(self, why: str) -> None:
+        for job in self.waiting + self.ready:
+            if not job.future.done():
+                job.future.set_exception(StoreUnavailable(why))
+            job.cancelled = True  # the batch loop drops it (and frees its blocks once Redis answers)
+        self.wakeup.set()
+
     def prepare(self) -> None:
         self.attached.runner.enable_prefill_graphs(self.settings.prefill_graph_tokens, self.attached.max_model_len)
         self.slo, split = slo_and_split(self.settings, self.attached.runner.device)
@@ -168,6 +196,10 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for this prompt: {exc}")
         except SessionError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StoreUnavailable as exc:  # "session store unreachable at ...": the gateway passes it on as it is
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except StateLost as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except RedisError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis is unavailable ({type(exc).__name__}: {exc})")
         except Exception as exc:  # this prompt's own failure (its neighbours in the batch went on)
@@ -227,7 +259,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 record = await self.store.get(job.session_id)
                 if record is None:
                     job.block_table = await self.store.allocate(
-                        job.session_id, need, self.worker_id, LEASE_MS, request_id=job.request_id
+                        job.session_id, need, self.worker_id, LEASE_MS, request_id=job.request_id, have=0
                     )
                 else:
                     await self._resume(job, record, need)
@@ -237,6 +269,8 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                     still.append(job)
                 else:
                     job.future.set_exception(exc)
+            except (PoolRecovering, PoolNotInitialized):  # Redis lost its state: blocks come once it has recovered
+                still.append(job)
             except NotOwner as exc:  # a retry whose session's holder is not declared gone yet
                 if time.perf_counter() - job.arrived < TAKEOVER_WAIT_S:
                     still.append(job)
@@ -282,7 +316,7 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         if missing > 0:
             try:
                 job.block_table += await self.store.allocate(
-                    job.session_id, missing, self.worker_id, LEASE_MS, create=False
+                    job.session_id, missing, self.worker_id, LEASE_MS, create=False, have=len(job.block_table)
                 )
             except OutOfBlocks:
                 await self.store.release(job.session_id, self.worker_id)  # back to IDLE; retried next round
@@ -381,6 +415,11 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 try:
                     await self._hand_off(job, out, row)
                 except Exception as exc:  # this job's Redis call (or a bug in its reply): it alone fails
+                    if isinstance(exc, SessionError | PoolNotInitialized) and await self.store_lost():
+                        exc = StateLost(
+                            f"the session store lost this request's session (Redis restarted or was flushed) "
+                            f"before its hand-off; retry ({exc})"
+                        )
                     await self._fail(job, exc)
 
     async def _forward(self, batch: list[PrefillJob], chunks: list[SeqChunk]) -> list[tuple[list[PrefillJob], object]]:

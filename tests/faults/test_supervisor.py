@@ -1,6 +1,7 @@
 """`kvrelay up` is a supervisor, not a tripwire: a worker or the gateway killed with -9 comes back on its port while
-the deployment keeps answering; a dead kvstore or private Redis stops everything, loudly and cleanly; the restart
-policy (backoff, crash-loop limit) and the private Redis's password are checked without a deployment.
+the deployment keeps answering, and so does a private Redis (its state back from its append-only file); a dead
+kvstore stops everything, loudly and cleanly; the restart policy (backoff, crash-loop limit) and the private Redis's
+password are checked without a deployment.
 
 Real processes (kvrelay.deployment.Deployment runs `kvrelay up` as a child); each test stops its own deployment and
 leaves nothing behind. A killed worker's sessions are not resumed here (mid-stream failover is the gateway's side):
@@ -227,23 +228,36 @@ def test_d_a_killed_kvstore_stops_everything_with_a_reason():
         assert_stopped_cleanly(d, code=1)
 
 
-def test_a_killed_private_redis_stops_everything_and_its_password_never_shows():
+def test_a_killed_private_redis_comes_back_with_its_state_and_its_password_never_shows():
     dead = free_port_run(1)  # nothing answers there: the launcher starts a private redis-server
     d = Deployment("--num-blocks", NUM_BLOCKS, "--redis-url", f"redis://127.0.0.1:{dead}/0")
     try:
         (victim,) = d.pids("redis")
         # redis-server works in the launcher's private folder (its `dir`), where its config holds the password
-        conf = Path(os.readlink(f"/proc/{victim}/cwd")) / "redis.conf"
-        (password,) = re.findall(r'^requirepass "(.+)"$', conf.read_text(), re.MULTILINE)
+        conf = (Path(os.readlink(f"/proc/{victim}/cwd")) / "redis.conf").read_text()
+        (password,) = re.findall(r'^requirepass "(.+)"$', conf, re.MULTILINE)
+        (port,) = re.findall(r"^port (\d+)$", conf, re.MULTILINE)
+        private = f"redis://:{password}@127.0.0.1:{port}/0"
         assert all(password not in p.args for p in d.processes())  # not on any command line (ps shows them all)
-        os.kill(victim, signal.SIGKILL)
-        d.proc.wait(timeout=120)
-        assert "kvrelay: redis exited with code -9; it was this deployment's private Redis" in d.output()
-        assert d.proc.returncode == 1
-        assert "redis://:***@127.0.0.1:" in d.output()
-        assert password not in d.output()
+        with Client(d.address) as client:
+            reference = answer(client, retry_s=0)
+            assert kill(d, victim) == ("redis", FIRST_RESTART_DELAY_S, 1)
+            healthy_again(d, "redis", 1)
+            (new,) = d.pids("redis")
+            assert new != victim
+            assert answer(client) == reference  # the same deployment serves on: its state came back from the AOF
+
+            async def audit():
+                async with SessionStore(private, d.name) as store:
+                    return await store.audit(), await store.stats()
+
+            report, stats = asyncio.run(audit())
+            assert report.ok and stats.used == 0, (report, stats)
+        out = d.output()
+        assert "stopping everything" not in out and "lost its state" not in out  # nothing was lost: no recovery
+        assert "redis://:***@127.0.0.1:" in out and password not in out
     finally:
-        assert_stopped_cleanly(d, code=1)
+        assert_stopped_cleanly(d)
 
 
 # --- the policy and the private Redis, without a deployment -----------------------------------------------------------

@@ -112,7 +112,7 @@ class MemoryStore:
         self.tables: dict[str, list[int]] = {}
         self.kept: dict[str, tuple[int, list[int]]] = {}
 
-    async def allocate(self, sid, n, owner, lease_ms, create=True) -> list[int]:
+    async def allocate(self, sid, n, owner, lease_ms, create=True, have=None) -> list[int]:
         if n > len(self.free_blocks):
             raise OutOfBlocks(n, len(self.free_blocks))
         blocks, self.free_blocks = self.free_blocks[:n], self.free_blocks[n:]

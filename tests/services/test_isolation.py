@@ -72,7 +72,7 @@ class FlakyDecodeStore(MemoryStore):
         self.grow_fails, self.free_fails = grow_fails, free_fails
         self.free_attempts: dict[str, int] = {}
 
-    async def allocate(self, sid, n, owner, lease_ms, create=True) -> list[int]:
+    async def allocate(self, sid, n, owner, lease_ms, create=True, have=None) -> list[int]:
         if sid == self.grow_fails and sid in self.tables:
             raise redis_down()
         return await super().allocate(sid, n, owner, lease_ms, create)
@@ -266,7 +266,7 @@ class PrefillStore(MemoryStore):
     async def get(self, sid):
         return None
 
-    async def allocate(self, sid, n, owner, lease_ms, create=True, request_id=None) -> list[int]:
+    async def allocate(self, sid, n, owner, lease_ms, create=True, request_id=None, have=None) -> list[int]:
         if sid == self.alloc_fails:
             raise redis_down()
         if sid in self.no_blocks:
