@@ -4,8 +4,8 @@ tests/kernels/compile_sm90.py (Hopper) and tests/kernels/compile_gfx942.py (MI30
 A variant is a kernel, its pointer dtypes, its constexprs and its compile options. What a launch on the target
 would choose is chosen here per target, from the same places the launches take it from: PDL where the target has it
 (kernels/pdl.py `has_pdl`), the int8 -> fp16 conversion (`to_dot`'s CONVERT: inline PTX on NVIDIA, integer ops
-elsewhere, as paged_decode_attention picks it), the fp8 flavour (e4m3fn on NVIDIA, e4m3fnuz on AMD: `tl.float8e4nv`
-/ `tl.float8e4b8` pointers and their quantization constants, max 448 / 240), and the register cap and stage count of
+elsewhere, as paged_decode_attention picks it), the fp8 flavour (e4m3fnuz on MI300X, e4m3fn elsewhere: `tl.float8e4b8` /
+`tl.float8e4nv` pointers and their quantization constants, max 240 / 448), and the register cap and stage count of
 int8 decode attention (NVIDIA only: on ROCm the launch takes Triton's defaults).
 
 Imported by the compile scripts only, in a process without TRITON_INTERPRET (under it @triton.jit gives interpreter
@@ -78,9 +78,12 @@ def is_nvidia(target: GPUTarget) -> bool:
 
 
 def fp8_types(target: GPUTarget) -> tuple[str, torch.dtype]:
-    """(Triton pointer type, torch dtype) of fp8 KV on target: e4m3fn on NVIDIA, e4m3fnuz on AMD (MI300X's native
-    fp8; kvstore.formats.fp8_dtype gives it on ROCm)."""
-    return ("*fp8e4nv", torch.float8_e4m3fn) if is_nvidia(target) else ("*fp8e4b8", torch.float8_e4m3fnuz)
+    """(Triton pointer type, torch dtype) of fp8 KV on target: e4m3fnuz on CDNA3 (gfx942, MI300X's native fp8, max
+    240; kvstore.formats.fp8_dtype gives it on ROCm), OCP e4m3fn (max 448) on NVIDIA and on CDNA4 (gfx950, whose
+    hardware converts OCP fp8: Triton 3.6 asserts converting float32 to e4m3fnuz for it)."""
+    if target.backend == "hip" and str(target.arch).startswith("gfx94"):
+        return "*fp8e4b8", torch.float8_e4m3fnuz
+    return "*fp8e4nv", torch.float8_e4m3fn
 
 
 def convert(target: GPUTarget) -> int:
