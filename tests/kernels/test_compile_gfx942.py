@@ -13,7 +13,8 @@ file, gets); the GEMVs have 4, the norms and the split reduce 8 (measured by thi
 known to fall short are listed in KNOWN_SHORT with the reason, and checked by a strict xfail: it fails once they meet
 the bar, so the list is shortened then. BENCHMARKS.md "MI300X (gfx942): compiled, not measured" holds the table.
 
-CI time: one run of the script compiles 64 + 62 kernels (gfx942 and gfx950) in ~80 s on 2 cores (--jobs 2).
+CI time: the script compiles 60 kernels for each target (gfx942, gfx950) in 80-115 s on 2 cores (--jobs 2, cold
+Triton cache; 115 s with another test run on the same 2 cores), ~4 s with a warm one.
 """
 
 from __future__ import annotations
