@@ -15,8 +15,8 @@ GEMMs trigger right after their wait (TRIGGER_AFTER_WAIT there): the next grid l
 this one has triggered, so it never takes an SM from a later wave of this one, and its programs fill the SMs this
 grid frees during its tail (H200, batch-1 decode 3.92-3.94 ms a step against 3.98 when they triggered after their
 loop; batch 64 6.03-6.05 against 6.11-6.12). The split reduce triggers before its wait, so that o_proj's programs
-read their first weight chunk during the attention. Off on ROCm, on the CPU (the interpreter) and before sm_90;
-KVRELAY_PDL=0 turns it off.
+read their first weight chunk during the attention. Off on ROCm, on the CPU (the interpreter) and before sm_90
+(`has_pdl` decides by compile target, the one place that does); KVRELAY_PDL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -27,13 +27,29 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+
+def has_pdl(target: GPUTarget) -> bool:
+    """Whether kernels compiled for `target` may use PDL (the PDL constexpr): NVIDIA sm_90 and newer
+    (`griddepcontrol`). No AMD GPU has it: for gfx942 (MI300X) the kernels compile without it (the `if PDL:` branches
+    below are not generated), as tests/kernels/compile_gfx942.py checks."""
+    return target.backend == "cuda" and int(target.arch) >= 90
+
+
+def device_target(device_index: int) -> GPUTarget:
+    """The compile target of a visible GPU: ("hip", "gfx942", 64) on an MI300X, ("cuda", 90, 32) on an H100."""
+    props = torch.cuda.get_device_properties(device_index)
+    if torch.version.hip is not None:
+        return GPUTarget("hip", props.gcnArchName.split(":")[0], 64)
+    return GPUTarget("cuda", props.major * 10 + props.minor, 32)
 
 
 @functools.cache
 def _enabled(device_index: int) -> bool:
-    if os.environ.get("KVRELAY_PDL", "1") == "0" or torch.version.hip is not None:
+    if os.environ.get("KVRELAY_PDL", "1") == "0":
         return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    return has_pdl(device_target(device_index))
 
 
 def launch_options(device: torch.device) -> dict:

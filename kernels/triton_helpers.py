@@ -152,11 +152,16 @@ def _mode(fmt: KVFormat, input_dtype: torch.dtype) -> int:
 
 
 @functools.cache  # every launch asks (quantize_constexprs): two torch scalars a call otherwise
-def _inv_qmax(fmt: KVFormat) -> float:
+def _inv_qmax(qmax: float) -> float:
     """float32(1 / qmax), computed as torch does on CUDA (a float32 division), as a Python float that is exact."""
-    if not fmt.has_scale:
-        return 1.0
-    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(fmt.qmax, dtype=torch.float32))
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(qmax, dtype=torch.float32))
+
+
+def _qmax(fmt: KVFormat, fp8: torch.dtype) -> float:
+    """The grid's largest magnitude of a scaled format (fp8: of the flavour `fp8`), 1.0 for an unscaled one."""
+    if fmt is KVFormat.FP8:
+        return float(torch.finfo(fp8).max)
+    return fmt.qmax if fmt.has_scale else 1.0
 
 
 def _fp8_grid(dtype: torch.dtype) -> tuple[int, int]:
@@ -176,18 +181,23 @@ def scale_args(layer: LayerKV) -> tuple:
     return k_scale, v_scale, k_scale_strides, v_scale_strides
 
 
-def quantize_constexprs(layer: LayerKV, key_dtype: torch.dtype, value_dtype: torch.dtype, device) -> dict:
+def quantize_constexprs(layer: LayerKV, key_dtype: torch.dtype, value_dtype: torch.dtype, device,
+                        fp8: torch.dtype | None = None) -> dict:  # fmt: skip
     """The K_*/V_* quantization constexprs of a kernel that stores K and V with `store_at_slot`: K_MODE, V_MODE,
     K_QMAX, V_QMAX, K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS, for the layer's K and V
-    formats and the dtypes of the key and value rows stored, on `device` (torch.device)."""
-    fp8_min_normal_exp, fp8_mantissa_bits = _fp8_grid(KVFormat.FP8.storage_dtype)
+    formats and the dtypes of the key and value rows stored, on `device` (torch.device). fp8: the e4m3 flavour an fp8
+    pool stores, default this platform's (`kvstore.formats.fp8_dtype`: e4m3fnuz on ROCm); the gfx942 compile check
+    (tests/kernels/compile_gfx942.py) passes e4m3fnuz from a host without ROCm."""
+    fp8 = fp8 or KVFormat.FP8.storage_dtype
+    fp8_min_normal_exp, fp8_mantissa_bits = _fp8_grid(fp8)
+    k_qmax, v_qmax = _qmax(layer.k_format, fp8), _qmax(layer.v_format, fp8)
     return {
         "K_MODE": _mode(layer.k_format, key_dtype),
         "V_MODE": _mode(layer.v_format, value_dtype),
-        "K_QMAX": layer.k_format.qmax if layer.k_format.has_scale else 1.0,
-        "V_QMAX": layer.v_format.qmax if layer.v_format.has_scale else 1.0,
-        "K_INV_QMAX": _inv_qmax(layer.k_format),
-        "V_INV_QMAX": _inv_qmax(layer.v_format),
+        "K_QMAX": k_qmax,
+        "V_QMAX": v_qmax,
+        "K_INV_QMAX": _inv_qmax(k_qmax),
+        "V_INV_QMAX": _inv_qmax(v_qmax),
         # What torch's `amax / qmax` does on this device (kernels/triton_store_kv.py's docstring).
         "RECIPROCAL": device.type != "cpu",
         "FP8_MIN_NORMAL_EXP": fp8_min_normal_exp,

@@ -1,0 +1,264 @@
+"""The Triton kernels' variants, as compile checks compile them for one GPU target: the one enumeration that
+tests/kernels/compile_sm90.py (Hopper) and tests/kernels/compile_gfx942.py (MI300X) share.
+
+A variant is a kernel, its pointer dtypes, its constexprs and its compile options. What a launch on the target
+would choose is chosen here per target, from the same places the launches take it from: PDL where the target has it
+(kernels/pdl.py `has_pdl`), the int8 -> fp16 conversion (`to_dot`'s CONVERT: inline PTX on NVIDIA, integer ops
+elsewhere, as paged_decode_attention picks it), the fp8 flavour (e4m3fnuz on MI300X, e4m3fn elsewhere: `tl.float8e4b8` /
+`tl.float8e4nv` pointers and their quantization constants, max 240 / 448), and the register cap and stage count of
+int8 decode attention (NVIDIA only: on ROCm the launch takes Triton's defaults).
+
+Imported by the compile scripts only, in a process without TRITON_INTERPRET (under it @triton.jit gives interpreter
+functions, which do not compile).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import pdl
+from kernels import triton_decode_attention as da
+from kernels import triton_gemv as gv
+from kernels import triton_norm as nm
+from kernels import triton_skinny_gemm as sg
+from kernels.triton_helpers import quantize_constexprs, to_dot
+from kvstore.formats import KVFormat, KVSpec
+from kvstore.pool import KVPool, PoolGeometry
+
+FLOATS = {"qk_scale", "eps"}
+
+
+class Variant(NamedTuple):
+    name: str
+    fn: object  # a @triton.jit function
+    pointers: dict[str, str]  # argument -> Triton pointer type ("*bf16")
+    constants: dict[str, object]  # constexpr -> value
+    options: dict[str, object]  # triton.compile options (num_warps, num_stages, maxnreg)
+
+
+def sig(fn, pointers: dict[str, str], constants: dict) -> dict[str, str]:
+    """The signature of fn: constexprs, the given pointer types, float32 for FLOATS and int32 for the rest."""
+    s = {}
+    for name in fn.arg_names:
+        if name in constants:
+            s[name] = "constexpr"
+        elif name in pointers:
+            s[name] = pointers[name]
+        elif name in FLOATS:
+            s[name] = "fp32"
+        else:
+            s[name] = "i32"
+    return s
+
+
+def source(fn, pointers: dict[str, str], constants: dict, values: dict | None = None,
+           aligned: bool = False) -> ASTSource:  # fmt: skip
+    """fn's ASTSource. values (integer argument -> value): specialized as a launch with them specializes it (those
+    equal to 1 become constants, those divisible by 16 get that hint). aligned (or values): every pointer carries the
+    divisible-by-16 hint, as every launch on torch's 256-byte aligned allocations gives it."""
+    values = values or {}
+    constants = {**constants, **{name: 1 for name, value in values.items() if value == 1}}
+    signature = sig(fn, pointers, constants)
+    hinted = [name for name in fn.arg_names
+              if ((aligned or values) and name in pointers)
+              or (signature[name] == "i32" and name in values and values[name] % 16 == 0)]  # fmt: skip
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in hinted}
+    return ASTSource(fn, signature, constants, attrs)
+
+
+def is_nvidia(target: GPUTarget) -> bool:
+    return target.backend == "cuda"
+
+
+def fp8_types(target: GPUTarget) -> tuple[str, torch.dtype]:
+    """(Triton pointer type, torch dtype) of fp8 KV on target: e4m3fnuz on CDNA3 (gfx942, MI300X's native fp8, max
+    240; kvstore.formats.fp8_dtype gives it on ROCm), OCP e4m3fn (max 448) on NVIDIA and on CDNA4 (gfx950, whose
+    hardware converts OCP fp8: Triton 3.6 asserts converting float32 to e4m3fnuz for it)."""
+    if target.backend == "hip" and str(target.arch).startswith("gfx94"):
+        return "*fp8e4b8", torch.float8_e4m3fnuz
+    return "*fp8e4nv", torch.float8_e4m3fn
+
+
+def convert(target: GPUTarget) -> int:
+    """`to_dot`'s CONVERT as paged_decode_attention launches it: 2 (inline PTX) on NVIDIA, 1 (integer ops) elsewhere."""
+    return 2 if is_nvidia(target) else 1
+
+
+def kv_variant(target, fmt, k_type, v_type, dot, biased=False, pairs=False, plain=False):
+    """Pointer dtypes and constexprs of one KV format, as paged_decode_attention launches it on target (with the new
+    token's store in the same format: quantize_constexprs). plain: CONVERT 1 (the portable int8 conversion) even on
+    NVIDIA."""
+    scaled = fmt.has_scale
+    consts = dict(K_SCALED=scaled, V_SCALED=scaled, K_DOT_DTYPE=dot, V_DOT_DTYPE=dot,
+                  CONVERT=1 if plain else convert(target))  # fmt: skip
+    # bf16 key and value rows stored on a GPU, into a (tiny) layer of this format
+    layer = KVPool.allocate(PoolGeometry(1, 1, 16, 1, 128), KVSpec(fmt, fmt), "cpu").layer(0)
+    store = quantize_constexprs(layer, torch.bfloat16, torch.bfloat16, torch.device("cuda"), fp8_types(target)[1])
+    pool = k_type  # the store's view of the pool (v_cache_ptr may be its int16 view)
+    ptrs = {"k_cache_ptr": k_type, "v_cache_ptr": v_type, "k_pool_ptr": pool, "v_pool_ptr": pool}
+    return ptrs, consts | store | dict(K_BIASED=biased, V_PAIRS=pairs)
+
+
+def kv_formats(target: GPUTarget) -> dict[str, tuple[dict, dict]]:
+    fp8 = fp8_types(target)[0]
+    return {
+        "bf16": kv_variant(target, KVFormat.BF16, "*bf16", "*bf16", tl.bfloat16),
+        "int8_pairs": kv_variant(target, KVFormat.INT8, "*i8", "*i16", tl.float16, biased=True, pairs=True),
+        "int8_plain": kv_variant(target, KVFormat.INT8, "*i8", "*i8", tl.float16, plain=True),
+        "fp8": kv_variant(target, KVFormat.FP8, fp8, fp8, tl.float16),
+    }
+
+
+COMMON_PTRS = {
+    "q_ptr": "*bf16",
+    "k_scale_ptr": "*fp32",
+    "v_scale_ptr": "*fp32",
+    "block_tables_ptr": "*i32",
+    "context_lens_ptr": "*i32",
+    "out_ptr": "*bf16",
+    "ws_acc_ptr": "*fp32",
+    "ws_max_ptr": "*fp32",
+    "ws_sum_ptr": "*fp32",
+    "positions_ptr": "*i64",
+    "k_new_ptr": "*bf16",
+    "v_new_ptr": "*bf16",
+    "cos_sin_ptr": "*fp32",
+    "slot_mapping_ptr": "*i64",
+}
+DECODE_BASE = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=128,
+                   INPUT_PRECISION=None)  # fmt: skip
+
+
+def decode_options(target: GPUTarget, capped: bool = True) -> dict:
+    """int8/fp8 decode attention's launch options on target: on NVIDIA the register cap and 3 stages (`capped`) or
+    no cap and 5 stages (FEW_PROGRAMS_UNCAPPED's launches of two tiles or more); on ROCm Triton's defaults."""
+    if not is_nvidia(target):
+        return {"num_warps": 4}
+    if capped:
+        return {"num_stages": da.QUANTIZED_NUM_STAGES, "maxnreg": da.QUANTIZED_NVIDIA_TUNING["maxnreg"], "num_warps": 4}
+    return {"num_stages": 5, "num_warps": 4}
+
+
+@triton.jit
+def to_dot_kernel(x_ptr, y_ptr, DOT: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.constexpr):
+    offs = tl.arange(0, 16)
+    x = tl.load(x_ptr + offs[:, None] * 16 + offs[None, :])
+    tl.store(y_ptr + offs[:, None] * 16 + offs[None, :], to_dot(x, DOT, CONVERT, BIASED))
+
+
+def variants(target: GPUTarget) -> list[Variant]:
+    """Every kernel variant compiled for target: decode attention (4 KV formats x one split or several x the new
+    token's rotary and store inside or not), its reduce (2), the batch-1 GEMV (8 prologue/epilogue pairs x preload),
+    the fused add + norm (2), the skinny GEMM (2 x 2), then `to_dot` for every tile dtype x CONVERT x bias (CONVERT 2
+    is inline PTX: NVIDIA only)."""
+    nvidia = is_nvidia(target)
+    use_pdl = pdl.has_pdl(target)
+    out = []
+    # sm_90: every decode variant capped at 128 registers with 3 stages, as the int8/fp8 launches in most cases
+    split_options = {"num_stages": 3, "maxnreg": 128} if nvidia else decode_options(target)
+    for (name, (ptrs, consts)), one, rotary in itertools.product(kv_formats(target).items(), (True, False),
+                                                                 (False, True)):  # fmt: skip
+        out.append(Variant(
+            f"decode_split {name} one_split={one} rotary={rotary}",
+            da._decode_split_kernel,
+            COMMON_PTRS | ptrs,
+            DECODE_BASE | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, PDL=use_pdl),
+            split_options,
+        ))  # fmt: skip
+    for first in (False, True):
+        out.append(Variant(
+            f"decode_reduce trigger_first={first}",
+            da._decode_reduce_kernel,
+            {"out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32"},
+            dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=8, TRIGGER_FIRST=first, PDL=use_pdl),
+            {"num_warps": 4},
+        ))  # fmt: skip
+    gemv_ptrs = {
+        "x_ptr": "*bf16",
+        "w_ptr": "*bf16",
+        "b_ptr": "*bf16",
+        "y_ptr": "*bf16",
+        "res_ptr": "*bf16",
+        "nw_ptr": "*bf16",
+        "new_res_ptr": "*bf16",
+        "sumsq_ptr": "*fp32",
+    }
+    block_n, block_k, gemv_warps = gv.gemv_config(4096, 4096)  # the 8B shape's o_proj: (8, 1024, 4)
+    for (pro, epi), preload in itertools.product(((0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (0, 1), (0, 2)),
+                                                (False, True)):  # fmt: skip
+        out.append(Variant(
+            f"gemv prologue={pro} epilogue={epi} preload={preload} trigger_after_wait={preload}",
+            gv._gemv_kernel,
+            gemv_ptrs,
+            dict(HAS_BIAS=False, PROLOGUE=pro, EPILOGUE=epi, BLOCK_N=block_n, BLOCK_K=block_k, SUMSQ_PAD=512,
+                 PRELOAD=preload,
+                 TRIGGER_AFTER_WAIT=preload,  # both places of the trigger compile, in half the variants each
+                 PDL=use_pdl),
+            {"num_warps": gemv_warps},
+        ))  # fmt: skip
+    for parts in (0, 2):
+        out.append(Variant(
+            f"rms_norm residual parts={parts}",
+            nm._rms_norm_kernel,
+            {"x_ptr": "*fp32" if parts else "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16",
+             "out_ptr": "*bf16", "new_residual_ptr": "*bf16"},
+            dict(BLOCK=4096, HAS_RESIDUAL=True, EARLY_WEIGHT=True, NUM_PARTS=parts, PDL=use_pdl),
+            {"num_warps": nm._num_warps(4096)},
+        ))  # fmt: skip
+    # 64 rows, the 8B shape's o_proj [4096, 4096]: 32-column tiles of 128, 4 warps, as many stages as fit (6)
+    block_n, block_k, skinny_warps, stages = sg.skinny_config(4096, 4096, 64)
+    for epi, preload in itertools.product((0, 1), (False, True)):
+        out.append(Variant(
+            f"skinny epilogue={epi} preload={preload} trigger_after_wait={preload}",
+            sg._skinny_kernel,
+            {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
+            dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE=epi, PRELOAD=preload,
+                 TRIGGER_AFTER_WAIT=preload, PDL=use_pdl),
+            {"num_stages": stages, "num_warps": skinny_warps},
+        ))  # fmt: skip
+    pairs = [("*bf16", "bf16"), ("*fp16", "fp16"), ("*i8", "fp16"), (fp8_types(target)[0], "fp16")]
+    for (x_type, dot), conv, biased in itertools.product(pairs, (0, 1, 2) if nvidia else (0, 1), (False, True)):
+        out.append(Variant(
+            f"to_dot {x_type} {dot} convert={conv} biased={biased}",
+            to_dot_kernel,
+            {"x_ptr": x_type, "y_ptr": "*" + dot},
+            {"DOT": {"bf16": tl.bfloat16, "fp16": tl.float16}[dot], "CONVERT": conv, "BIASED": biased},
+            {},
+        ))  # fmt: skip
+    return out
+
+
+# The 8B shape at batch 1..64: 32 query heads on 8 KV heads of 128 dims, block size 16, int8 K, V seen as int16 pairs,
+# the query and the new token strided views of the qkv projection's [num_seqs, 6144] output.
+DECODE_VALUES = dict(
+    num_heads=32, num_splits=8, stride_q_s=6144, stride_q_h=128, stride_q_d=1, stride_kc_b=16384, stride_kc_s=1024,
+    stride_kc_h=128, stride_kc_d=1, stride_vc_b=8192, stride_vc_s=512, stride_vc_h=64, stride_vc_d=1, stride_ks_b=128,
+    stride_ks_s=8, stride_ks_h=1, stride_vs_b=128, stride_vs_s=8, stride_vs_h=1, stride_bt_s=64, stride_o_s=4096,
+    stride_o_h=128, stride_o_d=1, stride_kn_s=6144, stride_kn_h=128, stride_vn_s=6144, stride_vn_h=128,
+    stride_cache=128, stride_kp_b=16384, stride_kp_s=1024, stride_kp_h=128, stride_kp_d=1, stride_vp_b=16384,
+    stride_vp_s=1024, stride_vp_h=128, stride_vp_d=1,
+)  # fmt: skip
+
+
+def decode_as_launched(target: GPUTarget) -> list[tuple[Variant, dict]]:
+    """(variant, DECODE_VALUES) of the int8 decode attention kernel as a launch on the 8B shape specializes it: one
+    split or several, with the new token's rotary or not, under each set of launch options the target uses (NVIDIA:
+    capped and uncapped; ROCm: its one)."""
+    ptrs, consts = kv_formats(target)["int8_pairs"]
+    choices = {"capped": decode_options(target, True), "uncapped": decode_options(target, False)}
+    if not is_nvidia(target):
+        choices = {"rocm": decode_options(target)}
+    out = []
+    for one, rotary, (label, options) in itertools.product((True, False), (False, True), choices.items()):
+        constants = DECODE_BASE | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary,
+                                                PDL=pdl.has_pdl(target))  # fmt: skip
+        name = f"decode_split int8_pairs one_split={one} rotary={rotary} {label}"
+        out.append((Variant(name, da._decode_split_kernel, COMMON_PTRS | ptrs, constants, options), DECODE_VALUES))
+    return out
