@@ -32,6 +32,7 @@ from kvrelay.rpc.auth import (
     server_tls_credentials,
 )
 from kvrelay.settings import KVStoreSettings, UpSettings, to_argv
+from kvstore.ipc_env import ipc_env
 from kvstore.sessions import SessionStore, masked
 from kvstore.shm import shm_path
 
@@ -189,7 +190,9 @@ class Launcher:
     def popen(self, argv: list[str], env: dict) -> subprocess.Popen:
         # Only ever from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, so a
         # child started from a short-lived thread would be sent SIGTERM as soon as that thread finished.
-        full_env = os.environ | self.gpu_env | env
+        # Every child: the kvstore exports the weights and the pool by CUDA/HIP IPC and the workers map them, which
+        # needs expandable segments off and ROCr's default IPC mode (kvstore/ipc_env.py says why).
+        full_env = ipc_env(os.environ | self.gpu_env | env)
         return subprocess.Popen(argv, preexec_fn=_die_with_parent, start_new_session=True, env=full_env)
 
     def start_mps(self) -> None:

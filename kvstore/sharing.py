@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kvstore.ipc_env import expandable_segments_on
 from kvstore.shm import shm_path
 
 ALIGN = 256  # bytes: every tensor view starts on a boundary any dtype (and a GPU vector load) accepts
@@ -55,7 +56,25 @@ def create_shm_region(name: str, nbytes: int) -> tuple[torch.Tensor, RegionHandl
 
 
 def device_uuid(index: int) -> str:
+    """The GPU's UUID as torch reports it: torch binds cudaDeviceProp.uuid on CUDA and ROCm builds alike (on ROCm it is
+    hipDeviceProp_t's uuid). Both ends of a handle read it through this one function, so only equality matters."""
     return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def local_device(uuid: str, exporter_index: int, count: int, uuid_of=None) -> int:
+    """This process's index of the GPU with `uuid`. Containers (and CUDA/HIP/ROCR_VISIBLE_DEVICES) number GPUs
+    differently, so the index the exporter saw is only a tie-break: where several local GPUs report the same UUID (a
+    ROCm stack that reports none, all zeros, or one card in several partitions), the exporter's index among them, else
+    an error rather than a guess."""
+    uuid_of = uuid_of or device_uuid
+    matches = [i for i in range(count) if uuid_of(i) == uuid]
+    if not matches:
+        raise RuntimeError(f"no local GPU has UUID {uuid} (the kvstore's GPU)")
+    if len(matches) == 1:
+        return matches[0]
+    if exporter_index in matches:
+        return exporter_index
+    raise RuntimeError(f"GPUs {matches} all report UUID {uuid}: cannot tell which one is the kvstore's")
 
 
 def create_cuda_region(nbytes: int, device: torch.device) -> tuple[torch.Tensor, RegionHandle]:
@@ -66,8 +85,9 @@ def create_cuda_region(nbytes: int, device: torch.device) -> tuple[torch.Tensor,
     """
     from torch.multiprocessing.reductions import reduce_tensor
 
-    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").find("expandable_segments:True") >= 0:
-        raise RuntimeError("expandable segments break CUDA/HIP IPC: unset PYTORCH_CUDA_ALLOC_CONF for kvstore")
+    on = expandable_segments_on(os.environ)
+    if on is not None:
+        raise RuntimeError(f"expandable segments break CUDA/HIP IPC: {on} turns them on; set expandable_segments:False")
     region = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     torch.cuda.synchronize(device)
     _, args = reduce_tensor(region)
@@ -82,10 +102,7 @@ def _open_cuda(handle: RegionHandle) -> torch.Tensor:
 
     args = list(pickle.loads(handle.ipc_handle))
     # The handle names the exporter's device index; containers may number GPUs differently, so match by UUID.
-    local = [i for i in range(torch.cuda.device_count()) if device_uuid(i) == handle.device_uuid]
-    if not local:
-        raise RuntimeError(f"no local GPU has UUID {handle.device_uuid} (the kvstore's GPU)")
-    args[6] = local[0]  # storage_device
+    args[6] = local_device(handle.device_uuid, args[6], torch.cuda.device_count())  # storage_device
     return rebuild_cuda_tensor(*args)
 
 

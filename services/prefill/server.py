@@ -49,7 +49,7 @@ from services.scheduler import (
 )
 from services.split.board import PrefillReport, SplitBoard
 from services.split.controller import TICK_S, Observation, PrefillRate, Slo, SplitController, refusal, slo_and_split
-from services.split.mechanism import pacing_pause_s
+from services.split.mechanism import pacing_pause_s, prefill_gpu
 
 log = logging.getLogger("kvrelay.prefill")
 SERVICE = "kvrelay.internal.v1.Prefill"
@@ -150,6 +150,9 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         self.attached.runner.enable_prefill_graphs(self.settings.prefill_graph_tokens, self.attached.max_model_len)
         self.slo, split = slo_and_split(self.settings, self.attached.runner.device)
         self.controller = SplitController(self.slo) if split else None
+        # AMD: each pass on the CU-mask stream of the current rung's share (the own stream elsewhere, or on failure)
+        device = self.attached.runner.device
+        self.gpu = prefill_gpu(self.gpu, device, split, lambda: self.controller.split.prefill_share)
         self.board = SplitBoard(self.store) if split else None
         self.reads_decode = split or self.slo.itl_ms > 0  # the tick loop runs: the controller, the overload check
 

@@ -3,15 +3,23 @@
 NVIDIA has no per-stream SM limit that PyTorch's streams accept across MPS clients, so there the split is time: prefill
 paces itself and decode yields (controller.py). On AMD a stream can be created with a CU mask
 (`hipExtStreamCreateWithCUMask`): `CuMaskStreams` makes one prefill stream per share of the ladder at start, and the
-prefill worker runs each forward pass on the stream of the controller's current share. Written against the HIP C API
-through ctypes and tested with a fake library on the CPU; it has not run on an AMD GPU (none was available).
+prefill worker runs each forward pass on the stream of the controller's current share (`prefill_gpu`). Written against
+the HIP C API through ctypes and torch's ExternalStream, and tested with a fake HIP library and a fake torch.cuda on the
+CPU; wired, not run on an AMD GPU (none was available).
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import torch
+
+from services.split.controller import LADDER
+
+log = logging.getLogger("kvrelay.split")
 
 
 def pacing_pause_s(compute_s: float, duty: float) -> float:
@@ -63,3 +71,43 @@ class CuMaskStreams:
         for handle in self.handles.values():
             self.hip.hipStreamDestroy(ctypes.c_void_p(handle))
         self.handles.clear()
+
+
+class CuMaskGpu:
+    """AMD, the split on: the prefill worker's `gpu` (OwnStream's `run`), running each forward pass on the CU-mask
+    stream of the controller's current share, read at the start of the pass (a pass never changes stream midway).
+
+    Passes on different streams need no ordering between them: each pass ends with its stream synchronized
+    (services/prefill/server.py _compute, sync_device on the current stream). The streams live as long as the process
+    (torch's ExternalStream never destroys the stream it wraps)."""
+
+    def __init__(self, own: Any, streams: CuMaskStreams, share: Callable[[], float], device, cuda: Any) -> None:
+        self.lock = own.lock  # the worker's one-pass-at-a-time lock, shared with whatever else uses its own stream
+        self.masks = streams
+        self.share = share
+        self.cuda = cuda
+        self.streams = {h: cuda.ExternalStream(h, device=device) for h in streams.handles.values()}
+
+    def run(self, fn, *args):
+        with self.lock:
+            with self.cuda.stream(self.streams[self.masks.handle_for(self.share())]):
+                return fn(*args)
+
+
+def prefill_gpu(own: Any, device, split: bool, share: Callable[[], float], hip: Any = None, cuda: Any = None) -> Any:
+    """The prefill worker's `gpu`: CU-mask streams (CuMaskGpu) on ROCm with the split on, else `own` (its OwnStream).
+    Streams that cannot be made (no libamdhip64, a HIP error) log once and leave `own`: the split then paces only.
+    hip and cuda: the HIP library and torch.cuda, or fakes of them (tests); cuda given stands for ROCm."""
+    if not split or (cuda is None and not torch.version.hip):
+        return own
+    cuda = cuda if cuda is not None else torch.cuda
+    try:
+        num_cus = cuda.get_device_properties(device).multi_processor_count  # CUs on ROCm (304 on an MI300X)
+        gpu = CuMaskGpu(own, CuMaskStreams(num_cus, [s.prefill_share for s in LADDER], hip), share, device, cuda)
+        if own.stream is not None:
+            own.stream.synchronize()  # what prepare() queued on the own stream is done before a CU-mask pass reads it
+    except Exception as exc:  # noqa: BLE001 - an optimisation: prefill runs on its own stream without it
+        log.warning("CU-mask streams unavailable (%s: %s); prefill runs on its own stream", type(exc).__name__, exc)
+        return own
+    log.info("prefill runs on CU-mask streams: shares %s of %d CUs", sorted(gpu.masks.handles), num_cus)
+    return gpu

@@ -4,7 +4,11 @@ pure parts (pacing, CU masks with a fake HIP library, the decode ITL window)."""
 from __future__ import annotations
 
 import ctypes
+import logging
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import pytest
 
@@ -27,7 +31,7 @@ from services.split.controller import (
     SplitController,
     refusal,
 )
-from services.split.mechanism import CuMaskStreams, cu_mask, pacing_pause_s
+from services.split.mechanism import CuMaskGpu, CuMaskStreams, cu_mask, pacing_pause_s, prefill_gpu
 
 SLO = Slo(ttft_ms=2000, itl_ms=20)
 
@@ -264,6 +268,77 @@ def test_cu_mask_streams_one_per_share_and_the_controller_picks_by_share():
 def test_cu_mask_stream_failure_is_a_clear_error():
     with pytest.raises(RuntimeError, match="hipExtStreamCreateWithCUMask.*error 101"):
         CuMaskStreams(304, [0.5], hip=FakeHip(fail=101))
+
+
+class FakeCuda:
+    """What prefill_gpu takes from torch.cuda on ROCm: the device's CU count, ExternalStream and the stream context."""
+
+    def __init__(self, num_cus: int = 304) -> None:
+        self.num_cus = num_cus
+        self.current = None  # the stream a pass runs on
+
+    def get_device_properties(self, device):
+        return type("Props", (), {"multi_processor_count": self.num_cus})()
+
+    def ExternalStream(self, handle, device=None):  # noqa: N802
+        return ("stream", handle, device)
+
+    @contextmanager
+    def stream(self, stream):
+        before, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = before
+
+
+@dataclass
+class FakeOwnStream:
+    """The worker's OwnStream: its lock, and a stream that records being synchronized."""
+
+    lock: threading.Lock = dataclass_field(default_factory=threading.Lock)
+    stream: object = None
+
+    def run(self, fn, *args):
+        with self.lock:
+            return fn(*args)
+
+
+def test_prefill_runs_each_pass_on_the_cu_mask_stream_of_the_current_rung():
+    hip, cuda, own = FakeHip(), FakeCuda(304), FakeOwnStream()
+    ctl = SplitController(SLO)
+    gpu = prefill_gpu(own, "cuda:0", True, lambda: ctl.split.prefill_share, hip=hip, cuda=cuda)
+    assert isinstance(gpu, CuMaskGpu) and gpu.lock is own.lock  # one pass at a time, as on the own stream
+    assert sorted(map(len, hip.created.values())) == [10, 10, 10]  # one stream per share, 304 CUs in 10 words
+    for level in (NEUTRAL, 1, 0):
+        ctl.level = level
+        handle = gpu.run(lambda: cuda.current[1])  # the stream the pass ran on
+        assert hip.created[handle] == cu_mask(304, LADDER[level].prefill_share)
+        assert cuda.current is None  # left after the pass
+    assert gpu.run(lambda x: x + 1, 1) == 2
+
+
+def test_prefill_keeps_its_own_stream_without_rocm_the_split_or_hip(caplog):
+    own = FakeOwnStream()
+    assert prefill_gpu(own, "cpu", True, lambda: 1.0) is own  # this CPU build of torch is not ROCm
+    assert prefill_gpu(own, "cuda:0", False, lambda: 1.0, hip=FakeHip(), cuda=FakeCuda()) is own  # split off
+    with caplog.at_level(logging.WARNING, logger="kvrelay.split"):
+        assert prefill_gpu(own, "cuda:0", True, lambda: 1.0, hip=FakeHip(fail=101), cuda=FakeCuda()) is own
+    assert [r.getMessage() for r in caplog.records] == [
+        "CU-mask streams unavailable (RuntimeError: hipExtStreamCreateWithCUMask(0.25 of 304 CUs) failed: error 101); "
+        "prefill runs on its own stream"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvrelay.split"):  # no libamdhip64.so on this machine
+        assert prefill_gpu(own, "cuda:0", True, lambda: 1.0, cuda=FakeCuda()) is own
+    assert len(caplog.records) == 1 and "(OSError: " in caplog.records[0].getMessage()
+
+
+def test_prepare_work_on_the_own_stream_is_done_before_a_cu_mask_pass():
+    synced = []
+    own = FakeOwnStream(stream=type("Stream", (), {"synchronize": lambda self: synced.append(True)})())
+    prefill_gpu(own, "cuda:0", True, lambda: 1.0, hip=FakeHip(), cuda=FakeCuda())
+    assert synced == [True]
 
 
 def test_itl_window_measures_gaps_of_a_running_batch_only():
