@@ -100,7 +100,12 @@ def _quantize_store(
             data = tl.minimum(tl.maximum(_rint(scaled), -QMAX), QMAX).to(out_ty)
         else:
             clamped = tl.minimum(tl.maximum(scaled, -QMAX), QMAX)
-            data = _round_to_fp8_grid(clamped, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS).to(out_ty)
+            data = _round_to_fp8_grid(clamped, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)
+            if out_ty == tl.float8e4b8:
+                # e4m3fnuz has no -0 (its byte 0x80 is NaN): torch stores what rounds to -0 as 0x00, a plain cast
+                # (Triton's interpreter at least) as 0x80. -0.0 + 0.0 = +0.0; every other value is unchanged.
+                data = data + 0.0
+            data = data.to(out_ty)
         tl.store(data_ptrs, data, mask=mask)
         tl.store(scale_ptrs, scale, mask=head_mask)
 
