@@ -8,6 +8,7 @@ Runs on the CPU in about a minute with the default model; writes bench/results/k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from datetime import date
 from pathlib import Path
@@ -33,14 +34,17 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     ids = Tokenizer.from_dir(model_dir).encode(Path(args.text).read_text())[: args.tokens]
     ref_ppl, rows = measure(model_dir, ids, FORMATS, dtype=args.dtype)
+    # MI300X's fp8 (e4m3fnuz, max 240) on any device, by the same method: the pool's fp8 flavour forced
+    _, fnuz = measure(model_dir, ids, ["fp8"], dtype=args.dtype, fp8=torch.float8_e4m3fnuz)
+    rows += [dataclasses.replace(r, kv_dtype="fp8 e4m3fnuz (MI300X)") for r in fnuz]
     print(f"model {model_dir.name}, {len(ids)} tokens teacher-forced, weights {args.dtype}, reference KV {args.dtype}")
-    print(f"{'kv format':<16}{'bytes/token':>12}{'top-1 agree':>13}{'perplexity':>12}{'ppl vs bf16':>13}")
-    print(f"{'(reference)':<16}{'':>12}{'100.00%':>13}{ref_ppl:>12.3f}{'':>13}")
+    print(f"{'kv format':<24}{'bytes/token':>12}{'top-1 agree':>13}{'perplexity':>12}{'ppl vs bf16':>13}")
+    print(f"{'(reference)':<24}{'':>12}{'100.00%':>13}{ref_ppl:>12.3f}{'':>13}")
     bf16_ppl = next(r.perplexity for r in rows if r.kv_dtype == "bf16")
     for r in rows:
         delta = (r.perplexity / bf16_ppl - 1) * 100
         print(
-            f"{r.kv_dtype:<16}{r.bytes_per_token:>12}{r.top1_agreement * 100:>12.2f}%"
+            f"{r.kv_dtype:<24}{r.bytes_per_token:>12}{r.top1_agreement * 100:>12.2f}%"
             f"{r.perplexity:>12.3f}{delta:>+12.2f}%"
         )
     out = ROOT / "bench" / "results" / "kv_quality.json"

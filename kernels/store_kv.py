@@ -10,7 +10,7 @@ from kvstore.formats import KVFormat, LayerKV, quantize
 def _scatter(
     cache: torch.Tensor, scale_cache: torch.Tensor | None, x: torch.Tensor, fmt: KVFormat, slots: torch.Tensor
 ) -> None:
-    data, scale = quantize(x, fmt)
+    data, scale = quantize(x, fmt, cache.dtype)  # the pool's fp8 flavour, whatever this platform's
     # A layer's cache is contiguous, so it views as one row per slot: [num_blocks * block_size, num_kv_heads, head_dim]
     rows = cache.view(-1, *cache.shape[2:])
     rows[slots] = data

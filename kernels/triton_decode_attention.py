@@ -27,8 +27,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
 
-from kernels import pdl
+from kernels import pdl, targets
 from kernels.decode_attention import NewToken
 from kernels.rotary import check_rotary_args
 from kernels.store_kv import check_store_kv_args
@@ -58,6 +59,21 @@ DEFAULT_NUM_SMS = 132
 # Tokens per K/V tile: a multiple of the block size (a tile covers whole blocks), at least 16 for tl.dot. 128 against
 # 64 (4 warps, H200): int8/fp8 KV 23-29% faster at batch 256 x 4k, bf16 the same; 256 spills registers.
 TILE_TOKENS = 128
+
+# Tiles, warps and stages on AMD (compiled, not measured: no MI300X has run this kernel), per arch and KV kind
+# ("bf16": no side scaled; "quantized": int8 or fp8 on either side). NVIDIA's 128-token tiles with 4 waves want more
+# than the 512 registers a CDNA lane has (256 VGPRs + up to 256 AGPRs: 1 wave/SIMD, int8 and fp8 spilling 850-1300
+# bytes a lane). tests/kernels/compile_gfx942.py, Triton 3.6, every variant (plain i32 arguments; as launched on the
+# 8B shape it is fewer): gfx942 bf16 at 64 tokens 233-235 VGPRs + 16 AGPRs, 2 waves/SIMD (32 tokens: 3); int8 and fp8
+# at 32 tokens and 1 stage 188-222 + 8, 2 waves (2 stages: 1 wave for some; 64 tokens: 256 + 72-130, 1 wave). gfx950
+# bf16 at 64 tokens holds 1 wave (256 + 24), at 32 tokens 2. One stage: Triton's AMD pipeliner then keeps no K/V
+# tile in LDS across iterations, the waves (2-3 a SIMD) hide each other's loads instead.
+AMD_DECODE_TILES: dict[tuple[str, str], dict[str, int]] = {
+    ("gfx942", "bf16"): {"block_n": 64, "num_warps": 4, "num_stages": 1},
+    ("gfx942", "quantized"): {"block_n": 32, "num_warps": 4, "num_stages": 1},
+    ("gfx950", "bf16"): {"block_n": 32, "num_warps": 4, "num_stages": 1},
+    ("gfx950", "quantized"): {"block_n": 32, "num_warps": 4, "num_stages": 1},
+}
 
 # Launch choices for int8/fp8 KV on NVIDIA GPUs (bench/tune_decode_attention.py, H200, batch 32 x 4k and 64 x 1k).
 # Left alone, ptxas gives the kernel 186-255 registers: 2 programs an SM, too few K/V bytes in flight (0.56 / 0.50 of
@@ -523,6 +539,59 @@ def _dot_dtypes(query: torch.dtype, layer: LayerKV) -> tuple[tl.dtype, tl.dtype,
     return side(layer.k_format), side(layer.v_format), None
 
 
+def decode_launch(
+    target: GPUTarget | None,
+    k_format: KVFormat,
+    v_format: KVFormat,
+    head_dim: int,
+    block_size: int,
+    num_seqs: int,
+    num_kv_heads: int,
+    max_context_len: int,
+    num_sms: int,
+    num_splits: int | None = None,
+    tuning: dict | None = None,
+) -> dict:
+    """The launch config of `_decode_split_kernel` on target (kernels/targets.py `device_target`; None on the CPU):
+    num_splits, block_n (tokens per K/V tile), num_warps, convert (`to_dot`), num_stages and maxnreg where set (else
+    Triton's defaults), and the other `tuning` overrides given (biased, pairs). The one place the launch decides them,
+    called by `paged_decode_attention` and by the compile checks (tests/kernels/compile_variants.py), so that what
+    they compile is what would run.
+
+    NVIDIA: 128-token tiles, 4 warps; int8/fp8 KV with `QUANTIZED_NVIDIA_TUNING` and `QUANTIZED_NUM_STAGES`, uncapped
+    where `FEW_PROGRAMS_UNCAPPED` says. AMD: `AMD_DECODE_TILES` of its arch (compiled, not measured). The CPU: NVIDIA's
+    tile, no stages or cap (the interpreter ignores them)."""
+    quantized = k_format.has_scale or v_format.has_scale
+    capped = targets.is_nvidia(target) and quantized
+    defaults: dict = {"num_warps": 4}
+    tile_tokens = TILE_TOKENS
+    if capped:
+        defaults |= {**QUANTIZED_NVIDIA_TUNING, "num_stages": QUANTIZED_NUM_STAGES}
+    elif targets.is_amd(target):
+        kind = "quantized" if quantized else "bf16"
+        amd = dict(AMD_DECODE_TILES.get((str(target.arch), kind), AMD_DECODE_TILES[("gfx942", kind)]))
+        tile_tokens = amd.pop("block_n")
+        defaults |= amd
+    given = tuning or {}
+    tuning = {**defaults, **given}
+    if num_splits is None:
+        num_splits = tuning.get("num_splits")
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context_len, num_sms, tuning.get("programs_per_sm"))
+    num_splits = min(num_splits, MAX_SPLITS)
+
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    block_n = max(block_size, tuning.get("block_n", tile_tokens if head_dim_pad <= 128 else max(16, tile_tokens // 2)))
+    tiles = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n)
+    programs_per_sm = num_seqs * num_kv_heads * num_splits / num_sms
+    if capped and FEW_PROGRAMS_UNCAPPED and (programs_per_sm <= 2 or (tiles >= 16 and programs_per_sm <= 4)):
+        # `FEW_PROGRAMS_UNCAPPED`: no register cap; two K/V buffers (5 stages) for a program of two tiles or more.
+        tuning = {**defaults, "maxnreg": 0, "num_stages": 5 if tiles >= 2 else QUANTIZED_NUM_STAGES, **given}
+    out = {k: v for k, v in tuning.items() if k not in ("num_stages", "maxnreg") or v}
+    return out | {"num_splits": num_splits, "block_n": block_n, "convert": tuning.get("convert", 2 if
+                  targets.is_nvidia(target) else 1)}  # fmt: skip
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     layer: LayerKV,
@@ -581,27 +650,12 @@ def paged_decode_attention(
 
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
-    on_nvidia = query.device.type == "cuda" and torch.version.hip is None
-    quantized = layer.k_format.has_scale or layer.v_format.has_scale
-    defaults = {**QUANTIZED_NVIDIA_TUNING, "num_stages": QUANTIZED_NUM_STAGES} if on_nvidia and quantized else {}
-    given = tuning or {}
-    tuning = {**defaults, **given}
-    if num_splits is None:
-        num_splits = tuning.get("num_splits")
-    if num_splits is None:
-        num_splits = decode_num_splits(
-            num_seqs, num_kv_heads, max_context_len, _num_sms(query.device), tuning.get("programs_per_sm")
-        )
-    num_splits = min(num_splits, MAX_SPLITS)
-
+    target = targets.device_target(query.device)
+    launch = decode_launch(target, layer.k_format, layer.v_format, head_dim, block_size, num_seqs, num_kv_heads,
+                           max_context_len, _num_sms(query.device), num_splits, tuning)  # fmt: skip
+    num_splits, block_n = launch["num_splits"], launch["block_n"]
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = max(block_size, tuning.get("block_n", TILE_TOKENS if head_dim_pad <= 128 else TILE_TOKENS // 2))
-    tiles = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n)
-    programs_per_sm = num_seqs * num_kv_heads * num_splits / _num_sms(query.device)
-    if defaults and FEW_PROGRAMS_UNCAPPED and (programs_per_sm <= 2 or (tiles >= 16 and programs_per_sm <= 4)):
-        # `FEW_PROGRAMS_UNCAPPED`: no register cap; two K/V buffers (5 stages) for a program of two tiles or more.
-        tuning = {**defaults, "maxnreg": 0, "num_stages": 5 if tiles >= 2 else QUANTIZED_NUM_STAGES, **given}
-    extra = {k: tuning[k] for k in ("num_stages", "maxnreg") if tuning.get(k)}
+    extra = {k: launch[k] for k in ("num_stages", "maxnreg") if launch.get(k)}
     k_dot_dtype, v_dot_dtype, input_precision = _dot_dtypes(query.dtype, layer)
 
     if num_splits == 1:
@@ -612,15 +666,15 @@ def paged_decode_attention(
         ws_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
         ws_sum = torch.empty_like(ws_max)
 
-    convert = tuning.get("convert", 2 if on_nvidia else 1)
+    convert = launch["convert"]
     int8_to_fp16 = convert in (1, 2) and input_precision is None
-    k_biased = int8_to_fp16 and layer.k_format is KVFormat.INT8 and tuning.get("biased", K_BIASED)
+    k_biased = int8_to_fp16 and layer.k_format is KVFormat.INT8 and launch.get("biased", K_BIASED)
     v_pairs = (
         int8_to_fp16
         and layer.v_format is KVFormat.INT8
         and head_dim % 2 == 0
         and layer.v_cache.stride(-1) == 1
-        and tuning.get("pairs", V_PAIRS)
+        and launch.get("pairs", V_PAIRS)
     )
     v_cache = layer.v_cache.view(torch.int16) if v_pairs else layer.v_cache
 
@@ -669,7 +723,7 @@ def paged_decode_attention(
         # the rotated key is rounded to its dtype before it is quantized, as the rotary_store_kv kernel does
         **quantize_constexprs(layer, *((new.key.dtype, new.value.dtype) if new else (query.dtype,) * 2), query.device),
         EARLY_READS=bool(EARLY_READS),
-        num_warps=tuning.get("num_warps", 4),
+        num_warps=launch["num_warps"],
         **extra,
         **pdl.launch_options(query.device),
     )

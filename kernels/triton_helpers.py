@@ -100,7 +100,12 @@ def _quantize_store(
             data = tl.minimum(tl.maximum(_rint(scaled), -QMAX), QMAX).to(out_ty)
         else:
             clamped = tl.minimum(tl.maximum(scaled, -QMAX), QMAX)
-            data = _round_to_fp8_grid(clamped, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS).to(out_ty)
+            data = _round_to_fp8_grid(clamped, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS)
+            if out_ty == tl.float8e4b8:
+                # e4m3fnuz has no -0 (its byte 0x80 is NaN): torch stores what rounds to -0 as 0x00, a plain cast
+                # (Triton's interpreter at least) as 0x80. -0.0 + 0.0 = +0.0; every other value is unchanged.
+                data = data + 0.0
+            data = data.to(out_ty)
         tl.store(data_ptrs, data, mask=mask)
         tl.store(scale_ptrs, scale, mask=head_mask)
 
@@ -164,6 +169,14 @@ def _qmax(fmt: KVFormat, fp8: torch.dtype) -> float:
     return fmt.qmax if fmt.has_scale else 1.0
 
 
+def _layer_fp8(layer: LayerKV) -> torch.dtype | None:
+    """The e4m3 flavour of the layer's fp8 K or V cache (a pool may be either, `KVPool.allocate`'s fp8), or None."""
+    for fmt, cache in ((layer.k_format, layer.k_cache), (layer.v_format, layer.v_cache)):
+        if fmt is KVFormat.FP8:
+            return cache.dtype
+    return None
+
+
 def _fp8_grid(dtype: torch.dtype) -> tuple[int, int]:
     """(exponent of the smallest normal, mantissa bits) of an fp8 dtype: (-6, 3) for e4m3fn, (-7, 3) for e4m3fnuz."""
     finfo = torch.finfo(dtype)
@@ -186,9 +199,10 @@ def quantize_constexprs(layer: LayerKV, key_dtype: torch.dtype, value_dtype: tor
     """The K_*/V_* quantization constexprs of a kernel that stores K and V with `store_at_slot`: K_MODE, V_MODE,
     K_QMAX, V_QMAX, K_INV_QMAX, V_INV_QMAX, RECIPROCAL, FP8_MIN_NORMAL_EXP, FP8_MANTISSA_BITS, for the layer's K and V
     formats and the dtypes of the key and value rows stored, on `device` (torch.device). fp8: the e4m3 flavour an fp8
-    pool stores, default this platform's (`kvstore.formats.fp8_dtype`: e4m3fnuz on ROCm); the gfx942 compile check
-    (tests/kernels/compile_gfx942.py) passes e4m3fnuz from a host without ROCm."""
-    fp8 = fp8 or KVFormat.FP8.storage_dtype
+    pool stores, default the layer's own (its fp8 cache tensor's dtype), else this platform's
+    (`kvstore.formats.fp8_dtype`: e4m3fnuz on gfx942); the AMD compile check (tests/kernels/compile_gfx942.py) passes
+    its target's from a host without ROCm."""
+    fp8 = fp8 or _layer_fp8(layer) or KVFormat.FP8.storage_dtype
     fp8_min_normal_exp, fp8_mantissa_bits = _fp8_grid(fp8)
     k_qmax, v_qmax = _qmax(layer.k_format, fp8), _qmax(layer.v_format, fp8)
     return {

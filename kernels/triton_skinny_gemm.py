@@ -30,15 +30,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
 
-from kernels import pdl
+from kernels import pdl, targets
 
 # Rows of x this kernel takes; more go to cuBLAS (a real GEMM is compute-bound there, not bandwidth-bound).
 MAX_ROWS = 128
 # What the kernel writes: y itself, or silu(gate) * up of y = [gate, up] (weight [2N, K]).
 OUT, SILU_MUL_OUT = 0, 1
-# Bytes of shared memory the pipeline stages may take (an H100/H200 SM has 227 KB for one program).
-SHARED_MEMORY_BUDGET = 200 * 1024
+# Bytes of shared memory the pipeline stages may take: per target, kernels/targets.py `shared_memory_budget` (an
+# H100/H200 SM has 227 KB for one program: 200 KB; an AMD CU's LDS shared by 2 workgroups: 32 KiB on gfx942, 80 KiB on
+# gfx950, whose asynchronous copies buffer every stage in LDS).
+# SILU_MUL_OUT holds the gate's and the up's accumulators: on AMD with 4 waves a program that is 225-237 VGPRs + 32
+# AGPRs at 32-column tiles (gfx942), 1 wave/SIMD; with 8 waves 188 + 0, 2 waves/SIMD (compiled, not measured:
+# tests/kernels/compile_gfx942.py).
+AMD_SILU_NUM_WARPS = 8
 # Each program reads its first [BLOCK_K, BLOCK_N] weight tile (and up tile) into registers before its PDL wait, the
 # weight being a constant, and takes it into the first dot after the wait; the pipelined loop starts at the second
 # tile. The batch-1 GEMV gains ~0.5% of a step so (kernels/triton_gemv.py PRELOAD); here it made no difference
@@ -124,9 +130,11 @@ def _stage_bytes(m: int, weight_columns: int, block_k: int) -> int:
     return (max(16, triton.next_power_of_2(m)) + weight_columns) * block_k * 2
 
 
-def skinny_config(n: int, k: int, m: int = 64, splits: int = 1) -> tuple[int, int, int, int] | None:
+def skinny_config(n: int, k: int, m: int = 64, splits: int = 1,
+                  target: GPUTarget | None = None) -> tuple[int, int, int, int] | None:  # fmt: skip
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight (n output columns) and m rows, or None (use
-    cuBLAS). splits > 1: K cut in that many shares (`skinny_gemm`).
+    cuBLAS). splits > 1: K cut in that many shares (`skinny_gemm`). target: where it runs (kernels/targets.py; None on
+    the CPU), for the shared memory the stages may take.
 
     bench/tune_skinny_gemm.py at 64 rows on an H200 (us, fraction of the copy-bandwidth floor; cuBLAS in brackets):
     qkv 64 columns x 128, 6 stages: 15.6 (15.7); o 32 x 128, 6 stages: 11.7 (12.0); gate_up 128 x 64, 3 stages: 59.2
@@ -146,8 +154,33 @@ def skinny_config(n: int, k: int, m: int = 64, splits: int = 1) -> tuple[int, in
         block_k //= 2
         if block_k < 64:
             return None
-    stages = max(2, min(stages, SHARED_MEMORY_BUDGET // _stage_bytes(m, block_n, block_k)))
+    stages = max(2, min(stages, targets.shared_memory_budget(target) // _stage_bytes(m, block_n, block_k)))
     return block_n, block_k, 4, stages
+
+
+def skinny_launch(n: int, k: int, m: int, splits: int = 1, epilogue: int = OUT, preload: bool = False,
+                  target: GPUTarget | None = None,
+                  tuning: dict | None = None) -> tuple[int, int, int, int] | None:  # fmt: skip
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of a launch on target (None: the CPU) for an [n, k] weight (the whole
+    [2N, K] one for SILU_MUL_OUT), m rows, with `tuning`'s overrides; None where `skinny_config` has none. The one
+    place the launch decides them, called by `skinny_gemm` and by the compile checks
+    (tests/kernels/compile_variants.py)."""
+    # of the whole weight: SILU_MUL_OUT reads BLOCK_N // 2 rows of each half
+    config = skinny_config(n, k, m, splits, target)
+    if config is None:
+        return None
+    if epilogue == SILU_MUL_OUT:
+        warps = AMD_SILU_NUM_WARPS if targets.is_amd(target) else config[2]
+        config = (max(16, config[0] // 2), config[1], warps, config[3])
+    tuning = tuning or {}
+    names = ("block_n", "block_k", "num_warps", "num_stages")
+    block_n, block_k, num_warps, num_stages = (tuning.get(key, v) for key, v in zip(names, config, strict=True))
+    if preload and "num_stages" not in tuning:
+        # the preloaded tile takes shared memory too: one stage fewer where the budget is full (qkv: 6 -> 5)
+        weight_columns = 2 * block_n if epilogue == SILU_MUL_OUT else block_n
+        budget = targets.shared_memory_budget(target)
+        num_stages = max(2, min(num_stages, budget // _stage_bytes(m, weight_columns, block_k) - 1))
+    return block_n, block_k, num_warps, num_stages
 
 
 def skinny_gemm(
@@ -171,22 +204,15 @@ def skinny_gemm(
     n = weight.shape[0]
     if not 1 <= m <= MAX_ROWS or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
         return None
-    config = skinny_config(n, k, m, splits)  # of the whole weight: SILU_MUL_OUT reads BLOCK_N // 2 rows of each half
+    if epilogue == SILU_MUL_OUT and n % 2:
+        return None
+    preload = bool(PRELOAD if preload is None else preload)
+    config = skinny_launch(n, k, m, splits, epilogue, preload, targets.device_target(x.device), tuning)
     if config is None:
         return None
+    block_n, block_k, num_warps, num_stages = config
     if epilogue == SILU_MUL_OUT:
-        if n % 2:
-            return None
         n //= 2
-        config = (max(16, config[0] // 2), *config[1:])
-    tuning = tuning or {}
-    names = ("block_n", "block_k", "num_warps", "num_stages")
-    block_n, block_k, num_warps, num_stages = (tuning.get(key, v) for key, v in zip(names, config, strict=True))
-    preload = bool(PRELOAD if preload is None else preload)
-    if preload and "num_stages" not in tuning:
-        # the preloaded tile takes shared memory too: one stage fewer where the budget is full (qkv: 6 -> 5)
-        weight_columns = 2 * block_n if epilogue == SILU_MUL_OUT else block_n
-        num_stages = max(2, min(num_stages, SHARED_MEMORY_BUDGET // _stage_bytes(m, weight_columns, block_k) - 1))
     if splits > 1:
         if epilogue != OUT or k % (splits * block_k):
             return None

@@ -11,6 +11,7 @@ must produce exactly what `quantize` produces.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +24,45 @@ INT8_MAX = 127.0
 AMAX_FLOOR = 1e-8
 
 
-def fp8_dtype() -> torch.dtype:
-    """The e4m3 flavour of this platform: e4m3fnuz on ROCm (MI300X's native fp8, max 240), e4m3fn elsewhere (max 448).
+# GPU architectures whose fp8 is e4m3fnuz (no negative zero, NaN 0x80, bias 8, max 240): CDNA3, the MI300 series. CDNA4
+# (gfx950, MI350X) converts OCP e4m3fn (max 448) in hardware, as NVIDIA does (AMD's CDNA4 ISA guide; Triton 3.6 asserts
+# converting float32 to e4m3fnuz for gfx950).
+FP8_E4M3FNUZ_ARCHS = frozenset({"gfx940", "gfx941", "gfx942"})
 
-    Every process of one deployment runs on the same platform, so the choice is the same in all that share a pool.
-    """
-    if torch.version.hip is not None:
+
+def fp8_dtype_for_arch(arch: str | None) -> torch.dtype:
+    """The e4m3 flavour of a GPU architecture: arch is ROCm's gcnArchName ("gfx942:sramecc+:xnack-"; the features after
+    the colon do not matter), None for NVIDIA and the CPU. gfx942 -> e4m3fnuz (max 240); gfx950, NVIDIA -> e4m3fn (448).
+    The one place the choice is made: `fp8_dtype` asks it of the device, the AMD compile checks of their target."""
+    if arch is not None and arch.split(":")[0] in FP8_E4M3FNUZ_ARCHS:
         return torch.float8_e4m3fnuz
     return torch.float8_e4m3fn
+
+
+@functools.cache
+def _rocm_arch(index: int) -> str:
+    return torch.cuda.get_device_properties(index).gcnArchName
+
+
+def fp8_dtype() -> torch.dtype:
+    """The e4m3 flavour of this process's GPU (`fp8_dtype_for_arch` of its architecture): e4m3fnuz on an MI300X
+    (gfx942, max 240), e4m3fn on an MI350X (gfx950) and on NVIDIA (max 448); e4m3fn on the CPU. A ROCm build of
+    torch with no GPU visible keeps MI300X's e4m3fnuz.
+
+    Every process of one deployment runs on the same device (they share its memory), so they all read the same
+    architecture and agree on the pool's dtype; nothing is configured per process. A pool of the other flavour (tests,
+    the quality table's MI300X row on the CPU) is asked for explicitly: `KVPool.allocate(..., fp8=...)`, and every
+    reader takes the flavour from the cache tensor's dtype (`quantize`'s `dtype`).
+    """
+    if torch.version.hip is None:
+        return torch.float8_e4m3fn
+    if not torch.cuda.is_available():
+        return torch.float8_e4m3fnuz
+    return fp8_dtype_for_arch(_rocm_arch(torch.cuda.current_device()))
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
 class KVFormat(str, enum.Enum):
@@ -145,25 +177,33 @@ def bytes_per_token(spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: 
     return total * num_layers
 
 
-def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+def quantize(
+    x: torch.Tensor, fmt: KVFormat, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Convert `x` [..., head_dim] to `fmt`: (data [..., head_dim] in fmt.storage_dtype, scale [...] float32 or None).
+    dtype: the storage dtype to write (the cache tensor's), default fmt.storage_dtype; for fp8 it picks the flavour
+    (e4m3fn or e4m3fnuz) and with it the grid's max (448 or 240).
 
     Scaled formats are symmetric with one scale per row (per token and head): scale = max(amax, AMAX_FLOOR) / qmax,
     data = x / scale rounded to the grid (int8: round half to even, clamp to [-127, 127]; fp8: the cast rounds to
     nearest, after clamping to the finite range). Math in float32 whatever x's dtype.
     """
+    dtype = dtype or fmt.storage_dtype
     if not fmt.has_scale:
-        return x.to(fmt.storage_dtype), None
+        return x.to(dtype), None
+    if fmt is KVFormat.FP8 and not is_fp8(dtype):
+        raise ValueError(f"fp8 KV is stored as e4m3fn or e4m3fnuz, not {dtype}")
+    qmax = float(torch.finfo(dtype).max) if fmt is KVFormat.FP8 else fmt.qmax
     x32 = x.float()
     # [...]
     amax = x32.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-    scale = amax / fmt.qmax
+    scale = amax / qmax
     scaled = x32 / scale.unsqueeze(-1)
     if fmt is KVFormat.INT8:
         data = scaled.round().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     else:
         # |scaled| <= qmax up to rounding of the division; the clamp keeps the cast from overflowing to NaN.
-        data = scaled.clamp_(-fmt.qmax, fmt.qmax).to(fmt.storage_dtype)
+        data = scaled.clamp_(-qmax, qmax).to(dtype)
     return data, scale
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.formats import SCALE_DTYPE, KVSpec, LayerKV, bytes_per_token
+from kvstore.formats import SCALE_DTYPE, KVFormat, KVSpec, LayerKV, bytes_per_token
 
 # Region starts are aligned so that every view is aligned for vector loads of any width a kernel may use.
 ALIGNMENT = 256
@@ -68,11 +68,16 @@ def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def _layout(geometry: PoolGeometry, spec: KVSpec) -> tuple[dict[str, _Region], int]:
-    """Region of each view and the total byte size; the one place the layout is decided."""
+def _storage(fmt: KVFormat, fp8: torch.dtype | None) -> torch.dtype:
+    return fp8 if fp8 is not None and fmt is KVFormat.FP8 else fmt.storage_dtype
+
+
+def _layout(geometry: PoolGeometry, spec: KVSpec, fp8: torch.dtype | None = None) -> tuple[dict[str, _Region], int]:
+    """Region of each view and the total byte size; the one place the layout is decided. fp8: the e4m3 flavour of
+    fp8 K/V, default this platform's (kvstore/formats.py `fp8_dtype`); both are 1 byte, the layout is the same."""
     wanted: list[tuple[str, tuple[int, ...], torch.dtype]] = [
-        ("k_cache", geometry.cache_shape, spec.k.storage_dtype),
-        ("v_cache", geometry.cache_shape, spec.v.storage_dtype),
+        ("k_cache", geometry.cache_shape, _storage(spec.k, fp8)),
+        ("v_cache", geometry.cache_shape, _storage(spec.v, fp8)),
     ]
     if spec.k.has_scale:
         wanted.append(("k_scale", geometry.scale_shape, SCALE_DTYPE))
@@ -109,15 +114,20 @@ class KVPool:
         return _layout(geometry, spec)[1]
 
     @classmethod
-    def allocate(cls, geometry: PoolGeometry, spec: KVSpec, device: torch.device | str) -> KVPool:
-        """Allocate a fresh, zeroed buffer. Zeroed so unwritten slots dequantize to 0, never NaN."""
+    def allocate(cls, geometry: PoolGeometry, spec: KVSpec, device: torch.device | str,
+                 fp8: torch.dtype | None = None) -> KVPool:  # fmt: skip
+        """Allocate a fresh, zeroed buffer. Zeroed so unwritten slots dequantize to 0, never NaN (the zero byte is +0.0
+        in e4m3fn and e4m3fnuz alike). fp8: force the e4m3 flavour of fp8 K/V (tests and the MI300X quality row on the
+        CPU: torch.float8_e4m3fnuz), default this platform's."""
         buffer = torch.zeros(cls.nbytes(geometry, spec), dtype=torch.uint8, device=device)
-        return cls.from_buffer(geometry, spec, buffer)
+        return cls.from_buffer(geometry, spec, buffer, fp8)
 
     @classmethod
-    def from_buffer(cls, geometry: PoolGeometry, spec: KVSpec, buffer: torch.Tensor) -> KVPool:
-        """Carve the views out of an existing buffer (e.g. one mapped from another process). Shares its memory."""
-        regions, total = _layout(geometry, spec)
+    def from_buffer(cls, geometry: PoolGeometry, spec: KVSpec, buffer: torch.Tensor,
+                    fp8: torch.dtype | None = None) -> KVPool:  # fmt: skip
+        """Carve the views out of an existing buffer (e.g. one mapped from another process). Shares its memory. fp8:
+        as in `allocate`."""
+        regions, total = _layout(geometry, spec, fp8)
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError(
                 f"pool buffer must be a contiguous 1-D uint8 tensor, got {buffer.dtype} {tuple(buffer.shape)}"

@@ -36,6 +36,22 @@ def _fix_triton_interpreter() -> None:
     patched.kvrelay_fixed = True
     interpreter._patch_lang_tensor = patched
 
+    # Its dtype.to_ir knows every fp8 type but fp8e4b8 (e4m3fnuz, MI300X's fp8: "fail to convert fp8e4b8 to ir type"
+    # at any cast to it, `other=0.0` of a load included), though its builder has get_fp8e4b8_ty and its casts support
+    # it (supported_fp8_dtypes). Add that one branch.
+    original_core = interpreter._patch_lang_core
+
+    def patched_core(lang, scope) -> None:
+        original_core(lang, scope)
+        to_ir = lang.dtype.to_ir
+
+        def new_to_ir(self, builder):
+            return builder.get_fp8e4b8_ty() if self.name == "fp8e4b8" else to_ir(self, builder)
+
+        scope.set_attr(lang.dtype, "to_ir", new_to_ir)
+
+    interpreter._patch_lang_core = patched_core
+
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_triton_interpreter()

@@ -85,9 +85,11 @@ class Engine:
         self.pool: KVPool | None = None
         self.allocator: BlockAllocator | None = None
 
-    def set_kv_dtype(self, kv_dtype: str) -> None:
-        """Switch the KV format: the pool is rebuilt on next use, the weights stay (quality benchmarks)."""
+    def set_kv_dtype(self, kv_dtype: str, fp8: torch.dtype | None = None) -> None:
+        """Switch the KV format: the pool is rebuilt on next use, the weights stay (quality benchmarks). fp8: the e4m3
+        flavour of fp8 K/V (`KVPool.allocate`), default this platform's: the MI300X's e4m3fnuz measured on the CPU."""
         self.kv_spec = parse_kv_dtype(kv_dtype, self.dtype)
+        self.kv_fp8 = fp8
         self.pool = None
 
     def _ensure_pool(self, num_blocks: int) -> None:
@@ -95,7 +97,7 @@ class Engine:
             return
         c = self.model_config
         geometry = PoolGeometry(c.num_layers, num_blocks, self.cfg.block_size, c.num_kv_heads, c.head_dim)
-        self.pool = KVPool.allocate(geometry, self.kv_spec, self.device)
+        self.pool = KVPool.allocate(geometry, self.kv_spec, self.device, getattr(self, "kv_fp8", None))
         self.allocator = BlockAllocator(num_blocks, shuffle_seed=self.cfg.block_shuffle_seed)
         self.runner = ModelRunner(self.model, self.pool)
 

@@ -31,16 +31,22 @@ def perplexity(logits: torch.Tensor, token_ids: list[int]) -> float:
 
 
 def measure(
-    model_dir: Path, token_ids: list[int], kv_dtypes: list[str], dtype: str = "float32", device: str | None = None
+    model_dir: Path,
+    token_ids: list[int],
+    kv_dtypes: list[str],
+    dtype: str = "float32",
+    device: str | None = None,
+    fp8: torch.dtype | None = None,
 ) -> tuple[float, list[KVQuality]]:
-    """(reference perplexity, one row per KV format). The reference keeps K/V in the model's own dtype."""
+    """(reference perplexity, one row per KV format). The reference keeps K/V in the model's own dtype. fp8: the e4m3
+    flavour of the fp8 rows (torch.float8_e4m3fnuz: the MI300X's, on any device), default this platform's."""
     engine = Engine(EngineConfig(model_dir=model_dir, dtype=dtype, kv_dtype="auto", device=device), progress=False)
     ref_logits = engine.score(token_ids)
     ref_top1 = ref_logits.argmax(-1)
     rows = []
     c = engine.model_config
     for kv in kv_dtypes:
-        engine.set_kv_dtype(kv)  # same weights, only the pool's format changes
+        engine.set_kv_dtype(kv, fp8)  # same weights, only the pool's format changes
         logits = engine.score(token_ids)
         rows.append(
             KVQuality(

@@ -7,9 +7,11 @@ Triton's wheel carries the AMDGPU LLVM backend (the assembler, and lld linked in
 `triton.compile(..., target=GPUTarget("hip", "gfx942", 64))` gives the amdgcn and the hsaco on this machine.
 
 The variants are those compile_sm90.py compiles (tests/kernels/compile_variants.py, one enumeration), as a ROCm
-launch chooses them: no PDL (kernels/pdl.py `has_pdl`), fp8 KV as e4m3fnuz (`tl.float8e4b8`, max 240), int8 -> fp16
-by integer ops (no inline PTX), Triton's default stages and no register cap for decode attention, and every pointer
-with the 16-byte divisibility hint that every launch on torch's allocations gives. "as_launched" also specializes the
+launch chooses them: no PDL (kernels/pdl.py `has_pdl`), fp8 KV as its arch's flavour (kvstore/formats.py
+`fp8_dtype_for_arch`: e4m3fnuz on gfx942, `tl.float8e4b8`, max 240; e4m3fn on gfx950), int8 -> fp16 by integer ops (no
+inline PTX), the launch configs of the target (decode attention's `AMD_DECODE_TILES`, the skinny GEMM's stages from
+the target's LDS and its SiLU epilogue's 8 warps) from the functions the launches call, and every pointer with the
+16-byte divisibility hint that every launch on torch's allocations gives. "as_launched" also specializes the
 int8 decode attention kernel's integer arguments as a launch on the 8B shape does (compile_sm90.py's).
 
 From each compiled kernel's amdgcn (LLVM's `.amdhsa_*` directives, its register comments and the HSA metadata):
@@ -34,18 +36,20 @@ import time
 import triton
 from triton.backends.compiler import GPUTarget
 
+from kernels.targets import AMD_LDS_PER_CU
 from tests.kernels.compile_variants import decode_as_launched, source, variants
 
 ARCHS = ("gfx942", "gfx950")
 # CDNA3 (gfx942) and CDNA4 (gfx950), per SIMD and per CU (LLVM AMDGPUBaseInfo.cpp and AMDGPUUsage "Memory Spaces";
 # AMD's CDNA3 ISA guide): a unified register file of 512 32-bit registers per lane per SIMD, which a wave's arch
 # VGPRs and AGPRs share (the AGPRs start at `accum_offset`, the VGPR count rounded up to 4), allocated in granules of
-# 8; at most 8 waves per SIMD (4 SIMDs a CU); LDS per CU 64 KiB on gfx942, 160 KiB on gfx950.
+# 8; at most 8 waves per SIMD (4 SIMDs a CU); LDS per CU 64 KiB on gfx942, 160 KiB on gfx950 (kernels/targets.py, which
+# the launch configs size their stages by).
 VGPRS_PER_SIMD_LANE = 512
 VGPR_GRANULE = 8
 MAX_WAVES_PER_SIMD = 8
 SIMDS_PER_CU = 4
-LDS_PER_CU = {"gfx942": 64 * 1024, "gfx950": 160 * 1024}
+LDS_PER_CU = AMD_LDS_PER_CU
 
 
 def align(x: int, to: int) -> int:

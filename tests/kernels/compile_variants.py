@@ -3,10 +3,11 @@ tests/kernels/compile_sm90.py (Hopper) and tests/kernels/compile_gfx942.py (MI30
 
 A variant is a kernel, its pointer dtypes, its constexprs and its compile options. What a launch on the target
 would choose is chosen here per target, from the same places the launches take it from: PDL where the target has it
-(kernels/pdl.py `has_pdl`), the int8 -> fp16 conversion (`to_dot`'s CONVERT: inline PTX on NVIDIA, integer ops
-elsewhere, as paged_decode_attention picks it), the fp8 flavour (e4m3fnuz on MI300X, e4m3fn elsewhere: `tl.float8e4b8` /
-`tl.float8e4nv` pointers and their quantization constants, max 240 / 448), and the register cap and stage count of
-int8 decode attention (NVIDIA only: on ROCm the launch takes Triton's defaults).
+(kernels/pdl.py `has_pdl`), the fp8 flavour (kvstore/formats.py `fp8_dtype_for_arch`: e4m3fnuz on gfx942, e4m3fn on
+gfx950 and NVIDIA: `tl.float8e4b8` / `tl.float8e4nv` pointers and their quantization constants, max 240 / 448), and
+the launch configs from the functions the launches call: decode attention's tile, warps, stages, register cap and
+int8 -> fp16 conversion (kernels/triton_decode_attention.py `decode_launch`), the skinny GEMM's tiles, warps and
+stages (kernels/triton_skinny_gemm.py `skinny_launch`). What is compiled here is what a launch on the target runs.
 
 Imported by the compile scripts only, in a process without TRITON_INTERPRET (under it @triton.jit gives interpreter
 functions, which do not compile).
@@ -23,13 +24,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import pdl
+from kernels import pdl, targets
 from kernels import triton_decode_attention as da
 from kernels import triton_gemv as gv
 from kernels import triton_norm as nm
 from kernels import triton_skinny_gemm as sg
 from kernels.triton_helpers import quantize_constexprs, to_dot
-from kvstore.formats import KVFormat, KVSpec
+from kvstore.formats import KVFormat, KVSpec, fp8_dtype_for_arch
 from kvstore.pool import KVPool, PoolGeometry
 
 FLOATS = {"qk_scale", "eps"}
@@ -74,21 +75,40 @@ def source(fn, pointers: dict[str, str], constants: dict, values: dict | None = 
 
 
 def is_nvidia(target: GPUTarget) -> bool:
-    return target.backend == "cuda"
+    return targets.is_nvidia(target)
 
 
 def fp8_types(target: GPUTarget) -> tuple[str, torch.dtype]:
-    """(Triton pointer type, torch dtype) of fp8 KV on target: e4m3fnuz on CDNA3 (gfx942, MI300X's native fp8, max
-    240; kvstore.formats.fp8_dtype gives it on ROCm), OCP e4m3fn (max 448) on NVIDIA and on CDNA4 (gfx950, whose
-    hardware converts OCP fp8: Triton 3.6 asserts converting float32 to e4m3fnuz for it)."""
-    if target.backend == "hip" and str(target.arch).startswith("gfx94"):
-        return "*fp8e4b8", torch.float8_e4m3fnuz
-    return "*fp8e4nv", torch.float8_e4m3fn
+    """(Triton pointer type, torch dtype) of fp8 KV on target, from kvstore/formats.py `fp8_dtype_for_arch` (what
+    `fp8_dtype` gives on that GPU): e4m3fnuz on gfx942 (MI300X's native fp8, max 240), OCP e4m3fn (max 448) on NVIDIA
+    and on gfx950 (whose hardware converts OCP fp8: Triton 3.6 asserts converting float32 to e4m3fnuz for it)."""
+    dtype = fp8_dtype_for_arch(str(target.arch) if targets.is_amd(target) else None)
+    return ("*fp8e4b8" if dtype == torch.float8_e4m3fnuz else "*fp8e4nv"), dtype
+
+
+# The 8B shape's decode (8 KV heads of 128 dims, block size 16) at two launches: batch 64 x 1k context (512 programs of
+# 8 tiles: NVIDIA caps the registers of int8/fp8, `capped`) and batch 1 x 8k (a few programs of two tiles or more:
+# `FEW_PROGRAMS_UNCAPPED`). SMs/CUs: an H100's 132, an MI300X's 304.
+_LAUNCHES = {"capped": (64, 1024), "uncapped": (1, 8192)}
+
+
+def decode_launch(target: GPUTarget, k_format: KVFormat = KVFormat.INT8, v_format: KVFormat | None = None,
+                  launch: str = "capped") -> dict:  # fmt: skip
+    """paged_decode_attention's launch config on target (`decode_launch`, the function the launch calls) for the 8B
+    shape at `launch` (_LAUNCHES)."""
+    num_seqs, context = _LAUNCHES[launch]
+    num_sms = 132 if is_nvidia(target) else 304
+    return da.decode_launch(target, k_format, v_format or k_format, 128, 16, num_seqs, 8, context, num_sms)
+
+
+def decode_options(config: dict) -> dict:
+    """triton.compile options of a `decode_launch` config."""
+    return {k: config[k] for k in ("num_warps", "num_stages", "maxnreg") if k in config}
 
 
 def convert(target: GPUTarget) -> int:
     """`to_dot`'s CONVERT as paged_decode_attention launches it: 2 (inline PTX) on NVIDIA, 1 (integer ops) elsewhere."""
-    return 2 if is_nvidia(target) else 1
+    return decode_launch(target)["convert"]
 
 
 def kv_variant(target, fmt, k_type, v_type, dot, biased=False, pairs=False, plain=False):
@@ -136,16 +156,6 @@ DECODE_BASE = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_
                    INPUT_PRECISION=None)  # fmt: skip
 
 
-def decode_options(target: GPUTarget, capped: bool = True) -> dict:
-    """int8/fp8 decode attention's launch options on target: on NVIDIA the register cap and 3 stages (`capped`) or
-    no cap and 5 stages (FEW_PROGRAMS_UNCAPPED's launches of two tiles or more); on ROCm Triton's defaults."""
-    if not is_nvidia(target):
-        return {"num_warps": 4}
-    if capped:
-        return {"num_stages": da.QUANTIZED_NUM_STAGES, "maxnreg": da.QUANTIZED_NVIDIA_TUNING["maxnreg"], "num_warps": 4}
-    return {"num_stages": 5, "num_warps": 4}
-
-
 @triton.jit
 def to_dot_kernel(x_ptr, y_ptr, DOT: tl.constexpr, CONVERT: tl.constexpr, BIASED: tl.constexpr):
     offs = tl.arange(0, 16)
@@ -161,16 +171,19 @@ def variants(target: GPUTarget) -> list[Variant]:
     nvidia = is_nvidia(target)
     use_pdl = pdl.has_pdl(target)
     out = []
-    # sm_90: every decode variant capped at 128 registers with 3 stages, as the int8/fp8 launches in most cases
-    split_options = {"num_stages": 3, "maxnreg": 128} if nvidia else decode_options(target)
+    # sm_90: every decode variant (bf16 too) as the int8/fp8 launches in most cases, capped at 128 registers with 3
+    # stages; AMD: each KV format's launch config
+    formats = {"bf16": KVFormat.BF16, "int8_pairs": KVFormat.INT8, "int8_plain": KVFormat.INT8, "fp8": KVFormat.FP8}
     for (name, (ptrs, consts)), one, rotary in itertools.product(kv_formats(target).items(), (True, False),
                                                                  (False, True)):  # fmt: skip
+        config = decode_launch(target, KVFormat.INT8 if nvidia else formats[name])
         out.append(Variant(
             f"decode_split {name} one_split={one} rotary={rotary}",
             da._decode_split_kernel,
             COMMON_PTRS | ptrs,
-            DECODE_BASE | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, PDL=use_pdl),
-            split_options,
+            DECODE_BASE | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary, PDL=use_pdl,
+                                        BLOCK_N=config["block_n"]),
+            decode_options(config),
         ))  # fmt: skip
     for first in (False, True):
         out.append(Variant(
@@ -212,9 +225,12 @@ def variants(target: GPUTarget) -> list[Variant]:
             dict(BLOCK=4096, HAS_RESIDUAL=True, EARLY_WEIGHT=True, NUM_PARTS=parts, PDL=use_pdl),
             {"num_warps": nm._num_warps(4096)},
         ))  # fmt: skip
-    # 64 rows, the 8B shape's o_proj [4096, 4096]: 32-column tiles of 128, 4 warps, as many stages as fit (6)
-    block_n, block_k, skinny_warps, stages = sg.skinny_config(4096, 4096, 64)
+    # 64 rows, the 8B shape's o_proj [4096, 4096] (OUT) and a gate_up of 2 x 4096 (SILU_MUL_OUT): 32-column tiles of
+    # 128, each as `skinny_launch` configures it on target (sm_90: 4 warps, as many stages as fit, 6; 5 for SILU_MUL_OUT
+    # with the preloaded tile)
     for epi, preload in itertools.product((0, 1), (False, True)):
+        n = 8192 if epi == sg.SILU_MUL_OUT else 4096
+        block_n, block_k, skinny_warps, stages = sg.skinny_launch(n, 4096, 64, 1, epi, preload, target)
         out.append(Variant(
             f"skinny epilogue={epi} preload={preload} trigger_after_wait={preload}",
             sg._skinny_kernel,
@@ -249,16 +265,17 @@ DECODE_VALUES = dict(
 
 def decode_as_launched(target: GPUTarget) -> list[tuple[Variant, dict]]:
     """(variant, DECODE_VALUES) of the int8 decode attention kernel as a launch on the 8B shape specializes it: one
-    split or several, with the new token's rotary or not, under each set of launch options the target uses (NVIDIA:
-    capped and uncapped; ROCm: its one)."""
+    split or several, with the new token's rotary or not, under each launch config the target uses (`decode_launch`;
+    NVIDIA: capped and uncapped; ROCm: its one)."""
     ptrs, consts = kv_formats(target)["int8_pairs"]
-    choices = {"capped": decode_options(target, True), "uncapped": decode_options(target, False)}
+    choices = {"capped": decode_launch(target, launch="capped"), "uncapped": decode_launch(target, launch="uncapped")}
     if not is_nvidia(target):
-        choices = {"rocm": decode_options(target)}
+        choices = {"rocm": decode_launch(target)}
     out = []
-    for one, rotary, (label, options) in itertools.product((True, False), (False, True), choices.items()):
+    for one, rotary, (label, config) in itertools.product((True, False), (False, True), choices.items()):
         constants = DECODE_BASE | consts | dict(NUM_SPLITS_IS_ONE=one, ROTARY=rotary, HALF=64, EARLY_READS=rotary,
-                                                PDL=pdl.has_pdl(target))  # fmt: skip
+                                                PDL=pdl.has_pdl(target), BLOCK_N=config["block_n"])  # fmt: skip
         name = f"decode_split int8_pairs one_split={one} rotary={rotary} {label}"
-        out.append((Variant(name, da._decode_split_kernel, COMMON_PTRS | ptrs, constants, options), DECODE_VALUES))
+        variant = Variant(name, da._decode_split_kernel, COMMON_PTRS | ptrs, constants, decode_options(config))
+        out.append((variant, DECODE_VALUES))
     return out

@@ -8,7 +8,7 @@ import torch
 from kernels.store_kv import store_kv_ref
 from kvstore.allocator import BlockAllocator
 from kvstore.block_table import blocks_needed, make_block_table_tensor, slot_mapping
-from kvstore.formats import KVSpec, LayerKV
+from kvstore.formats import KVSpec, LayerKV, parse_kv_dtype
 from kvstore.pool import KVPool, PoolGeometry
 
 # Where random_pool and stored_batch put their tensors: interpreted kernels read CPU tensors.
@@ -25,11 +25,29 @@ LLAMA31 = {
 }
 
 
-def random_pool(spec: KVSpec, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, seed: int) -> KVPool:
+# A test's spec text may end in FNUZ ("fp8+fnuz", "k=int8,v=fp8+fnuz"): its fp8 K/V then stored as e4m3fnuz (MI300X's
+# fp8, max 240) whatever this platform's (e4m3fn on the CPU and NVIDIA), through the pool's `fp8` parameter.
+FNUZ = "+fnuz"
+
+
+def parse_spec(text: str, model_dtype: torch.dtype = torch.float32) -> tuple[KVSpec, torch.dtype | None]:
+    """(KVSpec, the pool's forced fp8 flavour or None) of a test's spec text (`FNUZ`). An e4m3fnuz case is skipped on an
+    NVIDIA GPU, which has no such fp8 (it runs under the interpreter on the CPU and on ROCm)."""
+    if text.endswith(FNUZ):
+        if DEVICE == "cuda" and torch.version.hip is None:
+            import pytest
+
+            pytest.skip("e4m3fnuz is MI300X's fp8: no NVIDIA GPU converts it")
+        return parse_kv_dtype(text.removesuffix(FNUZ), model_dtype), torch.float8_e4m3fnuz
+    return parse_kv_dtype(text, model_dtype), None
+
+
+def random_pool(spec: KVSpec, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, seed: int,
+                fp8: torch.dtype | None = None) -> KVPool:  # fmt: skip
     """A pool whose bytes are random (identical for the same seed), so that a kernel writing where the reference
-    does not, or writing zeros, shows up."""
+    does not, or writing zeros, shows up. fp8: its fp8 flavour (`KVPool.allocate`), default this platform's."""
     geometry = PoolGeometry(NUM_LAYERS, num_blocks, block_size, num_kv_heads, head_dim)
-    pool = KVPool.allocate(geometry, spec, DEVICE)
+    pool = KVPool.allocate(geometry, spec, DEVICE, fp8)
     g = torch.Generator().manual_seed(seed)
     pool.buffer.copy_(torch.randint(0, 256, pool.buffer.shape, dtype=torch.uint8, generator=g))
     if spec.k.has_scale or spec.v.has_scale:
@@ -50,11 +68,12 @@ def stored_batch(
     max_blocks: int | None = None,
     seed: int = 0,
     spare: int = 3,
+    fp8: torch.dtype | None = None,
 ) -> tuple[LayerKV, torch.Tensor, torch.Tensor]:
     """K/V of every sequence stored with store_kv_ref into blocks from a shuffled allocator (and `spare` blocks more).
-    Returns (layer, block_tables [num_seqs, max_blocks] int32, context_lens [num_seqs] int32)."""
+    Returns (layer, block_tables [num_seqs, max_blocks] int32, context_lens [num_seqs] int32). fp8: `random_pool`'s."""
     need = sum(blocks_needed(n, block_size) for n in context_lens)
-    pool = random_pool(spec, need + spare, block_size, num_kv_heads, head_dim, seed=seed)
+    pool = random_pool(spec, need + spare, block_size, num_kv_heads, head_dim, seed=seed, fp8=fp8)
     allocator = BlockAllocator(need + spare, shuffle_seed=seed + 1)
     tables = [allocator.allocate(blocks_needed(n, block_size)) for n in context_lens]
     g = torch.Generator().manual_seed(seed)

@@ -21,7 +21,7 @@ from kernels.triton_decode_attention import (  # noqa: E402
     paged_decode_attention,
 )
 from kvstore.formats import KVFormat, KVSpec, parse_kv_dtype  # noqa: E402
-from tests.kernels.inputs import DEVICE, stored_batch  # noqa: E402
+from tests.kernels.inputs import DEVICE, parse_spec, stored_batch  # noqa: E402
 
 # Ragged: a single token, less than a block, not a multiple of the block size, several tiles, batch padding (0).
 CONTEXT_LENS = [1, 7, 70, 200, 0]
@@ -33,9 +33,11 @@ DECODE_CASES = [
     ("bf16", 2, 64, 4, 3, 3, torch.float32),
     ("int8", 2, 40, 16, 3, 3, torch.float32),
     ("fp8", 1, 64, 4, 4, 1, torch.float32),
+    ("fp8+fnuz", 1, 64, 4, 4, 1, torch.float32),  # MI300X's e4m3fnuz (tests/kernels/inputs.py FNUZ)
     ("k=int8,v=bf16", 2, 40, 16, 1, 3, torch.float32),
     ("int8", 2, 64, 16, 3, 2, torch.float16),  # 16-bit dots: int8 -> fp16 exactly, probabilities rounded to fp16
     ("fp8", 2, 40, 16, 4, 3, torch.bfloat16),  # a bf16 query with an 8-bit cache: the dots run in fp16
+    ("fp8+fnuz", 2, 40, 16, 4, 3, torch.bfloat16),
     # int8 with 16-bit queries: K biased by 1152 and V read as int16 pairs of dims (`_pairs_to_dot`); one split
     # (the output written by the split kernel), padded head_dim (40 -> 64), V alone in int8, odd head_dim (no pairs).
     # No bf16 dot here: Triton 3.6's interpreter computes bf16 tl.dot wrongly (errors of order 1e10 on random data;
@@ -43,6 +45,7 @@ DECODE_CASES = [
     ("int8", 1, 40, 4, 4, 1, torch.bfloat16),
     ("k=fp16,v=int8", 2, 64, 16, 2, 3, torch.float16),
     ("k=int8,v=fp8", 2, 64, 8, 3, 1, torch.float16),
+    ("k=int8,v=fp8+fnuz", 2, 64, 8, 3, 1, torch.float16),
     ("int8", 1, 33, 4, 2, 2, torch.float16),
 ]
 
@@ -53,10 +56,10 @@ DECODE_CASES = [
 def test_decode_attention_matches_ref(
     spec_text: str, num_kv_heads: int, head_dim: int, block_size: int, group: int, num_splits: int, dtype: torch.dtype
 ) -> None:
-    spec = parse_kv_dtype(spec_text, torch.float32)
+    spec, fp8 = parse_spec(spec_text)
     # Tables wider than needed, padded with block 0, as a graph bucket's are.
     layer, block_tables, context_lens = stored_batch(spec, CONTEXT_LENS, num_kv_heads, head_dim, block_size,
-                                                     max_blocks=256 // block_size)  # fmt: skip
+                                                     max_blocks=256 // block_size, fp8=fp8)  # fmt: skip
     g = torch.Generator().manual_seed(5)
     query = torch.randn(len(CONTEXT_LENS), num_kv_heads * group, head_dim, generator=g).to(dtype).to(DEVICE)
     scale = head_dim**-0.5

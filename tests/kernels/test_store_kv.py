@@ -17,7 +17,7 @@ from kernels.triton_store_kv import store_kv  # noqa: E402
 from kvstore.formats import KVFormat, KVSpec, parse_kv_dtype  # noqa: E402
 from kvstore.pool import KVPool, PoolGeometry  # noqa: E402
 from tests.kernels.close import assert_same_kv  # noqa: E402
-from tests.kernels.inputs import DEVICE, LAYER, random_pool  # noqa: E402
+from tests.kernels.inputs import DEVICE, LAYER, parse_spec, random_pool  # noqa: E402
 
 
 def _tie_rows(head_dim: int) -> torch.Tensor:
@@ -44,6 +44,8 @@ STORE_CASES = [
     ("int8", torch.bfloat16, 1, 64, 4),
     ("fp8", torch.float32, 3, 40, 16),
     ("fp8", torch.bfloat16, 3, 64, 4),
+    ("fp8+fnuz", torch.float32, 3, 40, 16),  # MI300X's e4m3fnuz (tests/kernels/inputs.py FNUZ)
+    ("fp8+fnuz", torch.bfloat16, 3, 64, 4),
     ("k=int8,v=bf16", torch.float32, 3, 40, 4),
 ]
 
@@ -52,7 +54,7 @@ STORE_CASES = [
 def test_store_kv_matches_ref(
     spec_text: str, dtype: torch.dtype, num_kv_heads: int, head_dim: int, block_size: int
 ) -> None:
-    spec = parse_kv_dtype(spec_text, torch.float32)
+    spec, fp8 = parse_spec(spec_text)
     num_blocks, num_tokens = 6, 15
     g = torch.Generator().manual_seed(1)
     key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g) * torch.logspace(-3, 2, num_kv_heads)[:, None]
@@ -66,8 +68,10 @@ def test_store_kv_matches_ref(
     slots[[3, 11]] = -1
     key, value, slots = key.to(dtype).to(DEVICE), value.to(dtype).to(DEVICE), slots.to(DEVICE)
 
-    expected = random_pool(spec, num_blocks, block_size, num_kv_heads, head_dim, seed=2)
-    actual = random_pool(spec, num_blocks, block_size, num_kv_heads, head_dim, seed=2)
+    expected = random_pool(spec, num_blocks, block_size, num_kv_heads, head_dim, seed=2, fp8=fp8)
+    actual = random_pool(spec, num_blocks, block_size, num_kv_heads, head_dim, seed=2, fp8=fp8)
+    if fp8 is not None:
+        assert expected.layer(LAYER).k_cache.dtype == torch.float8_e4m3fnuz
     store_kv_ref(key, value, expected.layer(LAYER), slots)
     store_kv(key, value, actual.layer(LAYER), slots)
     assert_same_kv(expected, actual)

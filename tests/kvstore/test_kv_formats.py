@@ -12,6 +12,7 @@ from kvstore.formats import (
     bytes_per_token,
     dequantize,
     fp8_dtype,
+    fp8_dtype_for_arch,
     parse_kv_dtype,
     quantize,
 )
@@ -133,3 +134,25 @@ def test_unscaled_formats_are_casts(fmt: KVFormat) -> None:
     data, scale = quantize(x, fmt)
     assert scale is None and data.dtype == fmt.storage_dtype
     assert torch.equal(dequantize(data, None, fmt, torch.float32), x.to(fmt.storage_dtype).float())
+
+
+def test_fp8_flavour_by_architecture() -> None:
+    """gfx942 (MI300X) stores e4m3fnuz (max 240); gfx950 (MI350X), NVIDIA and the CPU OCP e4m3fn (max 448)."""
+    assert fp8_dtype_for_arch("gfx942:sramecc+:xnack-") == torch.float8_e4m3fnuz
+    assert fp8_dtype_for_arch("gfx942") == torch.float8_e4m3fnuz
+    assert fp8_dtype_for_arch("gfx950:sramecc+:xnack-") == torch.float8_e4m3fn
+    assert fp8_dtype_for_arch(None) == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("flavour", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+def test_fp8_quantize_into_either_flavour(flavour: torch.dtype) -> None:
+    """quantize's dtype picks the flavour and its max (the pool's cache dtype: `KVPool.allocate(..., fp8=)`)."""
+    x = torch.randn(5, 3, 40, generator=torch.Generator().manual_seed(3)) * 7
+    data, scale = quantize(x, KVFormat.FP8, flavour)
+    qmax = torch.finfo(flavour).max
+    assert data.dtype == flavour and scale is not None
+    assert data.float().abs().amax(-1).eq(qmax).all()  # each row's largest value lands on the grid's max
+    back = dequantize(data, scale, KVFormat.FP8, torch.float32)
+    assert (back - x).abs().max() <= x.abs().amax() / 8  # 3 mantissa bits
+    with pytest.raises(ValueError):
+        quantize(x, KVFormat.FP8, torch.int8)
