@@ -19,12 +19,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
 
+from kernels import targets
 from kvstore.formats import LayerKV
 
 LOG2E = 1.4426950408889634
 # Caches of at least this many elements index with int64 (int32 offset arithmetic is ~10% faster on H200).
 OFFSETS_64_FROM = 2**31
+
+# AMD's (BLOCK_M, BLOCK_N, num_warps, num_stages) for head_dim <= 128 by V's format, compiled, not measured: what
+# tests/kernels/compile_gfx942.py finds without spills and at 2 waves/SIMD on gfx942 and gfx950 (Triton 3.6, 8B shape,
+# every KV format). The usual Triton flash-attention shape there, 128 x 64 with 4 warps, keeps 1 wave/SIMD (256 VGPRs
+# and AGPRs beyond) and spills with int8/fp8 K/V: the [BLOCK_N, head_dim] tiles of 64-bit K and V pointers (paged:
+# one address per element) take most of the registers. 8 warps halve each wave's share, and Triton then holds the
+# kernel to 256 registers (2 waves/SIMD); a dequantized V needs the key tile down to 16 tokens to stay in them.
+AMD_PREFILL_TILES = {"bf16_v": (128, 32, 8, 1), "quantized_v": (128, 16, 8, 1)}
 
 
 @triton.jit
@@ -248,9 +258,11 @@ def _paged_prefill_kernel(
 
 
 def _launch_config(
-    head_dim: int, max_query_len: int, dtype: torch.dtype, quantized_v: bool
+    head_dim: int, max_query_len: int, dtype: torch.dtype, quantized_v: bool, target: GPUTarget | None = None
 ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by fixed rules, so no autotuning runs at serving time.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on target (kernels/targets.py `device_target`; None on the CPU, which
+    takes NVIDIA's) by fixed rules, so no autotuning runs at serving time. The one place the launch decides them, called
+    by `paged_prefill_attention` and by the compile checks (tests/kernels/compile_variants.py).
 
     Measured on an H200 (Triton 3.6; 32 query / 8 kv heads; head_dim 128, and 64 agreeing):
     - V in bf16/fp16 (K either way): 64 x 64 tiles, 4 warps, 3 stages win at 2k-token prompts (many programs, two per
@@ -258,15 +270,16 @@ def _launch_config(
     - V in int8/fp8: 64 x 128 tiles, 4 warps, 2 stages, 20-40% ahead of every other shape tried (the dequantized tile
       goes back through shared memory for the tensor cores; this shape keeps two programs per SM to hide that).
     Short query batches (chunk continuations, single tokens) shrink BLOCK_M to the smallest tile that holds them,
-    >= 16 for tl.dot. float32 ("ieee" dots: the CPU/debug path, no tensor cores) uses small tiles. ROCm (MI300X, 64 KiB
-    of LDS) gets 128 x 64, 4 warps, 1 stage, the usual Triton flash-attention shape there: compiles for gfx942, not
-    yet measured. head_dim > 128 halves the tiles to fit shared memory: not measured either.
+    >= 16 for tl.dot. float32 ("ieee" dots: the CPU/debug path, no tensor cores) uses small tiles. AMD (gfx942,
+    gfx950): `AMD_PREFILL_TILES`, compiled, not measured. head_dim > 128 halves the tiles to fit shared memory: not
+    measured either.
     """
     block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = 32, 32, 4, 2
-    elif torch.version.hip is not None:
-        block_m, block_n, num_warps, num_stages = (128, 64, 4, 1) if block_d <= 128 else (64, 32, 4, 1)
+    elif targets.is_amd(target):
+        kind = "quantized_v" if quantized_v else "bf16_v"
+        block_m, block_n, num_warps, num_stages = AMD_PREFILL_TILES[kind] if block_d <= 128 else (64, 32, 4, 1)
     elif block_d > 128:
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
     elif quantized_v:
@@ -326,9 +339,8 @@ def paged_prefill_attention(
     if max_query_len <= 0:
         return out
 
-    block_m, block_n, num_warps, num_stages = _launch_config(
-        head_dim, max_query_len, query.dtype, quantized_v=layer.v_format.has_scale
-    )
+    quantized_v, target = layer.v_format.has_scale, targets.device_target(query.device)
+    block_m, block_n, num_warps, num_stages = _launch_config(head_dim, max_query_len, query.dtype, quantized_v, target)
     block_tables = block_tables.to(torch.int32)
     # Unscaled formats pass their cache as a never-read stand-in pointer, with zero strides.
     k_scale = layer.k_scale if layer.k_scale is not None else layer.k_cache

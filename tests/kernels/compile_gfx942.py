@@ -15,9 +15,9 @@ the target's LDS and its SiLU epilogue's 8 warps) from the functions the launche
 int8 decode attention kernel's integer arguments as a launch on the 8B shape does (compile_sm90.py's).
 
 From each compiled kernel's amdgcn (LLVM's `.amdhsa_*` directives, its register comments and the HSA metadata):
-arch VGPRs, AGPRs (CDNA's accumulation registers, which MFMA results may live in), SGPRs, scratch bytes per lane
-(private segment: > 0 means spilled registers or a stack), LDS bytes (Triton allocates it dynamically:
-metadata.shared, plus any static group segment), and the occupancy in waves per SIMD, `occupancy()`.
+arch VGPRs, AGPRs (CDNA's accumulation registers, which MFMA results may live in), SGPRs, the MFMA instructions,
+scratch bytes per lane (private segment: > 0 means spilled registers or a stack), LDS bytes (Triton allocates it
+dynamically: metadata.shared, plus any static group segment), and the occupancy in waves per SIMD, `occupancy()`.
 
 `python tests/kernels/compile_gfx942.py --jobs 2` compiles in 2 processes; `--table` prints BENCHMARKS.md's table
 instead of the JSON; `--dump DIR` writes each as-launched variant's TTGIR and amdgcn there.
@@ -99,6 +99,8 @@ def facts(kernel, arch: str) -> dict:
         "lds_bytes": lds,
         "num_warps": num_warps,
         "llvm_occupancy": _int(r"^; Occupancy: (\d+)", asm, 0),
+        # the matrix-core (MFMA) instructions a tl.dot became, if any (prefill attention's two dots)
+        "mfma": sorted(set(re.findall(r"^\s*(v_mfma_\w+)", asm, re.MULTILINE))),
         **occupancy(vgprs, agprs, lds, num_warps, LDS_PER_CU[arch]),
     }
 

@@ -7,7 +7,10 @@ would choose is chosen here per target, from the same places the launches take i
 gfx950 and NVIDIA: `tl.float8e4b8` / `tl.float8e4nv` pointers and their quantization constants, max 240 / 448), and
 the launch configs from the functions the launches call: decode attention's tile, warps, stages, register cap and
 int8 -> fp16 conversion (kernels/triton_decode_attention.py `decode_launch`), the skinny GEMM's tiles, warps and
-stages (kernels/triton_skinny_gemm.py `skinny_launch`). What is compiled here is what a launch on the target runs.
+stages (kernels/triton_skinny_gemm.py `skinny_launch`), prefill attention's tiles, warps and stages
+(kernels/triton_prefill_attention.py `_launch_config`), and the warps rules of rotary, rotary_store_kv, store_kv and
+silu_and_mul (copied from their launch functions, which compute them inline). What is compiled here is what a launch
+on the target runs.
 
 Imported by the compile scripts only, in a process without TRITON_INTERPRET (under it @triton.jit gives interpreter
 functions, which do not compile).
@@ -25,10 +28,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels import pdl, targets
+from kernels import triton_activation as act
 from kernels import triton_decode_attention as da
 from kernels import triton_gemv as gv
 from kernels import triton_norm as nm
+from kernels import triton_prefill_attention as pa
+from kernels import triton_rotary as rt
+from kernels import triton_rotary_store_kv as rsk
 from kernels import triton_skinny_gemm as sg
+from kernels import triton_store_kv as skv
 from kernels.triton_helpers import quantize_constexprs, to_dot
 from kvstore.formats import KVFormat, KVSpec, fp8_dtype_for_arch
 from kvstore.pool import KVPool, PoolGeometry
@@ -167,7 +175,7 @@ def variants(target: GPUTarget) -> list[Variant]:
     """Every kernel variant compiled for target: decode attention (4 KV formats x one split or several x the new
     token's rotary and store inside or not), its reduce (2), the batch-1 GEMV (8 prologue/epilogue pairs x preload),
     the fused add + norm (2), the skinny GEMM (2 x 2), then `to_dot` for every tile dtype x CONVERT x bias (CONVERT 2
-    is inline PTX: NVIDIA only)."""
+    is inline PTX: NVIDIA only), then the prefill path's kernels (`prefill_and_store_variants`)."""
     nvidia = is_nvidia(target)
     use_pdl = pdl.has_pdl(target)
     out = []
@@ -248,6 +256,91 @@ def variants(target: GPUTarget) -> list[Variant]:
             {"DOT": {"bf16": tl.bfloat16, "fp16": tl.float16}[dot], "CONVERT": conv, "BIASED": biased},
             {},
         ))  # fmt: skip
+    return out + prefill_and_store_variants(target)
+
+
+# The KV format pairs a pool can have (K and V chosen separately; DESIGN.md "KV pool"), each kernel's per-operand code
+# path once: bf16, int8, fp8 for both, and the seed paper's k=int8,v=bf16 (a scaled K with an unscaled V).
+KV_PAIRS = {"bf16": (KVFormat.BF16, KVFormat.BF16), "int8": (KVFormat.INT8, KVFormat.INT8),
+            "fp8": (KVFormat.FP8, KVFormat.FP8), "k=int8,v=bf16": (KVFormat.INT8, KVFormat.BF16)}  # fmt: skip
+# The 8B shape: 32 query heads on 8 KV heads of 128 dims, block size 16; the MLP's d = 14336.
+HEADS, KV_HEADS, HEAD_DIM, KV_BLOCK, MLP_D = 32, 8, 128, 16, 14336
+# Prefill query lengths whose launch configs differ (`_launch_config`: BLOCK_M shrinks to the query for short chunks,
+# NVIDIA's tile grows from 4k tokens)
+PREFILL_QUERY_LENS = (1, 32, 64, 2048, 4096)
+
+
+def _pool_types(target: GPUTarget, fmt: KVFormat) -> str:
+    return {KVFormat.BF16: "*bf16", KVFormat.INT8: "*i8", KVFormat.FP8: fp8_types(target)[0]}[fmt]
+
+
+def _store_constexprs(target: GPUTarget, k_format: KVFormat, v_format: KVFormat) -> dict:
+    """`quantize_constexprs` of bf16 key and value rows stored on a GPU into a (tiny) layer of these formats, with the
+    target's fp8 flavour."""
+    layer = KVPool.allocate(PoolGeometry(1, 1, 16, 1, 128), KVSpec(k_format, v_format), "cpu").layer(0)
+    return quantize_constexprs(layer, torch.bfloat16, torch.bfloat16, torch.device("cuda"), fp8_types(target)[1])
+
+
+def prefill_and_store_variants(target: GPUTarget) -> list[Variant]:
+    """The prefill path's kernels on the 8B shape, bf16 activations, as their launch functions configure them:
+    paged prefill attention (4 KV format pairs x each distinct `_launch_config` over PREFILL_QUERY_LENS; the cache
+    indexed with int32 offsets, plus int8 with int64: OFFSETS_64, a pool layer of 2**31 elements or more), store_kv (4),
+    rotary (1), rotary_store_kv (4), silu_and_mul (1)."""
+    use_pdl = pdl.has_pdl(target)
+    out = []
+    for name, (k_format, v_format) in KV_PAIRS.items():
+        configs = dict.fromkeys(pa._launch_config(HEAD_DIM, q, torch.bfloat16, v_format.has_scale, target)
+                                for q in PREFILL_QUERY_LENS)  # fmt: skip
+        wide = [False, True] if name == "int8" else [False]
+        for (block_m, block_n, warps, stages), offsets_64 in itertools.product(configs, wide):
+            out.append(Variant(
+                f"prefill {name} block_m={block_m} block_n={block_n} warps={warps} stages={stages}"
+                f" offsets_64={offsets_64}",
+                pa._paged_prefill_kernel,
+                {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_cache_ptr": _pool_types(target, k_format),
+                 "v_cache_ptr": _pool_types(target, v_format), "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+                 "block_tables_ptr": "*i32", "cu_seqlens_ptr": "*i32", "context_lens_ptr": "*i32"},
+                dict(GROUP=HEADS // KV_HEADS, BLOCK_SIZE=KV_BLOCK, HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_M=block_m,
+                     BLOCK_N=block_n, K_SCALED=k_format.has_scale, V_SCALED=v_format.has_scale, IEEE_DOT=False,
+                     OFFSETS_64=offsets_64),
+                {"num_warps": warps, "num_stages": stages},
+            ))  # fmt: skip
+    store_ptrs = {"slot_mapping_ptr": "*i64", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+    for name, (k_format, v_format) in KV_PAIRS.items():
+        caches = {"k_cache_ptr": _pool_types(target, k_format), "v_cache_ptr": _pool_types(target, v_format)}
+        store = _store_constexprs(target, k_format, v_format)
+        out.append(Variant(
+            f"store_kv {name}",
+            skv._store_kv_kernel,
+            store_ptrs | caches | {"key_ptr": "*bf16", "value_ptr": "*bf16"},
+            store | dict(HEADS_PAD=KV_HEADS, DIM_PAD=HEAD_DIM, PDL=use_pdl),
+            {},  # Triton's default 4 warps, as store_kv launches it
+        ))  # fmt: skip
+        out.append(Variant(
+            f"rotary_store_kv {name}",
+            rsk._rotary_store_kv_kernel,
+            store_ptrs | caches | {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+                                   "q_out_ptr": "*bf16", "cache_ptr": "*fp32"},
+            store | dict(HALF=HEAD_DIM // 2, HEAD_DIM=HEAD_DIM, DIM_PAD=HEAD_DIM, BLOCK_H=HEADS, BLOCK_KH=KV_HEADS,
+                         PDL=use_pdl),
+            {"num_warps": max(1, min(8, HEADS * HEAD_DIM // 512))},  # rotary_store_kv's rule
+        ))  # fmt: skip
+    out.append(Variant(
+        "rotary bf16",
+        rt._rotary_kernel,
+        {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "q_out_ptr": "*bf16", "k_out_ptr": "*bf16",
+         "cache_ptr": "*fp32"},
+        dict(HALF=HEAD_DIM // 2, BLOCK_HALF=HEAD_DIM // 2, HEAD_DIM=HEAD_DIM, BLOCK_TAIL=0, BLOCK_H=HEADS,
+             BLOCK_KH=KV_HEADS, PDL=use_pdl),
+        {"num_warps": max(1, min(8, HEADS * (HEAD_DIM // 2) // 256))},  # rotary's rule
+    ))  # fmt: skip
+    out.append(Variant(
+        "silu_and_mul bf16",
+        act._silu_and_mul_kernel,
+        {"x_ptr": "*bf16", "out_ptr": "*bf16"},
+        dict(BLOCK=min(act._BLOCK, triton.next_power_of_2(MLP_D)), PDL=use_pdl),
+        {"num_warps": 4},
+    ))  # fmt: skip
     return out
 
 

@@ -108,7 +108,8 @@ def _run_both(case: PrefillCase, max_query_len: int | None = None) -> tuple[torc
     return out, paged_prefill_attention_ref(*args)
 
 
-def _small_tiles(head_dim: int, max_query_len: int, dtype: torch.dtype, quantized_v: bool) -> tuple[int, int, int, int]:
+def _small_tiles(head_dim: int, max_query_len: int, dtype: torch.dtype, quantized_v: bool,
+                 target=None) -> tuple[int, int, int, int]:  # fmt: skip
     # 16 x 16 tiles: at these sizes every program then has full (unmasked) key tiles and sequences span several
     # query tiles, which the default 64+ tiles only reach at hundreds of tokens.
     return 16, 16, 4, 2

@@ -52,9 +52,11 @@ def test_kernel_variants_compile_for_sm90(compiled: dict[str, str]) -> None:
     wait), the batch-1 GEMV's prologues and epilogues with and without the weight chunk read before the PDL wait (the
     next kernel let launch after the wait with it, after the loop without), the skinny GEMM's two epilogues with and
     without its preloaded tile (the trigger likewise; one launch of it takes split-K shares), the fused
-    add + norm of a row and of float32 partial sums: 16 + 2 + 8 x 2 + 2 x 2 + 2."""
+    add + norm of a row and of float32 partial sums: 16 + 2 + 8 x 2 + 2 x 2 + 2; then the prefill path as its launches
+    configure it on sm_90: prefill attention (4 KV format pairs x each distinct launch config, int8 also with int64
+    offsets: 17), store_kv and rotary_store_kv (4 formats each), rotary, silu_and_mul: 40 + 27."""
     variants = {k: v for k, v in compiled.items() if not k.startswith("to_dot")}
-    assert len(variants) == 40
+    assert len(variants) == 67
     failed = {k: v for k, v in variants.items() if not v.startswith("ok")}
     assert not failed, failed
 
