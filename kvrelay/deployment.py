@@ -24,6 +24,15 @@ from kvstore.shm import shm_path
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait for a process that was asked to stop; kill it if it takes longer than timeout_s."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -149,11 +158,7 @@ class Deployment:
         them for a restart) and its log."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            wait_or_kill(self.proc, 60)
         self.drop_keys()
         self.output()  # keep the text: the file goes
         self.log.unlink(missing_ok=True)
@@ -267,17 +272,9 @@ class Deployment:
             for proc in self._respawned:
                 proc.terminate()
             for proc in self._respawned:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                wait_or_kill(proc, 30)
             self.respawned_output()  # keep the text: the file goes
             self._respawn_log.unlink(missing_ok=True)
             self.proc.send_signal(signal.SIGTERM)
             self.proc.send_signal(signal.SIGCONT)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            wait_or_kill(self.proc, 120)

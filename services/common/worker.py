@@ -200,7 +200,7 @@ class Worker:
     async def _entry_missing(self) -> bool:
         """Our registry entry is gone: we stalled past its TTL, or Redis lost its state. Stop acting; True once we may
         act again."""
-        self.acting_until = 0.0
+        self.pause_acting()
         pool = await self.store.pool_state()
         if pool.epoch == self.epoch:
             # We missed our TTL (a long stall): another worker may have taken our sessions meanwhile. Announce

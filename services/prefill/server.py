@@ -433,12 +433,13 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
         done = [i for i, job in enumerate(batch) if job.progress == len(job.token_ids)]
         tokens = sum(len(c.token_ids) for c in chunks)
         try:
-            await self._announce(self.rate.predict_ms(tokens) or None)
+            announced = await self._announce(self.rate.predict_ms(tokens))
             started = time.perf_counter()
             try:
                 out = await asyncio.to_thread(self.gpu.run, self._compute, chunks, done, [batch[i] for i in done])
             finally:
-                await self._announce(None)
+                if announced:
+                    await self._announce(None)
             self.last_pass_s = time.perf_counter() - started
             self.rate.observe(tokens, self.last_pass_s)
             return [([batch[i] for i in done], out)] if done else []
@@ -459,17 +460,18 @@ class PrefillWorker(Worker, prefill_pb2_grpc.PrefillServicer):
                 groups.append(([job], out))
         return groups
 
-    async def _announce(self, expected_ms: float | None) -> None:
-        """Tell decode workers a pass starts (how long it should take) or ended, so they may pause for it
-        (services/split). Not before the first pass is measured; a Redis failure only costs decode's pause."""
-        if self.board is None or (expected_ms is None and self.rate.tokens_per_s is None):
-            return
-        if expected_ms is not None and expected_ms <= 0:
-            return
+    async def _announce(self, expected_ms: float | None) -> bool:
+        """Tell decode workers a pass starts (how long it should take) or, with None, ends, so they may pause for it
+        (services/split). A start is told only once prefill's speed is measured (expected_ms > 0); whether it was
+        told is returned, so that its end is told exactly then. A Redis failure only costs decode's pause."""
+        if self.board is None or (expected_ms is not None and expected_ms <= 0):
+            return False
         try:
             await self.board.announce_pass(self.worker_id, expected_ms)
+            return True
         except Exception as exc:  # noqa: BLE001 - an optimisation: the pass runs either way
             log.debug("pass announcement failed: %s: %s", type(exc).__name__, exc)
+            return False
 
     async def _hand_off(self, job: PrefillJob, out, row: int) -> None:
         """A prompt completed with its first token in `out`'s row: hand the session to decode (or end it here), then

@@ -190,15 +190,21 @@ def split_on(settings, device) -> bool:
     return settings.split if settings.split is not None else device.type == "cuda"
 
 
+def _slo_or_default(value: float | None, gpu_default: float, device) -> float:
+    """A setting's SLO; unset (None): the GPU default on a GPU, off (0) on the CPU."""
+    if value is not None:
+        return value
+    return gpu_default if device.type == "cuda" else 0.0
+
+
 def itl_budget_ms(settings, device) -> float:
-    """Decode's ITL budget (ITL_BUDGET of the ITL SLO; the SLO None: the device's default); inf when off."""
-    slo = settings.slo_itl_ms if settings.slo_itl_ms is not None else (GPU_SLO.itl_ms if device.type == "cuda" else 0)
+    """Decode's ITL budget (ITL_BUDGET of the ITL SLO); inf when the SLO is off."""
+    slo = _slo_or_default(settings.slo_itl_ms, GPU_SLO.itl_ms, device)
     return slo * ITL_BUDGET if slo > 0 else float("inf")
 
 
 def slo_and_split(settings, device) -> tuple[Slo, bool]:
-    """A prefill worker's SLOs (None: the device's default) and whether its split adapts."""
-    gpu = device.type == "cuda"
-    ttft = settings.slo_ttft_ms if settings.slo_ttft_ms is not None else (GPU_SLO.ttft_ms if gpu else 0.0)
-    itl = settings.slo_itl_ms if settings.slo_itl_ms is not None else (GPU_SLO.itl_ms if gpu else 0.0)
+    """A prefill worker's SLOs and whether its split adapts."""
+    ttft = _slo_or_default(settings.slo_ttft_ms, GPU_SLO.ttft_ms, device)
+    itl = _slo_or_default(settings.slo_itl_ms, GPU_SLO.itl_ms, device)
     return Slo(ttft, itl), split_on(settings, device)

@@ -22,6 +22,7 @@ from kvrelay.client import Client
 from kvrelay.deployment import REDIS_URL, Deployment
 from kvrelay.v1 import common_pb2
 from kvstore.sessions import SessionStore
+from tests.faults.common import LogTail, assert_clean, paused_deployment
 
 TRIALS = int(os.environ.get("KVRELAY_FAULT_TRIALS", "3"))
 MAX_TOKENS = 40
@@ -34,14 +35,7 @@ MODES = {
 
 @pytest.fixture(scope="module")
 def deployment():
-    d = Deployment("--num-blocks", "256", "--max-model-len", "1024", decode_replicas=2)
-    try:
-        with d.supervisor_paused():
-            yield d
-    finally:
-        code = d.stop()
-    assert code == 0, d.output()[-3000:]
-    assert d.leftovers() == []
+    yield from paused_deployment("--num-blocks", "256", "--max-model-len", "1024", decode_replicas=2)
 
 
 def request(mode: str) -> dict:
@@ -96,24 +90,7 @@ def stream_and_fail(d: Deployment, mode: str, at: int, sig: int):
     return tokens, finish, victim
 
 
-LOG_SEEN = [0, 0]  # lines of the deployment's log, and of its respawned processes' log, already looked at
-
-
-def show_log(d: Deployment, seen: list[int]) -> None:
-    """Prints the lines about the failover that the deployment (and the processes the test restarted) logged since
-    the last call."""
-    for i, text in enumerate((d.output(), d.respawned_output())):
-        lines = text.splitlines()
-        for line in lines[seen[i] :]:
-            if any(n in line for n in ("resuming session", "tokens to write again")):
-                print("   ", line, flush=True)
-        seen[i] = len(lines)
-
-
-def assert_clean(d: Deployment) -> None:
-    # the dead worker's leftovers go with its lease (10 s) at the latest
-    report, stats = d.audit(timeout_s=40)
-    assert report.ok and stats.used == 0, (report.message, stats)
+LOG = LogTail(("resuming session", "tokens to write again"))  # the failover's lines
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -128,7 +105,7 @@ def test_kill_9_of_the_decode_worker_mid_stream(deployment, reference, mode):
         same = tokens == reference[mode]
         equal += same
         print(f"{mode} trial {trial}: killed {dead} at token {at}; stream {took:.1f}s; equal={same}", flush=True)
-        show_log(deployment, LOG_SEEN)
+        LOG.show(deployment)
         assert finish is not None and finish.reason == common_pb2.FINISH_REASON_LENGTH
         assert finish.completion_tokens == MAX_TOKENS
         assert same, (at, tokens, reference[mode])

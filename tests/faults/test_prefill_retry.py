@@ -23,6 +23,7 @@ import pytest
 from kvrelay.client import Client
 from kvrelay.deployment import REDIS_URL, Deployment
 from kvstore.sessions import SessionState, SessionStore
+from tests.faults.common import LogTail, assert_clean, paused_deployment
 
 TRIALS = int(os.environ.get("KVRELAY_FAULT_TRIALS", "3"))
 MAX_TOKENS = 8
@@ -32,17 +33,10 @@ LONG_PROMPT = (Path(__file__).parents[1] / "data" / "english.txt").read_text()[:
 
 @pytest.fixture(scope="module")
 def deployment():
-    d = Deployment(
+    yield from paused_deployment(
         "--num-blocks", "256", "--max-model-len", "2048", "--max-batch-tokens", str(MAX_BATCH_TOKENS),
         prefill_replicas=2,
     )  # fmt: skip
-    try:
-        with d.supervisor_paused():
-            yield d
-    finally:
-        code = d.stop()
-    assert code == 0, d.output()[-3000:]
-    assert d.leftovers() == []
 
 
 def request(**extra) -> dict:
@@ -118,24 +112,8 @@ def run_with_kill(d: Deployment, delay_s: float, **extra):
     return out, record, worker, argv
 
 
-LOG_SEEN = [0, 0]  # lines of the deployment's log, and of its respawned processes' log, already looked at
-
-
-def show_log(d: Deployment, seen: list[int]) -> None:
-    """Prints the lines about the failover that the deployment (and the processes the test restarted) logged since
-    the last call."""
-    for i, text in enumerate((d.output(), d.respawned_output())):
-        lines = text.splitlines()
-        for line in lines[seen[i] :]:
-            if any(n in line for n in ("retrying", "took over session")):
-                print("   ", line, flush=True)
-        seen[i] = len(lines)
-
-
-def assert_clean(d: Deployment) -> None:
-    # the anonymous request's first session, PREFILLING under the dead worker, goes with its lease (10 s)
-    report, stats = d.audit(timeout_s=40)
-    assert report.ok and stats.used == 0, (report.message, stats)
+# the retry's lines; the anonymous request's first session, PREFILLING under the dead worker, goes with its lease
+LOG = LogTail(("retrying", "took over session"))
 
 
 def test_kill_9_of_the_prefill_worker_mid_prefill(deployment, reference):
@@ -153,7 +131,7 @@ def test_kill_9_of_the_prefill_worker_mid_prefill(deployment, reference):
             f"under session {out.finish.session_id}; complete={ok}",
             flush=True,
         )
-        show_log(deployment, LOG_SEEN)
+        LOG.show(deployment)
         assert ok, (list(out.token_ids), reference)
         assert out.finish.session_id != record.session_id  # an anonymous request starts over under a new key
         deployment.respawn(argv)
@@ -165,7 +143,7 @@ def test_kill_9_of_the_prefill_worker_mid_prefill(deployment, reference):
 def test_a_named_session_is_taken_over_and_keeps_its_prefix(deployment, reference):
     sid = f"named{uuid.uuid4().hex[:8]}"
     out, record, worker, argv = run_with_kill(deployment, 0.3, session_id=sid)
-    show_log(deployment, LOG_SEEN)
+    LOG.show(deployment)
     assert list(out.token_ids) == reference and out.finish.session_id == sid == record.session_id
     # the other prefill worker took the half-written session over (not a lease expiry and a fresh start)
     assert f"took over session {sid}" in deployment.output() + deployment.respawned_output()

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvrelay.client import Client
 from kvrelay.deployment import Deployment, free_port_run
 from kvrelay.v1 import common_pb2
+from tests.faults.common import assert_clean
 
 TRIALS = int(os.environ.get("KVRELAY_FAULT_TRIALS", "3"))
 MAX_TOKENS = 48  # three blocks of 16: a stream grows its block table after the fault
@@ -136,11 +137,6 @@ def serve_again(d: Deployment, since: float, limit_s: float = 60.0) -> float:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE, (exc.code(), exc.details())
                 assert time.monotonic() - since < limit_s, exc.details()
                 time.sleep(0.1)
-
-
-def assert_clean(d: Deployment) -> None:
-    report, stats = d.audit(timeout_s=40)
-    assert report.ok and stats.used == 0, (report.message, stats)
 
 
 def stream(d: Deployment, at: int, fault) -> dict:

@@ -29,6 +29,7 @@ from kvrelay.client import AsyncClient, Client, build_request
 from kvrelay.deployment import REDIS_URL, Deployment
 from kvrelay.v1 import common_pb2, gateway_pb2_grpc
 from kvstore.sessions import SessionState, SessionStore
+from tests.faults.common import assert_clean, paused_deployment
 from tests.faults.test_decode_failover import wait_for_decode_workers
 
 TRIALS = int(os.environ.get("KVRELAY_FAULT_TRIALS", "3"))
@@ -38,20 +39,7 @@ LONG_PROMPT = (Path(__file__).parents[1] / "data" / "english.txt").read_text()[:
 
 @pytest.fixture(scope="module")
 def deployment():
-    d = Deployment("--num-blocks", "640", "--max-model-len", "2048", decode_replicas=2)
-    try:
-        with d.supervisor_paused():
-            yield d
-    finally:
-        code = d.stop()
-    assert code == 0, d.output()[-3000:]
-    assert d.leftovers() == []
-
-
-def assert_clean(d: Deployment) -> None:
-    # a dead worker's leftovers go with its lease (10 s) at the latest
-    report, stats = d.audit(timeout_s=40)
-    assert report.ok and stats.used == 0 and stats.active_sessions == 0, (report.message, stats)
+    yield from paused_deployment("--num-blocks", "640", "--max-model-len", "2048", decode_replicas=2)
 
 
 # -- clients that stop reading -----------------------------------------------------------------------------------------
@@ -122,7 +110,7 @@ def test_clients_that_stop_reading_hold_up_nobody(deployment):
     bound = 4 * out["alone_s"] + 10.0
     assert all(s < bound for _, s in out["served"]), (took, bound)
     assert out["ends"] == [grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED] * (NUM_STALLED // 2)
-    assert_clean(deployment)
+    assert_clean(deployment, no_sessions=True)
     assert sorted((p.pid, p.role) for p in deployment.processes()) == before  # nothing died or restarted
 
 
@@ -213,4 +201,4 @@ def test_kill_9_of_the_decode_worker_at_the_hand_off(deployment, handoff_referen
         except AssertionError as exc:
             said = deployment.respawned_output()[-3000:]
             raise AssertionError(f"{exc}; the respawned worker said:\n{said}") from None
-        assert_clean(deployment)
+        assert_clean(deployment, no_sessions=True)
